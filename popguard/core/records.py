@@ -1,0 +1,71 @@
+"""Audit records as data.
+
+The session core does not log: it *returns* records, the way mitmproxy's
+layers return a ``Log`` command.  A test can therefore assert that one input
+produced exactly one record, and the shell decides where records go
+(structlog, files, syslog).
+
+Every field value is a str, int, bool, None or a tuple/list of those, so any
+sink can serialise it.  Strings that came from a peer have been through
+``grammar.escape_text`` already.  No record ever carries a PASS argument, an
+APOP digest or a SASL response.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class Event(enum.StrEnum):
+    """Every event name the core emits.  ``docs/audit.md`` documents each."""
+
+    SESSION_OPENED = "session.opened"
+    SESSION_CLOSED = "session.closed"
+    UPSTREAM_CONNECTED = "upstream.connected"
+    UPSTREAM_FAILED = "upstream.failed"
+    UPSTREAM_PROTOCOL_ERROR = "upstream.protocol_error"
+    AUTH_SUCCEEDED = "auth.succeeded"
+    AUTH_FAILED = "auth.failed"
+    COMMAND_REJECTED = "command.rejected"
+    MESSAGE_RETRIEVED = "message.retrieved"
+    DELE_MARKED = "dele.marked"
+    DELE_REFUSED = "dele.refused"
+    RSET = "dele.unmarked"
+    QUIT = "session.quit"
+    DELETIONS_COMMITTED = "deletions.committed"
+    DELETIONS_FAILED = "deletions.failed"
+    DELETIONS_DISCARDED = "deletions.discarded"
+    DELETIONS_UNKNOWN = "deletions.unknown"
+
+
+class EndReason(enum.StrEnum):
+    """Why a session ended.  Only QUIT can ever lead to UPDATE."""
+
+    QUIT = "quit"
+    CLIENT_CLOSED = "client_closed"
+    CLIENT_ERROR = "client_error"
+    CLIENT_PROTOCOL_ERROR = "client_protocol_error"
+    IDLE_TIMEOUT = "idle_timeout"
+    UPSTREAM_UNREACHABLE = "upstream_unreachable"
+    UPSTREAM_CLOSED = "upstream_closed"
+    UPSTREAM_ERROR = "upstream_error"
+    UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error"
+    UPSTREAM_REFUSED = "upstream_refused"
+    SHUTDOWN = "shutdown"
+    INTERNAL_ERROR = "internal_error"
+
+
+FieldValue = str | int | bool | None | tuple[int, ...] | tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One audit event: a name and its fields."""
+
+    event: Event
+    fields: Mapping[str, FieldValue] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> FieldValue:
+        return self.fields[key]

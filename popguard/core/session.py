@@ -1,0 +1,698 @@
+"""The sans-I/O POP3 proxy session.
+
+Theory of operation
+===================
+
+One :class:`ProxySession` sits between one client and one upstream server.
+The shell feeds it bytes (``receive_client``, ``receive_server``) and events
+(``upstream_connected``, ``client_eof``, ``server_eof``, ``end``), and after
+each call collects what it produced: bytes for the server
+(``take_upstream_output``), bytes for the client (``take_client_output``) and
+audit records (``take_records``).  It never blocks, sleeps, or touches a
+socket, so every behaviour below is testable as a transcript.
+
+Commands
+--------
+Client bytes are split into lines.  A line is parsed (``grammar``); a
+malformed or over-long one is answered by popguard with ``-ERR`` and never
+forwarded.  Every other line is forwarded at once, in order (RFC 2449
+pipelining), and an entry for it is appended to ``pending``: the FIFO of
+replies the client is owed.  The greeting is the first entry.
+
+Only the command tells how its reply is framed (RFC 1939 §3), so the FIFO is
+what lets popguard find reply boundaries: the head entry says whether a
+``+OK`` starts a multi-line reply.  A reply popguard makes itself (``-ERR``
+for a bad line) is queued in the same FIFO as a *local* entry, so it reaches
+the client after the replies to the commands sent before it.
+
+Replies
+-------
+The server's bytes are read in one of three modes:
+
+``STATUS``
+    collect the reply's first line, classify it (+OK, -ERR, or a SASL
+    ``+`` continuation during AUTH) and forward it unchanged.  Bytes that
+    arrive when no reply is owed, and lines that are not status lines, are a
+    protocol error: the session ends, because a reply must never be passed
+    off as the answer to the wrong command.
+``BODY``
+    stream a multi-line reply to the client as it arrives, without
+    unstuffing, watching only for the terminator CRLF "." CRLF, however the
+    reads split it.  Memory use does not depend on the message size.
+``LISTING``
+    a multi-line reply popguard reads line by line because it rewrites it
+    (CAPA: ``STLS`` is removed while popguard offers no TLS of its own).
+
+SASL (RFC 5034)
+---------------
+After ``AUTH mech`` the next client line may be a SASL response rather than a
+command, and popguard cannot know which until the server answers.  So client
+lines that follow an AUTH are *held* until the server speaks: a ``+``
+continuation makes the next held line a SASL response, and the final
++OK/-ERR makes them commands again.  SASL responses are relayed, and decoded
+only to learn the user name; they are never stored or logged.
+
+State and deletions
+-------------------
+The RFC 1939 state follows the server's replies: a +OK to PASS, APOP or AUTH
+enters TRANSACTION; a +OK to DELE marks a message; a +OK to RSET unmarks
+them all; QUIT in TRANSACTION enters UPDATE and its +OK commits the marks.
+Any other end of the session discards the marks (RFC 1939 §6), and the
+records say so.  Nothing in this module ever produces a QUIT for the server:
+the only QUIT that goes upstream is a client's line, forwarded.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+
+from popguard.core.grammar import (
+    MULTILINE_TERMINATOR,
+    Command,
+    CommandSyntaxError,
+    Status,
+    decode_sasl,
+    escape_text,
+    is_multiline,
+    parse_command,
+    parse_status,
+    reply_text,
+)
+from popguard.core.limits import Limits
+from popguard.core.records import AuditRecord, EndReason, Event, FieldValue
+
+
+class State(enum.StrEnum):
+    """RFC 1939 §3 session states."""
+
+    AUTHORIZATION = "AUTHORIZATION"
+    TRANSACTION = "TRANSACTION"
+    UPDATE = "UPDATE"
+
+
+class _Reader(enum.Enum):
+    STATUS = enum.auto()
+    BODY = enum.auto()
+    LISTING = enum.auto()
+
+
+#: Replies popguard writes itself.  Response codes per RFC 2449 §8 and
+#: RFC 3206: [SYS/TEMP] when the upstream is at fault and a retry may work.
+REPLY_UPSTREAM_UNAVAILABLE = b"-ERR [SYS/TEMP] Upstream POP3 server is unavailable\r\n"
+REPLY_UPSTREAM_LOST = b"-ERR [SYS/TEMP] Connection to the upstream POP3 server was lost\r\n"
+REPLY_UPSTREAM_BROKEN = b"-ERR [SYS/TEMP] Upstream POP3 server sent an invalid reply\r\n"
+REPLY_SHUTDOWN = b"-ERR [SYS/TEMP] popguard is shutting down, try again later\r\n"
+REPLY_IDLE = b"-ERR Disconnected for inactivity.\r\n"
+REPLY_TOO_MANY_BAD = b"-ERR Too many invalid commands, closing connection\r\n"
+REPLY_STLS_UNAVAILABLE = b"-ERR STLS is not available through this proxy\r\n"
+REPLY_SASL_TOO_LONG = b"-ERR SASL response line too long\r\n"
+
+_DEFAULT_LIMITS = Limits()
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A reply the client is owed, in the order the client asked."""
+
+    verb: str
+    #: The first argument where popguard needs it (message number, user
+    #: name).  Never a password or digest: those are not kept.
+    arg: bytes | None = None
+    multiline: bool = False
+    #: A reply popguard makes itself instead of the server.
+    local_reply: bytes | None = None
+    #: After sending ``local_reply``, end the session with this reason.
+    closes: EndReason | None = None
+
+
+@dataclass(slots=True)
+class _SaslExchange:
+    mechanism: str
+    #: Whose line comes next: the server's (challenge or result) or the
+    #: client's (a response to a challenge).
+    awaiting_server: bool = True
+    responses: int = 0
+    user: str | None = None
+
+
+#: Commands whose first argument the session needs when the reply arrives.
+_KEEP_ARG = frozenset({"USER", "APOP", "RETR", "TOP", "DELE"})
+
+
+class ProxySession:
+    """One proxied POP3 session, as a pure state machine."""
+
+    def __init__(
+        self,
+        *,
+        client: str,
+        listener: str,
+        limits: Limits = _DEFAULT_LIMITS,
+        idle_notice: bool = True,
+    ) -> None:
+        self.limits = limits
+        self.idle_notice = idle_notice
+        self.state = State.AUTHORIZATION
+        self.user: str | None = None
+        self.finished = False
+        self.end_reason: EndReason | None = None
+        #: Message numbers marked by DELE and not yet committed or unmarked.
+        self.marked_for_deletion: set[int] = set()
+
+        self.bytes_from_client = 0
+        self.bytes_to_client = 0
+        self.bytes_from_upstream = 0
+        self.bytes_to_upstream = 0
+
+        self._pending: deque[_Pending] = deque([_Pending("GREETING")])
+        self._client_buf = bytearray()
+        self._discarding_line = False
+        self._client_input_closed = False
+        self._client_eof = False
+        self._bad_commands = 0
+        self._claimed_user: str | None = None
+        self._sasl: _SaslExchange | None = None
+
+        self._reader = _Reader.STATUS
+        self._server_buf = bytearray()
+        self._tail = b""
+        self._reply_bytes = 0
+
+        self._client_out: list[bytes] = []
+        self._upstream_out: list[bytes] = []
+        self._records: list[AuditRecord] = []
+        self._record(Event.SESSION_OPENED, client=client, listener=listener)
+
+    # ------------------------------------------------------------------
+    # Outputs
+    # ------------------------------------------------------------------
+    def take_client_output(self) -> bytes:
+        """Bytes to send to the client, in order; empties the buffer."""
+        out = self._client_out
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self.bytes_to_client += len(data)
+        return data
+
+    def take_upstream_output(self) -> bytes:
+        """Bytes to send to the upstream server, in order; empties the buffer."""
+        out = self._upstream_out
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self.bytes_to_upstream += len(data)
+        return data
+
+    def take_records(self) -> list[AuditRecord]:
+        """Audit records produced since the last call."""
+        records = self._records
+        self._records = []
+        return records
+
+    # ------------------------------------------------------------------
+    # Questions the shell asks
+    # ------------------------------------------------------------------
+    @property
+    def wants_client_data(self) -> bool:
+        """False while reading more from the client would only grow buffers."""
+        if self.finished or self._client_input_closed or self._client_eof:
+            return False
+        if len(self._pending) >= self.limits.max_pipelined:
+            return False
+        held_limit = self.limits.max_sasl_line + self.limits.max_command_line
+        return len(self._client_buf) < held_limit
+
+    @property
+    def client_input_open(self) -> bool:
+        """Whether client bytes can still mean anything (no QUIT, no EOF)."""
+        return not (self.finished or self._client_input_closed or self._client_eof)
+
+    @property
+    def replies_owed(self) -> int:
+        """How many replies the client is still waiting for."""
+        return len(self._pending)
+
+    @property
+    def reply_in_progress(self) -> bool:
+        """A multi-line reply has started reaching the client and is not done."""
+        return self._reader is not _Reader.STATUS
+
+    # ------------------------------------------------------------------
+    # Inputs: connection events
+    # ------------------------------------------------------------------
+    def upstream_connected(self, address: str) -> None:
+        self._record(Event.UPSTREAM_CONNECTED, upstream=address)
+
+    def upstream_failed(self, address: str, error: str) -> None:
+        self._record(Event.UPSTREAM_FAILED, upstream=address, error=error)
+        self.end(EndReason.UPSTREAM_UNREACHABLE, error)
+
+    def client_eof(self) -> None:
+        """The client will send no more (closed or half-closed).
+
+        Replies already owed are still relayed, so a client that writes
+        ``...QUIT`` and shuts down its sending side gets every answer.
+        """
+        if self.finished:
+            return
+        self._client_eof = True
+        self._client_buf.clear()
+        self._finish_if_idle_after_eof()
+
+    def server_eof(self) -> None:
+        if self.finished:
+            return
+        detail = "upstream closed the connection"
+        if self._reader is not _Reader.STATUS:
+            detail += " in the middle of a multi-line reply"
+        elif self._pending:
+            detail += " while a reply was owed"
+        self.end(EndReason.UPSTREAM_CLOSED, detail)
+
+    def end(self, reason: EndReason, detail: str | None = None) -> None:
+        """End the session.  Never produces a QUIT for the server.
+
+        Tells the client why where that cannot corrupt a reply in progress,
+        records the fate of marked messages, and records the close.  The
+        shell then closes both connections.
+        """
+        if self.finished:
+            return
+        self.finished = True
+        self.end_reason = reason
+        notice = self._closing_notice(reason)
+        if notice is not None:
+            self._client_out.append(notice)
+        if self.marked_for_deletion:
+            messages = tuple(sorted(self.marked_for_deletion))
+            quit_sent = any(entry.verb == "QUIT" for entry in self._pending)
+            if quit_sent and self.state is State.TRANSACTION:
+                # The server may or may not have received the QUIT: popguard
+                # cannot tell whether it entered UPDATE.
+                self._record(Event.DELETIONS_UNKNOWN, reason=reason.value, messages=messages)
+            else:
+                self._record(Event.DELETIONS_DISCARDED, reason=reason.value, messages=messages)
+            self.marked_for_deletion.clear()
+        self._record(
+            Event.SESSION_CLOSED,
+            reason=reason.value,
+            detail=detail,
+            state=self.state.value,
+            bytes_from_client=self.bytes_from_client,
+            bytes_to_client=self.bytes_to_client + sum(map(len, self._client_out)),
+            bytes_from_upstream=self.bytes_from_upstream,
+            bytes_to_upstream=self.bytes_to_upstream + sum(map(len, self._upstream_out)),
+        )
+        self._pending.clear()
+        self._upstream_out.clear()
+
+    def _closing_notice(self, reason: EndReason) -> bytes | None:
+        if self._reader is not _Reader.STATUS:
+            return None  # a reply is half-sent; an -ERR now would corrupt it
+        owed = bool(self._pending)
+        if reason is EndReason.IDLE_TIMEOUT:
+            return REPLY_IDLE if self.idle_notice else None
+        if reason is EndReason.SHUTDOWN:
+            return REPLY_SHUTDOWN
+        if not owed:
+            return None
+        if reason is EndReason.UPSTREAM_UNREACHABLE:
+            return REPLY_UPSTREAM_UNAVAILABLE
+        if reason is EndReason.UPSTREAM_PROTOCOL_ERROR:
+            return REPLY_UPSTREAM_BROKEN
+        if reason in (EndReason.UPSTREAM_CLOSED, EndReason.UPSTREAM_ERROR):
+            return REPLY_UPSTREAM_LOST
+        return None
+
+    # ------------------------------------------------------------------
+    # Inputs: client bytes
+    # ------------------------------------------------------------------
+    def receive_client(self, data: bytes) -> None:
+        if self.finished or self._client_input_closed or self._client_eof:
+            return
+        self.bytes_from_client += len(data)
+        self._client_buf += data
+        self._process_client_lines()
+
+    def _process_client_lines(self) -> None:
+        buf = self._client_buf
+        while buf and not self._client_input_closed and not self.finished:
+            if self._discarding_line:
+                newline = buf.find(b"\n")
+                if newline == -1:
+                    buf.clear()
+                    return
+                del buf[: newline + 1]
+                self._discarding_line = False
+                continue
+            sasl = self._sasl
+            if sasl is not None and sasl.awaiting_server:
+                return  # held: the server has not said what the next line is
+            limit = self.limits.max_sasl_line if sasl else self.limits.max_command_line
+            newline = buf.find(b"\n", 0, limit)
+            if newline == -1:
+                if len(buf) < limit:
+                    return  # wait for the rest of the line
+                # Too long: drop it up to its end (which may not be here yet).
+                self._discarding_line = True
+                self._line_too_long(limit)
+                continue
+            line = bytes(buf[: newline + 1])
+            del buf[: newline + 1]
+            if sasl is not None:
+                self._sasl_response(sasl, line)
+            else:
+                self._command(line)
+
+    def _line_too_long(self, limit: int) -> None:
+        if self._sasl is not None:
+            # The server waits for a response; cancelling (RFC 5034 §4 "*")
+            # makes it answer the AUTH with -ERR, which the client receives.
+            self._record(Event.COMMAND_REJECTED, reason="SASL response line too long")
+            self._sasl.awaiting_server = True
+            self._upstream_out.append(b"*\r\n")
+            return
+        self._reject(f"Command line too long (limit {limit} octets, RFC 2449)")
+
+    def _reject(self, reason: str) -> None:
+        self._bad_commands += 1
+        self._record(Event.COMMAND_REJECTED, reason=reason)
+        if self._bad_commands >= self.limits.max_bad_commands:
+            self._client_input_closed = True
+            self._client_buf.clear()
+            self._queue_local(REPLY_TOO_MANY_BAD, closes=EndReason.CLIENT_PROTOCOL_ERROR)
+        else:
+            self._queue_local(b"-ERR " + reason.encode("ascii") + b"\r\n")
+
+    def _command(self, line: bytes) -> None:
+        try:
+            command = parse_command(line)
+        except CommandSyntaxError as exc:
+            self._reject(str(exc))
+            return
+        verb = command.verb
+        if verb == "STLS":
+            self._record(Event.COMMAND_REJECTED, reason="STLS is not offered", command=verb)
+            self._queue_local(REPLY_STLS_UNAVAILABLE)
+            return
+        if verb == "QUIT":
+            # Whatever follows QUIT can never be answered (RFC 1939 §6).
+            self._client_input_closed = True
+            self._client_buf.clear()
+        elif verb == "AUTH" and command.args:
+            self._start_sasl(command)
+        self._forward(command)
+
+    def _forward(self, command: Command) -> None:
+        arg = command.args[0] if command.verb in _KEEP_ARG and command.args else None
+        if command.verb == "USER":
+            arg = command.rest
+        self._pending.append(_Pending(command.verb, arg, is_multiline(command)))
+        self._upstream_out.append(command.line)
+
+    def _start_sasl(self, command: Command) -> None:
+        sasl = _SaslExchange(mechanism=escape_text(command.args[0].upper()))
+        self._sasl = sasl
+        if len(command.args) > 1:
+            self._learn_sasl_user(sasl, command.args[1])
+
+    def _sasl_response(self, sasl: _SaslExchange, line: bytes) -> None:
+        self._learn_sasl_user(sasl, line)
+        sasl.awaiting_server = True
+        self._upstream_out.append(line if line.endswith(b"\r\n") else line[:-1] + b"\r\n")
+
+    @staticmethod
+    def _learn_sasl_user(sasl: _SaslExchange, response: bytes) -> None:
+        """Learn the user name from the first SASL response, and forget the rest."""
+        sasl.responses += 1
+        if sasl.responses != 1:
+            return
+        payload = decode_sasl(response)
+        if payload is None:
+            return
+        name: bytes | None = None
+        mechanism = sasl.mechanism
+        if mechanism == "PLAIN":
+            # authzid NUL authcid NUL passwd (RFC 4616 §2)
+            parts = payload.split(b"\0")
+            if len(parts) == 3:
+                name = parts[0] or parts[1]
+        elif mechanism == "LOGIN":
+            name = payload
+        elif mechanism == "CRAM-MD5":
+            # user SP digest (RFC 2195 §2)
+            name = payload.rpartition(b" ")[0] or None
+        elif mechanism == "XOAUTH2":
+            first = payload.split(b"\x01", 1)[0]
+            if first.startswith(b"user="):
+                name = first[5:]
+        if name:
+            sasl.user = escape_text(name)
+
+    # ------------------------------------------------------------------
+    # Local replies
+    # ------------------------------------------------------------------
+    def _queue_local(self, reply: bytes, closes: EndReason | None = None) -> None:
+        self._pending.append(_Pending("LOCAL", local_reply=reply, closes=closes))
+        self._flush_local()
+
+    def _flush_local(self) -> None:
+        pending = self._pending
+        while pending and pending[0].local_reply is not None and not self.finished:
+            entry = pending.popleft()
+            assert entry.local_reply is not None
+            self._client_out.append(entry.local_reply)
+            if entry.closes is not None:
+                self.end(entry.closes)
+
+    # ------------------------------------------------------------------
+    # Inputs: server bytes
+    # ------------------------------------------------------------------
+    def receive_server(self, data: bytes) -> None:
+        if self.finished:
+            return
+        self.bytes_from_upstream += len(data)
+        pos = 0
+        size = len(data)
+        while pos < size and not self.finished:
+            if self._reader is _Reader.BODY:
+                pos = self._relay_body(data, pos)
+            elif self._reader is _Reader.LISTING:
+                pos = self._relay_listing(data, pos)
+            else:
+                pos = self._read_status(data, pos)
+
+    def _read_status(self, data: bytes, pos: int) -> int:
+        limit = self.limits.max_server_status_line
+        newline = data.find(b"\n", pos)
+        if newline == -1:
+            self._server_buf += data[pos:]
+            if len(self._server_buf) > limit:
+                self._protocol_error(f"reply status line longer than {limit} octets")
+            elif not self._pending:
+                self._protocol_error("data from the server when no reply was owed")
+            return len(data)
+        if self._server_buf:
+            self._server_buf += data[pos : newline + 1]
+            line = bytes(self._server_buf)
+            self._server_buf.clear()
+        else:
+            line = data[pos : newline + 1]
+        if len(line) > limit:
+            self._protocol_error(f"reply status line longer than {limit} octets")
+        else:
+            self._status_line(line)
+        return newline + 1
+
+    def _status_line(self, line: bytes) -> None:
+        if not self._pending:
+            self._protocol_error(
+                "data from the server when no reply was owed: " + escape_text(line[:80])
+            )
+            return
+        entry = self._pending[0]
+        status = parse_status(line)
+        if status is None:
+            self._protocol_error("not a POP3 status line: " + escape_text(line[:80]))
+            return
+        if status is Status.CONTINUE:
+            sasl = self._sasl
+            if entry.verb != "AUTH" or sasl is None or not sasl.awaiting_server:
+                self._protocol_error("SASL continuation outside an AUTH exchange")
+                return
+            self._client_out.append(line)
+            sasl.awaiting_server = False
+            self._process_client_lines()
+            return
+        self._client_out.append(line)
+        if status is Status.OK and entry.multiline:
+            self._reply_bytes = len(line)
+            if entry.verb == "CAPA":
+                self._reader = _Reader.LISTING
+            else:
+                self._reader = _Reader.BODY
+                self._tail = b"\r\n"
+            return
+        self._reply_bytes = len(line)
+        self._complete(status, line)
+
+    def _relay_body(self, data: bytes, pos: int) -> int:
+        """Stream a multi-line reply through, finding only its terminator."""
+        tail = self._tail
+        probe = tail + data[pos : pos + 4]
+        found = probe.find(MULTILINE_TERMINATOR)
+        if found != -1:
+            end = pos + found + len(MULTILINE_TERMINATOR) - len(tail)
+        else:
+            found = data.find(MULTILINE_TERMINATOR, pos)
+            end = found + len(MULTILINE_TERMINATOR) if found != -1 else -1
+        if end == -1:
+            chunk = data[pos:] if pos else data
+            self._client_out.append(chunk)
+            self._reply_bytes += len(chunk)
+            self._tail = chunk[-4:] if len(chunk) >= 4 else (tail + chunk)[-4:]
+            return len(data)
+        self._client_out.append(data[pos:end])
+        self._reply_bytes += end - pos
+        self._reader = _Reader.STATUS
+        self._complete(Status.OK, b"")
+        return end
+
+    def _relay_listing(self, data: bytes, pos: int) -> int:
+        """Relay a multi-line reply line by line (CAPA), rewriting as needed."""
+        limit = self.limits.max_listing_line
+        size = len(data)
+        while pos < size:
+            newline = data.find(b"\n", pos)
+            if newline == -1:
+                self._server_buf += data[pos:]
+                if len(self._server_buf) > limit:
+                    self._protocol_error(f"multi-line reply line longer than {limit} octets")
+                return size
+            self._server_buf += data[pos : newline + 1]
+            pos = newline + 1
+            line = bytes(self._server_buf)
+            self._server_buf.clear()
+            if len(line) > limit:
+                self._protocol_error(f"multi-line reply line longer than {limit} octets")
+                return size
+            if line == b".\r\n":
+                self._client_out.append(line)
+                self._reply_bytes += len(line)
+                self._reader = _Reader.STATUS
+                self._complete(Status.OK, b"")
+                return pos
+            if self._pending[0].verb == "CAPA" and line[:4].upper() == b"STLS":
+                continue  # popguard offers no STLS of its own yet (RFC 2595 §4)
+            self._client_out.append(line)
+            self._reply_bytes += len(line)
+        return pos
+
+    def _protocol_error(self, detail: str) -> None:
+        self._record(Event.UPSTREAM_PROTOCOL_ERROR, detail=detail)
+        self.end(EndReason.UPSTREAM_PROTOCOL_ERROR, detail)
+
+    # ------------------------------------------------------------------
+    # Reply completion: where the RFC 1939 state moves
+    # ------------------------------------------------------------------
+    def _complete(self, status: Status, line: bytes) -> None:
+        entry = self._pending.popleft()
+        ok = status is Status.OK
+        verb = entry.verb
+        if verb == "GREETING":
+            if not ok:
+                self.end(EndReason.UPSTREAM_REFUSED, "upstream greeting was -ERR")
+                return
+        elif verb == "USER":
+            if ok and entry.arg is not None:
+                self._claimed_user = escape_text(entry.arg)
+        elif verb == "PASS":
+            self._auth_result(ok, self._claimed_user, "USER", line)
+        elif verb == "APOP":
+            user = escape_text(entry.arg) if entry.arg is not None else None
+            self._auth_result(ok, user, "APOP", line)
+        elif verb == "AUTH":
+            sasl = self._sasl
+            self._sasl = None
+            if sasl is not None:
+                self._auth_result(ok, sasl.user, sasl.mechanism, line)
+        elif verb in ("RETR", "TOP"):
+            if ok:
+                self._record(
+                    Event.MESSAGE_RETRIEVED,
+                    command=verb,
+                    msg=_message_number(entry.arg),
+                    bytes=self._reply_bytes,
+                )
+        elif verb == "DELE":
+            self._dele_result(ok, _message_number(entry.arg), line)
+        elif verb == "RSET":
+            if ok and self.state is State.TRANSACTION:
+                self._record(Event.RSET, messages=tuple(sorted(self.marked_for_deletion)))
+                self.marked_for_deletion.clear()
+        elif verb == "QUIT":
+            self._quit_result(ok, line)
+            return
+        self._flush_local()
+        if self._sasl is None and self._client_buf:
+            self._process_client_lines()
+        self._finish_if_idle_after_eof()
+
+    def _auth_result(self, ok: bool, user: str | None, mechanism: str, line: bytes) -> None:
+        if ok and self.state is State.AUTHORIZATION:
+            self.state = State.TRANSACTION
+            self.user = user
+            self._record(Event.AUTH_SUCCEEDED, user=user, mechanism=mechanism)
+        elif not ok:
+            self._record(
+                Event.AUTH_FAILED,
+                user=user,
+                mechanism=mechanism,
+                reply=escape_text(reply_text(line)),
+            )
+
+    def _dele_result(self, ok: bool, msg: int | None, line: bytes) -> None:
+        if ok and msg is not None and self.state is State.TRANSACTION:
+            self.marked_for_deletion.add(msg)
+            self._record(Event.DELE_MARKED, msg=msg)
+        elif not ok:
+            self._record(Event.DELE_REFUSED, msg=msg, reply=escape_text(reply_text(line)))
+
+    def _quit_result(self, ok: bool, line: bytes) -> None:
+        self._record(Event.QUIT, state=self.state.value, ok=ok)
+        if self.state is State.TRANSACTION:
+            # RFC 1939 §6: QUIT in TRANSACTION enters UPDATE; +OK means the
+            # marked messages were removed, -ERR that some or none were.
+            self.state = State.UPDATE
+            messages = tuple(sorted(self.marked_for_deletion))
+            self.marked_for_deletion.clear()
+            if ok and messages:
+                self._record(Event.DELETIONS_COMMITTED, messages=messages)
+            elif not ok:
+                self._record(
+                    Event.DELETIONS_FAILED,
+                    messages=messages,
+                    reply=escape_text(reply_text(line)),
+                )
+        self.end(EndReason.QUIT)
+
+    def _finish_if_idle_after_eof(self) -> None:
+        if self._client_eof and not self._pending and not self.finished:
+            self.end(EndReason.CLIENT_CLOSED)
+
+    # ------------------------------------------------------------------
+    def _record(self, event: Event, **fields: FieldValue) -> None:
+        if self.user is not None and "user" not in fields:
+            fields["user"] = self.user
+        self._records.append(AuditRecord(event, fields))
+
+
+def _message_number(arg: bytes | None) -> int | None:
+    if arg is None or not arg.isdigit():
+        return None
+    return int(arg)

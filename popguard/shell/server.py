@@ -1,0 +1,187 @@
+"""Listeners, the accept loop, and graceful shutdown.
+
+Like trio's ``serve_listeners``, the server loop is small and separate from
+the per-session handler.  A handler catches its own errors, so one broken
+session never takes the server down, and always closes its streams.
+
+Shutdown (SIGTERM/SIGINT, or :meth:`ProxyServer.request_shutdown`): stop
+accepting and close the listeners, give open sessions ``shutdown_grace``
+seconds to finish on their own, then end the rest.  Ending a session closes
+its upstream connection without QUIT, so the server deletes nothing.
+"""
+
+from __future__ import annotations
+
+import secrets
+import signal
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import trio
+
+from popguard.audit import AuditLog, session_context
+from popguard.core.limits import Limits
+from popguard.core.records import EndReason
+from popguard.core.session import ProxySession
+from popguard.shell.relay import Relay
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSpec:
+    name: str
+    endpoint: Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    listeners: tuple[ListenerSpec, ...]
+    upstream: Endpoint
+    connect_timeout: float = 10.0
+    idle_timeout: float = 600.0
+    idle_notice: bool = True
+    shutdown_grace: float = 10.0
+    limits: Limits = field(default_factory=Limits)
+
+
+def format_peer(sockaddr: object) -> str:
+    """'host:port' for IPv4, '[host]:port' for IPv6, from a socket address."""
+    if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
+        return str(Endpoint(str(sockaddr[0]), int(sockaddr[1])))
+    return str(sockaddr)
+
+
+class ProxyServer:
+    def __init__(self, settings: ServerSettings, audit: AuditLog) -> None:
+        self.settings = settings
+        self.audit = audit
+        self._relays: set[Relay] = set()
+        self._all_closed = trio.Event()
+        self._all_closed.set()
+        self._shutdown = trio.Event()
+        self._grace_over = trio.Event()
+        #: The bound address of each listener, once serving (port 0 resolved).
+        self.bound: dict[str, list[Endpoint]] = {}
+
+    @property
+    def active_sessions(self) -> int:
+        return len(self._relays)
+
+    def request_shutdown(self, *, immediate: bool = False) -> None:
+        self._shutdown.set()
+        if immediate:
+            self._grace_over.set()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[ProxyServer] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        settings = self.settings
+        opened: list[tuple[ListenerSpec, list[trio.SocketListener]]] = []
+        for spec in settings.listeners:
+            listeners = await trio.open_tcp_listeners(spec.endpoint.port, host=spec.endpoint.host)
+            opened.append((spec, listeners))
+            self.bound[spec.name] = [
+                Endpoint(*listener.socket.getsockname()[:2]) for listener in listeners
+            ]
+            for endpoint in self.bound[spec.name]:
+                self.audit.event("popguard.listening", listener=spec.name, address=str(endpoint))
+        self.audit.event(
+            "popguard.started",
+            upstream=str(settings.upstream),
+            idle_timeout=settings.idle_timeout,
+        )
+        async with trio.open_nursery() as sessions:
+            async with trio.open_nursery() as acceptors:
+                for spec, listeners in opened:
+                    handler = partial(self._handle, spec.name)
+                    acceptors.start_soon(
+                        partial(trio.serve_listeners, handler, listeners, handler_nursery=sessions)
+                    )
+                task_status.started(self)
+                await self._shutdown.wait()
+                acceptors.cancel_scope.cancel()
+            self.audit.event(
+                "popguard.stopping",
+                active_sessions=len(self._relays),
+                grace_period=settings.shutdown_grace,
+            )
+            with trio.move_on_after(settings.shutdown_grace):
+                async with trio.open_nursery() as waiters:
+                    waiters.start_soon(_wait_then_cancel, self._all_closed, waiters.cancel_scope)
+                    waiters.start_soon(_wait_then_cancel, self._grace_over, waiters.cancel_scope)
+            for relay in list(self._relays):
+                relay.abort(EndReason.SHUTDOWN)
+        self.audit.event("popguard.stopped")
+
+    async def _handle(self, listener: str, stream: trio.SocketStream) -> None:
+        settings = self.settings
+        client = format_peer(stream.socket.getpeername())
+        session_id = secrets.token_hex(8)
+        with session_context(session=session_id, client=client, listener=listener):
+            session = ProxySession(
+                client=client,
+                listener=listener,
+                limits=settings.limits,
+                idle_notice=settings.idle_notice,
+            )
+            upstream = settings.upstream
+            relay = Relay(
+                session,
+                stream,
+                connect_upstream=partial(trio.open_tcp_stream, upstream.host, upstream.port),
+                upstream_label=str(upstream),
+                connect_timeout=settings.connect_timeout,
+                idle_timeout=settings.idle_timeout,
+                emit=self.audit.emit,
+            )
+            self._relays.add(relay)
+            self._all_closed = trio.Event() if len(self._relays) == 1 else self._all_closed
+            try:
+                await relay.run()
+            except Exception as exc:
+                self.audit.error("session.internal_error", error=f"{type(exc).__name__}: {exc}")
+            finally:
+                self._relays.discard(relay)
+                if not self._relays:
+                    self._all_closed.set()
+
+
+async def _wait_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+async def serve(
+    settings: ServerSettings,
+    audit: AuditLog,
+    *,
+    task_status: trio.TaskStatus[ProxyServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the proxy until SIGTERM or SIGINT (a second signal skips the grace)."""
+    server = ProxyServer(settings, audit)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_on_signals, signals, server, audit)
+            await server.run(task_status=task_status)
+            nursery.cancel_scope.cancel()
+
+
+async def _on_signals(signals: AsyncIterator[int], server: ProxyServer, audit: AuditLog) -> None:
+    count = 0
+    async for signum in signals:
+        count += 1
+        audit.event("popguard.signal", signal=signal.Signals(signum).name)
+        server.request_shutdown(immediate=count > 1)
+
+
+def listener_specs(pairs: Sequence[tuple[str, str, int]]) -> tuple[ListenerSpec, ...]:
+    return tuple(ListenerSpec(name, Endpoint(host, port)) for name, host, port in pairs)

@@ -1,0 +1,178 @@
+"""Playbook-style transcripts for the sans-I/O session (after mitmproxy's tutils).
+
+A transcript is a list of steps: bytes from the client (``C``), bytes from
+the server (``S``), or an event (``Eof``/``ServerEof``/``End``/...).  It is
+played in several feeding modes, and each mode must produce the *same*
+upstream bytes, client bytes and audit records:
+
+``whole``      each step is one read;
+``bytewise``   every byte is its own read;
+``pipelined``  all client bytes arrive in one read before the server says
+               anything, then all server bytes in one read (only for
+               transcripts whose meaning does not depend on timing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from popguard.core.limits import Limits
+from popguard.core.records import AuditRecord, EndReason
+from popguard.core.session import ProxySession
+
+
+@dataclass(frozen=True)
+class C:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class S:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ClientEof:
+    pass
+
+
+@dataclass(frozen=True)
+class ServerEof:
+    pass
+
+
+@dataclass(frozen=True)
+class End:
+    reason: EndReason
+
+
+@dataclass(frozen=True)
+class UpstreamFailed:
+    error: str = "Connection refused"
+
+
+Step = C | S | ClientEof | ServerEof | End | UpstreamFailed
+MODES = ("whole", "bytewise", "pipelined")
+
+
+@dataclass
+class Outcome:
+    upstream: bytes
+    client: bytes
+    records: list[AuditRecord]
+    session: ProxySession
+    mode: str = ""
+
+    def events(self) -> list[str]:
+        return [r.event.value for r in self.records]
+
+    def record(self, event: str) -> AuditRecord:
+        matches = [r for r in self.records if r.event.value == event]
+        assert len(matches) == 1, f"expected one {event!r}, got {self.events()}"
+        return matches[0]
+
+
+@dataclass
+class Expect:
+    upstream: bytes | None = None
+    client: bytes | None = None
+    #: The exact sequence of events; each item an event name or a dict whose
+    #: 'event' key is the name and whose other keys must match the fields.
+    records: Sequence[str | dict[str, Any]] | None = None
+    finished: bool | None = None
+    end_reason: EndReason | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def new_session(limits: Limits | None = None, idle_notice: bool = True) -> ProxySession:
+    return ProxySession(
+        client="192.0.2.7:40000",
+        listener="test",
+        limits=limits or Limits(),
+        idle_notice=idle_notice,
+    )
+
+
+def _feed(session: ProxySession, step: Step, chunks: Iterable[bytes] | None = None) -> None:
+    if isinstance(step, C):
+        for chunk in chunks if chunks is not None else [step.data]:
+            session.receive_client(chunk)
+    elif isinstance(step, S):
+        for chunk in chunks if chunks is not None else [step.data]:
+            session.receive_server(chunk)
+    elif isinstance(step, ClientEof):
+        session.client_eof()
+    elif isinstance(step, ServerEof):
+        session.server_eof()
+    elif isinstance(step, End):
+        session.end(step.reason)
+    elif isinstance(step, UpstreamFailed):
+        session.upstream_failed("198.51.100.1:110", step.error)
+
+
+def play(steps: Sequence[Step], mode: str = "whole", **session_args: Any) -> Outcome:
+    session = new_session(**session_args)
+    upstream = bytearray()
+    client = bytearray()
+    records: list[AuditRecord] = []
+
+    def collect() -> None:
+        upstream.extend(session.take_upstream_output())
+        client.extend(session.take_client_output())
+        records.extend(session.take_records())
+
+    if mode == "pipelined":
+        client_bytes = b"".join(s.data for s in steps if isinstance(s, C))
+        server_bytes = b"".join(s.data for s in steps if isinstance(s, S))
+        session.receive_client(client_bytes)
+        collect()
+        session.receive_server(server_bytes)
+        collect()
+        for step in steps:
+            if not isinstance(step, C | S):
+                _feed(session, step)
+                collect()
+    else:
+        for step in steps:
+            if mode == "bytewise" and isinstance(step, C | S):
+                data = step.data
+                _feed(session, step, (data[i : i + 1] for i in range(len(data))))
+            else:
+                _feed(session, step)
+            collect()
+    return Outcome(bytes(upstream), bytes(client), records, session, mode)
+
+
+def check(outcome: Outcome, expect: Expect) -> None:
+    where = f"[mode={outcome.mode}]"
+    if expect.upstream is not None:
+        assert outcome.upstream == expect.upstream, where
+    if expect.client is not None:
+        assert outcome.client == expect.client, where
+    if expect.records is not None:
+        names = [e if isinstance(e, str) else e["event"] for e in expect.records]
+        assert outcome.events() == names, where
+        for want, got in zip(expect.records, outcome.records, strict=True):
+            if isinstance(want, dict):
+                for key, value in want.items():
+                    if key == "event":
+                        continue
+                    assert got.fields.get(key) == value, f"{where} {got.event}.{key}"
+    if expect.finished is not None:
+        assert outcome.session.finished == expect.finished, where
+    if expect.end_reason is not None:
+        assert outcome.session.end_reason == expect.end_reason, where
+
+
+def run_all_modes(
+    steps: Sequence[Step], expect: Expect, modes: Sequence[str] = MODES, **session_args: Any
+) -> Outcome:
+    """Play the transcript in every mode; every mode must meet ``expect``."""
+    outcome: Outcome | None = None
+    for mode in modes:
+        outcome = play(steps, mode, **session_args)
+        check(outcome, expect)
+    assert outcome is not None
+    return outcome
