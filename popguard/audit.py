@@ -57,6 +57,9 @@ class JsonLinesSink:
             self._file.close()
 
 
+_CONSOLE_HIDDEN = frozenset({"schema", "instance"})
+
+
 class ConsoleSink:
     """Readable lines for a person watching the proxy (``make run``)."""
 
@@ -66,8 +69,15 @@ class ConsoleSink:
         self._render = structlog.dev.ConsoleRenderer(colors=colors, sort_keys=False)
 
     def write(self, event_dict: EventDict) -> None:
-        # ConsoleRenderer consumes keys as it goes; give it its own copy.
-        line = self._render(None, "", dict(event_dict))
+        # A person needs the event and its facts; the fixed context (schema,
+        # instance) and empty fields are for machines.  ConsoleRenderer
+        # consumes keys as it goes, so it gets its own copy.
+        shown = {
+            key: value
+            for key, value in event_dict.items()
+            if value is not None and key not in _CONSOLE_HIDDEN
+        }
+        line = self._render(None, "", shown)
         assert isinstance(line, str)
         self._stream.write(line + "\n")
         self._stream.flush()

@@ -1,0 +1,264 @@
+"""The ``popguard`` command line.
+
+``popguard serve``         run the proxy (from a config file, flags, or both;
+                           flags win)
+``popguard check-config``  validate a config file, errors as file:line:col
+``popguard demo``          the proxy in front of the bundled demo upstream,
+                           on loopback, with sample mail (``make run``)
+``popguard demo-upstream`` only the demo POP3 server (a test and demo tool)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from popguard import __version__
+from popguard.audit import AuditLog, open_audit_log
+from popguard.config import (
+    Config,
+    ConfigError,
+    ConfigIssue,
+    PartialConfig,
+    build_config,
+    read_config,
+)
+from popguard.shell.server import Endpoint, ListenerSpec, ProxyServer, ServerSettings, serve
+
+DEMO_LISTEN = "127.0.0.1:1110"
+
+
+def settings_from_config(config: Config) -> ServerSettings:
+    return ServerSettings(
+        listeners=tuple(
+            ListenerSpec(listener.name, Endpoint(listener.address.host, listener.address.port))
+            for listener in config.listeners
+        ),
+        upstream=Endpoint(config.upstream.address.host, config.upstream.address.port),
+        connect_timeout=config.upstream.connect_timeout,
+        idle_timeout=config.session.idle_timeout,
+        idle_notice=config.session.idle_notice,
+        shutdown_grace=config.shutdown_grace,
+        limits=config.limits,
+    )
+
+
+def _print_issues(issues: Sequence[ConfigIssue]) -> None:
+    for issue in issues:
+        print(issue, file=sys.stderr)
+
+
+def _add_serve_flags(parser: argparse.ArgumentParser, *, upstream: bool = True) -> None:
+    parser.add_argument(
+        "--config", "-c", metavar="FILE", help="YAML config file (see popguard.example.yaml)"
+    )
+    parser.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="address to accept POP3 clients on; repeat for several; IPv6 as [::1]:1110. "
+        "Replaces the config file's listeners.",
+    )
+    if upstream:
+        parser.add_argument("--upstream", metavar="HOST:PORT", help="the POP3 server to relay to")
+    parser.add_argument(
+        "--audit-file", metavar="FILE", help="append audit records to FILE as JSON lines"
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="close a session silent this long, without QUIT (default 600, RFC 1939 §3)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="give up connecting to the upstream after this long (default 10)",
+    )
+    parser.add_argument(
+        "--console",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="print readable audit events on stderr (default on)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="popguard",
+        description="A transparent POP3 proxy and audit gateway.",
+    )
+    parser.add_argument("--version", action="version", version=f"popguard {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve_parser = commands.add_parser(
+        "serve",
+        help="run the proxy",
+        description="Run the proxy in front of an upstream POP3 server until SIGTERM or "
+        "SIGINT. Flags override the config file.",
+    )
+    _add_serve_flags(serve_parser)
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config file",
+        description="Validate a config file; print each problem as file:line:column. "
+        "Exits 1 on errors, 0 otherwise (warnings included).",
+    )
+    check.add_argument("--config", "-c", metavar="FILE", required=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the proxy in front of the bundled demo upstream",
+        description="Start the bundled demo POP3 server (sample mail, user demo/demo) on a "
+        "loopback port and popguard in front of it. A test and demo tool.",
+    )
+    _add_serve_flags(demo, upstream=False)
+    demo.set_defaults(audit_file="audit.jsonl")
+
+    demo_up = commands.add_parser(
+        "demo-upstream",
+        help="run only the bundled demo POP3 server",
+        description="Serve the demo mail store on loopback. A test and demo tool, not a "
+        "mail server.",
+    )
+    demo_up.add_argument("--listen", default="127.0.0.1:21110", metavar="HOST:PORT")
+    return parser
+
+
+def _resolve(args: argparse.Namespace, *, upstream: str | None) -> Config:
+    base: PartialConfig | None = None
+    warnings: list[ConfigIssue] = []
+    if args.config:
+        base, warnings = read_config(args.config)
+    config, more = build_config(
+        base=base,
+        listen=args.listen,
+        upstream=upstream,
+        audit_file=args.audit_file,
+        idle_timeout=args.idle_timeout,
+        connect_timeout=args.connect_timeout,
+        console=args.console,
+    )
+    _print_issues([*warnings, *more])
+    return config
+
+
+async def _serve_until_signal(config: Config, audit: AuditLog) -> None:
+    await serve(settings_from_config(config), audit)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _resolve(args, upstream=args.upstream)
+    audit = open_audit_log(file=config.audit.file, console=config.audit.console)
+    try:
+        trio.run(_serve_until_signal, config, audit)
+    finally:
+        audit.close()
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        _, warnings = read_config(args.config)
+    except ConfigError as exc:
+        _print_issues(exc.issues)
+        return 1
+    _print_issues(warnings)
+    print(f"{args.config}: OK")
+    return 0
+
+
+async def _demo(args: argparse.Namespace) -> None:
+    from popguard.testing.demo_upstream import DemoUpstream, bound_port, sample_store
+
+    demo = DemoUpstream(sample_store())
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(demo.serve, "127.0.0.1", 0)
+        upstream = f"127.0.0.1:{bound_port(listeners)}"
+        if not args.listen:
+            args.listen = [DEMO_LISTEN]
+        config = _resolve(args, upstream=upstream)
+        audit = open_audit_log(file=config.audit.file, console=config.audit.console)
+        settings = settings_from_config(config)
+
+        async def proxy(task_status: trio.TaskStatus[ProxyServer]) -> None:
+            try:
+                await serve(settings, audit, task_status=task_status)
+            finally:
+                audit.close()
+                nursery.cancel_scope.cancel()  # the demo upstream goes with it
+
+        server: ProxyServer = await nursery.start(proxy)
+        endpoint = next(iter(server.bound.values()))[0]
+        _print_banner(endpoint, upstream, config.audit.file)
+
+
+def _print_banner(endpoint: Endpoint, upstream: str, audit_file: str | None) -> None:
+    host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+    url = f"pop3://demo:demo@{host}:{endpoint.port}"
+    lines = [
+        "",
+        f"popguard {__version__} is relaying POP3 on {endpoint} to the demo upstream "
+        f"on {upstream}.",
+        "Try it from another terminal:",
+        f"  curl {url}/                 # list the messages",
+        f"  curl {url}/1                # retrieve message 1",
+        f"  curl {url}/1 -X DELE -I     # delete message 1 (commits on QUIT)",
+    ]
+    if audit_file:
+        lines.append(f"Audit records: on this console, and as JSON lines in {audit_file}")
+    lines += ["Stop with Ctrl-C.", ""]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    trio.run(_demo, args)
+    return 0
+
+
+def cmd_demo_upstream(args: argparse.Namespace) -> int:
+    from popguard.config import parse_listen_address
+    from popguard.testing.demo_upstream import DemoUpstream, bound_port, sample_store
+
+    address = parse_listen_address(args.listen)
+
+    async def main() -> None:
+        demo = DemoUpstream(sample_store())
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(demo.serve, address.host, address.port)
+            print(
+                f"demo upstream on {address.host}:{bound_port(listeners)} "
+                "(users demo/demo, alice/alicepw)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    trio.run(main)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {
+        "serve": cmd_serve,
+        "check-config": cmd_check_config,
+        "demo": cmd_demo,
+        "demo-upstream": cmd_demo_upstream,
+    }
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        _print_issues(exc.issues)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"popguard: {exc}", file=sys.stderr)
+        return 1

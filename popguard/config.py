@@ -1,0 +1,1005 @@
+"""popguard's configuration: a YAML file, validated with file:line:column errors.
+
+The file is never handed to ``yaml.safe_load``.  It is *composed* with
+PyYAML's ``SafeLoader`` (``yaml.compose``), which gives a tree of nodes that
+still carry their ``start_mark``, and the tree is walked against the schema
+by hand.  That way every problem is reported where it is, e.g.::
+
+    popguard.yaml:7:17: error: session.idle_timeout: expected a number of seconds,
+    got a string '600'; write numbers without quotes
+
+and *all* problems are collected before :class:`ConfigError` is raised.
+``popguard.example.yaml`` (repo root) documents every key and its default.
+
+Loading in two steps
+--------------------
+A file may leave out ``listeners`` and ``upstream`` when the command line
+supplies them (``--listen``, ``--upstream``), so the loader works in two steps:
+
+* :func:`read_config` validates a file into a :class:`PartialConfig`, in
+  which ``listeners`` may be empty and ``upstream_address`` may be ``None``.
+* :func:`build_config` applies command-line flags over a base (a
+  :class:`PartialConfig`, a :class:`Config` or nothing) and returns the
+  finished :class:`Config`; it raises when still no listener or no upstream
+  results.
+
+:func:`load_config` is the one-step form for a file that is complete on its
+own: ``read_config`` plus the requirement that the file configures a
+listener and an upstream.  The command line therefore does::
+
+    partial, warnings = read_config(path)          # or base=None without a file
+    config, more = build_config(base=partial, listen=..., upstream=...)
+
+Conventions
+-----------
+* Line and column numbers in :class:`ConfigIssue` are 1-based.  Line 0 means
+  the issue has no position (a missing file, something missing from the whole
+  file, or a command-line flag, whose issues use the file name
+  ``"<command line>"``).
+* Relative paths in the file (``audit.file``, ``policies``) are resolved
+  against the directory of the config file; a relative ``audit_file`` flag is
+  resolved against the current directory.  Both come out absolute, with
+  ``~`` expanded.
+* A section left empty (``session:`` with every key commented out) means
+  all its defaults.  Unknown keys, duplicate keys, YAML merge keys (``<<``)
+  and values of the wrong YAML type are errors; YAML 1.1 booleans
+  (``true``/``false``/``yes``/``no``/``on``/``off``) are accepted for, and
+  only for, boolean keys.
+* Messages about command-line values name the flags popguard's CLI is
+  expected to use: ``--listen``, ``--upstream``, ``--audit-file``,
+  ``--idle-timeout``, ``--connect-timeout``.
+* Listeners without a ``name`` are called ``listener-<index>`` and listeners
+  from ``--listen`` are called ``cli-<index>``; indexes are 0-based, like the
+  ``listeners[0]`` paths in error messages.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Final, Literal
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.error import Mark
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.reader import ReaderError
+
+from popguard.core.limits import Limits
+
+__all__ = [
+    "COMMAND_LINE",
+    "LIMIT_MINIMUMS",
+    "RFC1939_MIN_IDLE_TIMEOUT",
+    "Address",
+    "AuditConfig",
+    "Config",
+    "ConfigError",
+    "ConfigIssue",
+    "ListenerConfig",
+    "PartialConfig",
+    "SessionConfig",
+    "UpstreamConfig",
+    "build_config",
+    "load_config",
+    "parse_address",
+    "parse_listen_address",
+    "read_config",
+]
+
+#: The pseudo file name of issues raised by command-line flags.
+COMMAND_LINE: Final = "<command line>"
+
+#: RFC 1939 §3: a POP3 server's autologout timer MUST be at least 10 minutes.
+RFC1939_MIN_IDLE_TIMEOUT: Final = 600.0
+
+_DEFAULT_CONNECT_TIMEOUT: Final = 10.0
+_DEFAULT_SHUTDOWN_GRACE: Final = 10.0
+
+#: The smallest value each ``limits:`` key accepts, and why.  Keys of
+#: :class:`~popguard.core.limits.Limits` missing here must be at least 1.
+LIMIT_MINIMUMS: Final[Mapping[str, tuple[int, str]]] = {
+    "max_command_line": (
+        255,
+        "RFC 2449 §4 requires servers to accept command lines of 255 octets",
+    ),
+    "max_server_status_line": (
+        512,
+        "RFC 2449 §4 allows the first line of a response to be 512 octets",
+    ),
+    "max_sasl_line": (
+        512,
+        "a SASL line must hold at least a 512-octet response line (RFC 2449 §4)",
+    ),
+    "max_listing_line": (
+        512,
+        "RFC 1939 §3 allows response lines of 512 octets",
+    ),
+    "max_bad_commands": (1, "a client must be allowed at least one bad command"),
+    "max_pipelined": (1, "at least one command must be allowed in flight"),
+}
+
+
+# --------------------------------------------------------------------------
+# The configuration as data
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A TCP endpoint.  ``host`` holds IPv6 literals without brackets."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    name: str
+    address: Address
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    address: Address
+    connect_timeout: float = _DEFAULT_CONNECT_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    #: Seconds a session may stay silent before it is closed.
+    idle_timeout: float = 600.0
+    #: Send ``-ERR Disconnected for inactivity.`` before closing an idle
+    #: session (Dovecot's behaviour); ``False`` closes silently (RFC 1939 §3).
+    idle_notice: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    #: Absolute path of the JSON-lines audit file, or ``None`` for none.
+    file: str | None = None
+    #: Human-readable events on stderr.
+    console: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A complete configuration: at least one listener and an upstream."""
+
+    listeners: tuple[ListenerConfig, ...]
+    upstream: UpstreamConfig
+    session: SessionConfig = SessionConfig()
+    limits: Limits = field(default_factory=Limits)
+    #: Seconds open sessions get on SIGTERM/SIGINT before they are closed.
+    shutdown_grace: float = _DEFAULT_SHUTDOWN_GRACE
+    audit: AuditConfig = AuditConfig()
+    #: Absolute path of the policy directory (reserved for the policy engine).
+    policies: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PartialConfig:
+    """What a config file says; listeners and upstream may still be missing.
+
+    :func:`build_config` turns it into a :class:`Config`.
+    """
+
+    listeners: tuple[ListenerConfig, ...] = ()
+    upstream_address: Address | None = None
+    connect_timeout: float = _DEFAULT_CONNECT_TIMEOUT
+    session: SessionConfig = SessionConfig()
+    limits: Limits = field(default_factory=Limits)
+    shutdown_grace: float = _DEFAULT_SHUTDOWN_GRACE
+    audit: AuditConfig = AuditConfig()
+    policies: str | None = None
+    #: The file it was read from, as given to :func:`read_config`.
+    source: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One error or warning, located in a file (1-based; line 0 = no position)."""
+
+    file: str
+    line: int
+    column: int
+    message: str
+    severity: Literal["error", "warning"] = "error"
+
+    def __str__(self) -> str:
+        if self.line > 0:
+            return f"{self.file}:{self.line}:{self.column}: {self.severity}: {self.message}"
+        return f"{self.file}: {self.severity}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid.
+
+    ``issues`` holds every error found (and any warnings found alongside
+    them), in file order; ``str()`` lists them one per line.
+    """
+
+    issues: tuple[ConfigIssue, ...]
+
+    def __init__(self, issues: Iterable[ConfigIssue]) -> None:
+        self.issues = tuple(issues)
+        super().__init__("\n".join(str(issue) for issue in self.issues))
+
+    @property
+    def errors(self) -> tuple[ConfigIssue, ...]:
+        return tuple(issue for issue in self.issues if issue.severity == "error")
+
+    def __str__(self) -> str:
+        return "\n".join(str(issue) for issue in self.issues)
+
+
+# --------------------------------------------------------------------------
+# Addresses
+# --------------------------------------------------------------------------
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
+
+
+def _check_host_name(host: str) -> str | None:
+    """Return why *host* is not a valid IPv4 literal or DNS name, or None."""
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        pass
+    else:
+        return None
+    name = host[:-1] if host.endswith(".") else host
+    if not name or len(name) > 253:
+        return f"invalid host name {host!r}"
+    labels = name.split(".")
+    if not all(_LABEL.match(label) for label in labels):
+        return f"invalid host name {host!r}"
+    if labels[-1].isdigit():
+        # RFC 3696 §2: a top-level domain is never all-numeric, so this was
+        # meant as an IPv4 address.
+        return f"invalid IPv4 address {host!r}"
+    return None
+
+
+def parse_address(text: str) -> Address:
+    """Parse ``host:port``; IPv6 literals go in brackets: ``[::1]:110``.
+
+    The host may be an IPv4 literal, a bracketed IPv6 literal or a DNS name.
+    Raises :class:`ValueError` with a message that quotes *text*.
+    """
+    what = f"invalid address {text!r}"
+    if not text:
+        raise ValueError("empty address: expected HOST:PORT, e.g. 127.0.0.1:110")
+    if text != text.strip():
+        raise ValueError(f"{what}: leading or trailing whitespace")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{what}: missing ']' after the IPv6 address")
+        host, rest = text[1:end], text[end + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(
+                f"{what}: {host!r} is not an IPv6 address (brackets are only for IPv6)"
+            ) from None
+        if not rest.startswith(":"):
+            raise ValueError(f"{what}: missing port after ']' (expected [IPV6]:PORT)")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{what}: missing port (expected HOST:PORT)")
+        if ":" in host:
+            raise ValueError(f"{what}: IPv6 addresses must be written in brackets, e.g. [::1]:110")
+        if not host:
+            raise ValueError(f"{what}: missing host (expected HOST:PORT)")
+        problem = _check_host_name(host)
+        if problem is not None:
+            raise ValueError(f"{what}: {problem}")
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError(f"{what}: the port must be a number from 1 to 65535")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{what}: port {port} is out of range 1-65535")
+    return Address(host, port)
+
+
+def parse_listen_address(text: str) -> Address:
+    """Like :func:`parse_address`, but the host must be an IP literal or localhost.
+
+    A listener binds, so a DNS name (which may resolve to anything) is refused.
+    """
+    if text.startswith("*:"):
+        raise ValueError(
+            f"invalid listen address {text!r}: use 0.0.0.0 (all IPv4 addresses) "
+            "or [::] (all IPv6 addresses) instead of '*'"
+        )
+    address = parse_address(text)
+    if address.host.lower() == "localhost":
+        return Address("localhost", address.port)
+    try:
+        ipaddress.ip_address(address.host)
+    except ValueError:
+        raise ValueError(
+            f"invalid listen address {text!r}: the host must be a literal IP address "
+            "or 'localhost', not a host name"
+        ) from None
+    return address
+
+
+def _address_key(address: Address) -> tuple[str, int]:
+    """A comparison key under which equal IP literals written differently match."""
+    try:
+        return (str(ipaddress.ip_address(address.host)), address.port)
+    except ValueError:
+        return (address.host.lower(), address.port)
+
+
+# --------------------------------------------------------------------------
+# The schema walker
+# --------------------------------------------------------------------------
+
+_TAG = "tag:yaml.org,2002:"
+_STR = _TAG + "str"
+_INT = _TAG + "int"
+_FLOAT = _TAG + "float"
+_BOOL = _TAG + "bool"
+_NULL = _TAG + "null"
+_MERGE = _TAG + "merge"
+
+_KINDS: Final[Mapping[str, str]] = {
+    _STR: "a string",
+    _INT: "an integer",
+    _FLOAT: "a float",
+    _BOOL: "a boolean",
+    _NULL: "null",
+    _TAG + "timestamp": "a timestamp",
+    _TAG + "binary": "binary data",
+}
+
+_LIMIT_KEYS: Final = tuple(f.name for f in fields(Limits))
+
+#: Every mapping section and its keys, for "did you mean" across sections.
+_SECTIONS: Final[Mapping[str, tuple[str, ...]]] = {
+    "upstream": ("address", "connect_timeout"),
+    "session": ("idle_timeout", "idle_notice"),
+    "limits": _LIMIT_KEYS,
+    "shutdown": ("grace_period",),
+    "audit": ("file", "console"),
+}
+_TOP_KEYS: Final = ("listeners", "upstream", "session", "limits", "shutdown", "audit", "policies")
+_LISTENER_KEYS: Final = ("name", "listen")
+
+_LISTENER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+_Entries = dict[str, tuple[ScalarNode, Node]]
+
+
+def _describe(node: Node) -> str:
+    """``a string '600'``, ``a list``, ``null``: what the user wrote."""
+    if isinstance(node, SequenceNode):
+        return "a list"
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if node.tag == _NULL:
+        return "null"
+    kind = _KINDS.get(node.tag, f"a value tagged {node.tag}")
+    return f"{kind} {node.value!r}" if isinstance(node, ScalarNode) else kind
+
+
+def _number_hint(node: Node) -> str:
+    """Why a number-looking string is a string, for type errors."""
+    if not (isinstance(node, ScalarNode) and node.tag == _STR):
+        return ""
+    try:
+        if not math.isfinite(float(node.value)):
+            return ""
+    except ValueError:
+        return ""
+    if node.style in ("'", '"'):
+        return "; write numbers without quotes"
+    return "; YAML 1.1 reads this as a string, write it as a plain decimal (e.g. 1000 or 1.5)"
+
+
+def _suggest(name: str, allowed: Sequence[str], section: str) -> str:
+    """A " (did you mean ...?)" hint for an unknown key, or the valid keys."""
+    for candidate in (name, name.lower()):
+        close = difflib.get_close_matches(candidate, allowed, n=1, cutoff=0.6)
+        if close:
+            return f" (did you mean '{close[0]}'?)"
+    # Maybe the key is right but in the wrong section.
+    for other, keys in _SECTIONS.items():
+        if other != section and name.lower() in keys:
+            return f" (did you mean '{other}.{name.lower()}'?)"
+    if section != "" and name.lower() in _TOP_KEYS:
+        return f" ('{name.lower()}' is a top-level section)"
+    return f" (valid keys: {', '.join(allowed)})"
+
+
+def _mark_position(mark: Mark | None) -> tuple[int, int]:
+    if mark is None:
+        return (0, 0)
+    return (mark.line + 1, mark.column + 1)
+
+
+def _text_position(text: str, index: int) -> tuple[int, int]:
+    index = max(0, min(index, len(text)))
+    line = text.count("\n", 0, index) + 1
+    column = index - (text.rfind("\n", 0, index) + 1) + 1
+    return (line, column)
+
+
+class _Walker:
+    """Walks a composed YAML tree against the schema, collecting issues."""
+
+    def __init__(self, file: str, base_dir: str) -> None:
+        self.file = file
+        self.base_dir = base_dir
+        self.issues: list[ConfigIssue] = []
+        self.constructor = SafeConstructor()
+        #: The top-level entries, once :meth:`document` has run.
+        self.top: _Entries | None = None
+
+    # -- reporting ---------------------------------------------------------
+
+    def report(
+        self,
+        node: Node | None,
+        message: str,
+        severity: Literal["error", "warning"] = "error",
+    ) -> None:
+        line, column = _mark_position(node.start_mark if node is not None else None)
+        self.issues.append(ConfigIssue(self.file, line, column, message, severity))
+
+    # -- structure ---------------------------------------------------------
+
+    def mapping(self, node: Node, where: str) -> _Entries | None:
+        """The string-keyed entries of a mapping node (null counts as empty)."""
+        if isinstance(node, ScalarNode) and node.tag == _NULL:
+            return {}
+        if not isinstance(node, MappingNode):
+            self.report(node, f"{where}: expected a mapping, got {_describe(node)}")
+            return None
+        entries: _Entries = {}
+        for key, value in node.value:
+            if key.tag == _MERGE:
+                self.report(key, f"{where}: YAML merge keys ('<<') are not supported")
+                continue
+            if not (isinstance(key, ScalarNode) and key.tag == _STR):
+                self.report(key, f"{where}: keys must be strings, got {_describe(key)} as a key")
+                continue
+            if key.value in entries:
+                first, _ = entries[key.value]
+                line, _ = _mark_position(first.start_mark)
+                self.report(
+                    key, f"{where}: duplicate key '{key.value}' (first given on line {line})"
+                )
+                continue
+            entries[key.value] = (key, value)
+        return entries
+
+    def check_keys(
+        self, entries: _Entries, allowed: Sequence[str], where: str, section: str
+    ) -> None:
+        for name, (key, _) in entries.items():
+            if name not in allowed:
+                what = f"{where}: unknown key" if where else "unknown top-level key"
+                self.report(key, f"{what} '{name}'{_suggest(name, allowed, section)}")
+
+    # -- scalars -----------------------------------------------------------
+
+    def integer(self, node: Node, where: str, minimum: int, reason: str) -> int | None:
+        if not (isinstance(node, ScalarNode) and node.tag == _INT):
+            self.report(
+                node, f"{where}: expected an integer, got {_describe(node)}{_number_hint(node)}"
+            )
+            return None
+        value = self.constructor.construct_yaml_int(node)
+        if value < minimum:
+            self.report(node, f"{where}: must be at least {minimum} ({reason}), got {value}")
+            return None
+        return value
+
+    def seconds(self, node: Node, where: str, *, allow_zero: bool) -> float | None:
+        if not (isinstance(node, ScalarNode) and node.tag in (_INT, _FLOAT)):
+            self.report(
+                node,
+                f"{where}: expected a number of seconds, got {_describe(node)}{_number_hint(node)}",
+            )
+            return None
+        try:
+            if node.tag == _INT:
+                value = float(self.constructor.construct_yaml_int(node))
+            else:
+                value = self.constructor.construct_yaml_float(node)
+        except OverflowError:
+            value = math.inf
+        problem = _seconds_problem(value, allow_zero=allow_zero)
+        if problem is not None:
+            self.report(node, f"{where}: {problem}")
+            return None
+        return value
+
+    def boolean(self, node: Node, where: str) -> bool | None:
+        if not (isinstance(node, ScalarNode) and node.tag == _BOOL):
+            self.report(node, f"{where}: expected true or false, got {_describe(node)}")
+            return None
+        return self.constructor.construct_yaml_bool(node)
+
+    def string(self, node: Node, where: str, example: str = "") -> str | None:
+        if not (isinstance(node, ScalarNode) and node.tag == _STR):
+            hint = ""
+            if isinstance(node, ScalarNode) and node.tag != _NULL:
+                hint = "; put it in quotes if you meant a string"
+            if example:
+                hint += f" (e.g. {example})"
+            self.report(node, f"{where}: expected a string, got {_describe(node)}{hint}")
+            return None
+        value: str = node.value
+        return value
+
+    def path(self, node: Node, where: str) -> str | None:
+        """An optional path, resolved against the config file's directory."""
+        if isinstance(node, ScalarNode) and node.tag == _NULL:
+            return None
+        value = self.string(node, where)
+        if value is None:
+            return None
+        if not value:
+            self.report(node, f"{where}: empty path (use null for none)")
+            return None
+        return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(value)))
+
+    def address(self, node: Node, where: str, *, listen: bool) -> Address | None:
+        example = '"127.0.0.1:1110"' if listen else '"127.0.0.1:110"'
+        text = self.string(node, where, example)
+        if text is None:
+            return None
+        try:
+            return parse_listen_address(text) if listen else parse_address(text)
+        except ValueError as exc:
+            self.report(node, f"{where}: {exc}")
+            return None
+
+    # -- sections ----------------------------------------------------------
+
+    def document(self, root: Node | None) -> PartialConfig:
+        top = {} if root is None else self.mapping(root, "the configuration")
+        self.top = top
+        if top is None:
+            return PartialConfig(source=self.file)
+        self.check_keys(top, _TOP_KEYS, "", "")
+
+        def section(name: str) -> Node | None:
+            entry = top.get(name)
+            return entry[1] if entry is not None else None
+
+        listeners = self.listeners(section("listeners"))
+        upstream_address, connect_timeout = self.upstream(section("upstream"))
+        session = self.session(section("session"))
+        limits = self.limits(section("limits"))
+        grace = self.shutdown(section("shutdown"))
+        audit = self.audit(section("audit"))
+        policies_node = section("policies")
+        policies = None if policies_node is None else self.path(policies_node, "policies")
+        return PartialConfig(
+            listeners=listeners,
+            upstream_address=upstream_address,
+            connect_timeout=_DEFAULT_CONNECT_TIMEOUT
+            if connect_timeout is None
+            else connect_timeout,
+            session=session,
+            limits=limits,
+            shutdown_grace=_DEFAULT_SHUTDOWN_GRACE if grace is None else grace,
+            audit=audit,
+            policies=policies,
+            source=self.file,
+        )
+
+    def listeners(self, node: Node | None) -> tuple[ListenerConfig, ...]:
+        if node is None or (isinstance(node, ScalarNode) and node.tag == _NULL):
+            return ()
+        if not isinstance(node, SequenceNode):
+            self.report(
+                node,
+                f"listeners: expected a list of listeners, got {_describe(node)} "
+                '(e.g. "- listen: 127.0.0.1:1110")',
+            )
+            return ()
+        if not node.value:
+            self.report(
+                node,
+                "listeners: the list is empty; configure at least one listener "
+                "(or leave 'listeners' out and pass --listen)",
+            )
+        result: list[ListenerConfig] = []
+        names: dict[str, Node] = {}
+        addresses: dict[tuple[str, int], tuple[str, Node]] = {}
+        for index, item in enumerate(node.value):
+            where = f"listeners[{index}]"
+            entries = self.mapping(item, where)
+            if entries is None:
+                continue
+            self.check_keys(entries, _LISTENER_KEYS, where, "listeners")
+            name: str | None = f"listener-{index}"
+            name_node: Node = item
+            if "name" in entries:
+                name_node = entries["name"][1]
+                name = self.string(name_node, f"{where}.name")
+                if name is not None and not _LISTENER_NAME.match(name):
+                    self.report(
+                        name_node,
+                        f"{where}.name: invalid name {name!r}: use 1-64 letters, digits, "
+                        "'.', '_' or '-', starting with a letter or digit",
+                    )
+                    name = None
+            if name is not None:
+                if name in names:
+                    line, _ = _mark_position(names[name].start_mark)
+                    default = "" if "name" in entries else " (the default name)"
+                    self.report(
+                        name_node,
+                        f"{where}.name: duplicate listener name {name!r}{default}; "
+                        f"already used on line {line}",
+                    )
+                    name = None
+                else:
+                    names[name] = name_node
+            if "listen" not in entries:
+                self.report(
+                    item,
+                    f"{where}: missing required key 'listen' (e.g. listen: \"127.0.0.1:1110\")",
+                )
+                continue
+            listen_node = entries["listen"][1]
+            address = self.address(listen_node, f"{where}.listen", listen=True)
+            if address is None:
+                continue
+            key = _address_key(address)
+            if key in addresses:
+                other, other_node = addresses[key]
+                line, _ = _mark_position(other_node.start_mark)
+                self.report(
+                    listen_node,
+                    f"{where}.listen: {address} is already used by listener "
+                    f"{other!r} (line {line})",
+                )
+                continue
+            if name is not None:
+                addresses[key] = (name, listen_node)
+                result.append(ListenerConfig(name, address))
+        return tuple(result)
+
+    def upstream(self, node: Node | None) -> tuple[Address | None, float | None]:
+        if node is None:
+            return (None, None)
+        entries = self.mapping(node, "upstream")
+        if entries is None:
+            return (None, None)
+        self.check_keys(entries, _SECTIONS["upstream"], "upstream", "upstream")
+        address: Address | None = None
+        timeout: float | None = None
+        if "address" in entries:
+            address = self.address(entries["address"][1], "upstream.address", listen=False)
+        if "connect_timeout" in entries:
+            timeout = self.seconds(
+                entries["connect_timeout"][1], "upstream.connect_timeout", allow_zero=False
+            )
+        return (address, timeout)
+
+    def session(self, node: Node | None) -> SessionConfig:
+        default = SessionConfig()
+        if node is None:
+            return default
+        entries = self.mapping(node, "session")
+        if entries is None:
+            return default
+        self.check_keys(entries, _SECTIONS["session"], "session", "session")
+        idle_timeout: float | None = None
+        idle_notice: bool | None = None
+        if "idle_timeout" in entries:
+            value_node = entries["idle_timeout"][1]
+            idle_timeout = self.seconds(value_node, "session.idle_timeout", allow_zero=False)
+            warning = _idle_timeout_warning(idle_timeout, "session.idle_timeout")
+            if warning is not None:
+                self.report(value_node, warning, "warning")
+        if "idle_notice" in entries:
+            idle_notice = self.boolean(entries["idle_notice"][1], "session.idle_notice")
+        return SessionConfig(
+            idle_timeout=default.idle_timeout if idle_timeout is None else idle_timeout,
+            idle_notice=default.idle_notice if idle_notice is None else idle_notice,
+        )
+
+    def limits(self, node: Node | None) -> Limits:
+        if node is None:
+            return Limits()
+        entries = self.mapping(node, "limits")
+        if entries is None:
+            return Limits()
+        self.check_keys(entries, _LIMIT_KEYS, "limits", "limits")
+        values: dict[str, int] = {}
+        for name in _LIMIT_KEYS:
+            if name in entries:
+                minimum, reason = LIMIT_MINIMUMS.get(name, (1, "it cannot be less"))
+                value = self.integer(entries[name][1], f"limits.{name}", minimum, reason)
+                if value is not None:
+                    values[name] = value
+        return Limits(**values)
+
+    def shutdown(self, node: Node | None) -> float | None:
+        if node is None:
+            return None
+        entries = self.mapping(node, "shutdown")
+        if entries is None:
+            return None
+        self.check_keys(entries, _SECTIONS["shutdown"], "shutdown", "shutdown")
+        if "grace_period" not in entries:
+            return None
+        return self.seconds(entries["grace_period"][1], "shutdown.grace_period", allow_zero=True)
+
+    def audit(self, node: Node | None) -> AuditConfig:
+        default = AuditConfig()
+        if node is None:
+            return default
+        entries = self.mapping(node, "audit")
+        if entries is None:
+            return default
+        self.check_keys(entries, _SECTIONS["audit"], "audit", "audit")
+        file = default.file
+        console: bool | None = None
+        if "file" in entries:
+            file = self.path(entries["file"][1], "audit.file")
+        if "console" in entries:
+            console = self.boolean(entries["console"][1], "audit.console")
+        return AuditConfig(file=file, console=default.console if console is None else console)
+
+    def require_complete(self) -> None:
+        """Report a missing listener or upstream address (for :func:`load_config`).
+
+        Only what is absent is reported here: a listener or an address that
+        is present but invalid has its own error already.
+        """
+        top = self.top
+        if top is None:  # not a mapping: reported already
+            return
+        key, value = top.get("listeners", (None, None))
+        if key is None:
+            self.report(None, "no listener configured: add a 'listeners:' section")
+        elif isinstance(value, ScalarNode) and value.tag == _NULL:
+            self.report(key, "listeners: no listener configured")
+        key, value = top.get("upstream", (None, None))
+        if key is None:
+            self.report(None, "no upstream configured: add an 'upstream:' section")
+        elif isinstance(value, ScalarNode) and value.tag == _NULL:
+            self.report(key, "upstream: missing required key 'address'")
+        elif isinstance(value, MappingNode) and not any(
+            isinstance(k, ScalarNode) and k.value == "address" for k, _ in value.value
+        ):
+            self.report(value, "upstream: missing required key 'address'")
+
+
+def _seconds_problem(value: float, *, allow_zero: bool) -> str | None:
+    if not math.isfinite(value):
+        return f"must be a finite number of seconds, got {value}"
+    if allow_zero and value < 0:
+        return f"must be at least 0 seconds, got {value:g}"
+    if not allow_zero and value <= 0:
+        return f"must be greater than 0 seconds, got {value:g}"
+    return None
+
+
+def _idle_timeout_warning(value: float | None, where: str) -> str | None:
+    if value is None or value >= RFC1939_MIN_IDLE_TIMEOUT:
+        return None
+    return (
+        f"{where} is {value:g} seconds, below 600: RFC 1939 §3 requires a POP3 "
+        "server's inactivity autologout timer to be at least 10 minutes"
+    )
+
+
+def _syntax_issue(file: str, text: str, exc: yaml.YAMLError) -> ConfigIssue:
+    """Turn a PyYAML error into a located issue."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        line, column = _mark_position(mark)
+        message = exc.problem or exc.context or "invalid YAML"
+        if exc.context and exc.problem and exc.context_mark is not None:
+            context_line, _ = _mark_position(exc.context_mark)
+            message = f"{message} ({exc.context} started on line {context_line})"
+        if mark is not None:
+            lines = text.splitlines()
+            source_line = lines[mark.line] if mark.line < len(lines) else ""
+            if re.search(r":\s*\[[0-9A-Fa-f:.%]*\]:", source_line):
+                message += '; quote IPv6 addresses, e.g. "[::1]:1110"'
+        return ConfigIssue(file, line, column, f"YAML syntax error: {message}")
+    if isinstance(exc, ReaderError):
+        line, column = _text_position(text, int(exc.position))
+        return ConfigIssue(file, line, column, f"YAML syntax error: {exc.reason}")
+    return ConfigIssue(file, 0, 0, f"YAML syntax error: {exc}")
+
+
+def _read(
+    path: str | os.PathLike[str], *, require_complete: bool
+) -> tuple[PartialConfig, list[ConfigIssue]]:
+    file = os.fspath(path)
+    try:
+        with open(file, "rb") as stream:
+            data = stream.read()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError([ConfigIssue(file, 0, 0, f"cannot read config file: {reason}")]) from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            [ConfigIssue(file, line, column, "the config file is not valid UTF-8")]
+        ) from exc
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError([_syntax_issue(file, text, exc)]) from exc
+
+    walker = _Walker(file, os.path.dirname(os.path.abspath(file)))
+    config = walker.document(root)
+    if require_complete:
+        walker.require_complete()
+    issues = sorted(walker.issues, key=lambda issue: (issue.line, issue.column))
+    if any(issue.severity == "error" for issue in issues):
+        raise ConfigError(issues)
+    return config, issues
+
+
+# --------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------
+
+
+def read_config(path: str | os.PathLike[str]) -> tuple[PartialConfig, list[ConfigIssue]]:
+    """Validate a config file that may leave listeners and upstream to flags.
+
+    Returns the partial configuration and the warnings; raises
+    :class:`ConfigError` with every error (YAML syntax errors and an
+    unreadable file included).  Finish with :func:`build_config`.
+    """
+    return _read(path, require_complete=False)
+
+
+def load_config(path: str | os.PathLike[str]) -> tuple[Config, list[ConfigIssue]]:
+    """Load a config file that is complete on its own: ``(config, warnings)``.
+
+    Like :func:`read_config`, but a file without a listener or without an
+    upstream address is an error too.
+    """
+    partial, warnings = _read(path, require_complete=True)
+    config, _ = build_config(base=partial)
+    return config, warnings
+
+
+def build_config(
+    *,
+    base: Config | PartialConfig | None,
+    listen: Sequence[str] = (),
+    upstream: str | None = None,
+    audit_file: str | None = None,
+    idle_timeout: float | None = None,
+    connect_timeout: float | None = None,
+    console: bool | None = None,
+) -> tuple[Config, list[ConfigIssue]]:
+    """Apply command-line flags over *base* (a file's config, or defaults).
+
+    Flags win.  ``listen`` given replaces the base's listeners, which are
+    named ``cli-0``, ``cli-1``, ...  A relative ``audit_file`` is made
+    absolute against the current directory.  Returns ``(config, warnings)``
+    where the warnings concern the flags only (the file's come from
+    :func:`read_config`).  Raises :class:`ConfigError` (file
+    ``"<command line>"``, line 0) when a flag value is invalid or when no
+    listener or no upstream results.
+    """
+    if base is None:
+        partial = PartialConfig()
+    elif isinstance(base, Config):
+        partial = PartialConfig(
+            listeners=base.listeners,
+            upstream_address=base.upstream.address,
+            connect_timeout=base.upstream.connect_timeout,
+            session=base.session,
+            limits=base.limits,
+            shutdown_grace=base.shutdown_grace,
+            audit=base.audit,
+            policies=base.policies,
+        )
+    else:
+        partial = base
+
+    issues: list[ConfigIssue] = []
+
+    def report(message: str, severity: Literal["error", "warning"] = "error") -> None:
+        issues.append(ConfigIssue(COMMAND_LINE, 0, 0, message, severity))
+
+    listeners = partial.listeners
+    if listen:
+        parsed: list[ListenerConfig] = []
+        seen: dict[tuple[str, int], str] = {}
+        for index, text in enumerate(listen):
+            try:
+                address = parse_listen_address(text)
+            except ValueError as exc:
+                report(f"--listen: {exc}")
+                continue
+            key = _address_key(address)
+            if key in seen:
+                report(f"--listen: {address} is given twice ({seen[key]!r} and {text!r})")
+                continue
+            seen[key] = text
+            parsed.append(ListenerConfig(f"cli-{index}", address))
+        listeners = tuple(parsed)
+
+    upstream_address = partial.upstream_address
+    if upstream is not None:
+        try:
+            upstream_address = parse_address(upstream)
+        except ValueError as exc:
+            report(f"--upstream: {exc}")
+
+    timeout = partial.connect_timeout
+    if connect_timeout is not None:
+        problem = _seconds_problem(connect_timeout, allow_zero=False)
+        if problem is not None:
+            report(f"--connect-timeout: {problem}")
+        else:
+            timeout = float(connect_timeout)
+
+    session = partial.session
+    if idle_timeout is not None:
+        problem = _seconds_problem(idle_timeout, allow_zero=False)
+        if problem is not None:
+            report(f"--idle-timeout: {problem}")
+        else:
+            session = SessionConfig(float(idle_timeout), session.idle_notice)
+            warning = _idle_timeout_warning(idle_timeout, "--idle-timeout")
+            if warning is not None:
+                report(warning, "warning")
+
+    audit = partial.audit
+    if audit_file is not None:
+        if not audit_file:
+            report("--audit-file: empty path")
+        else:
+            audit = AuditConfig(os.path.abspath(os.path.expanduser(audit_file)), audit.console)
+    if console is not None:
+        audit = AuditConfig(audit.file, console)
+
+    in_file = f" in {partial.source}" if partial.source else " in the config file"
+    if not listeners and not listen:
+        report(f"no listener configured: pass --listen HOST:PORT or add 'listeners:'{in_file}")
+    if upstream_address is None and upstream is None:
+        report(
+            f"no upstream configured: pass --upstream HOST:PORT or set 'upstream.address'{in_file}"
+        )
+
+    if any(issue.severity == "error" for issue in issues):
+        raise ConfigError(issues)
+    assert upstream_address is not None  # every path without one reported an error
+    config = Config(
+        listeners=listeners,
+        upstream=UpstreamConfig(upstream_address, timeout),
+        session=session,
+        limits=partial.limits,
+        shutdown_grace=partial.shutdown_grace,
+        audit=audit,
+        policies=partial.policies,
+    )
+    return config, issues
