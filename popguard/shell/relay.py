@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Final
 
 import trio
@@ -41,6 +41,12 @@ RECEIVE_SIZE: Final = 256 * 1024
 #: How long a closing session may spend delivering its last words (a final
 #: +OK, or the -ERR saying why it closes) to a client that is not reading.
 FINAL_FLUSH_TIMEOUT: Final = 2.0
+
+#: Lingering close: how long, and how much, to drain from a client after
+#: popguard's last reply and FIN, so that closing does not turn into an RST
+#: that destroys that reply (the reason nginx has ``lingering_close``).
+LINGER_TIMEOUT: Final = 1.0
+LINGER_MAX_BYTES: Final = 1024 * 1024
 
 RecordSink = Callable[[AuditRecord], None]
 Connector = Callable[[], Awaitable[trio.abc.Stream]]
@@ -87,6 +93,7 @@ class Relay:
         self._client_lock = trio.Lock()
         self._upstream_lock = trio.Lock()
         self._client_may_send = trio.Event()
+        self._receive_scopes: set[trio.CancelScope] = set()
         self._started_at = 0.0
 
     # ------------------------------------------------------------------
@@ -111,8 +118,8 @@ class Relay:
                 self._touch()
                 if await self._connect():
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._pump_client, nursery.cancel_scope)
-                        nursery.start_soon(self._pump_upstream, nursery.cancel_scope)
+                        nursery.start_soon(self._pump_client)
+                        nursery.start_soon(self._pump_upstream)
             if self._scope.cancelled_caught and not session.finished:
                 session.end(self._abort_reason or EndReason.IDLE_TIMEOUT)
         except Exception as exc:  # a bug must end this session only, never the server
@@ -140,19 +147,19 @@ class Relay:
         await self._flush_upstream()
         return True
 
-    async def _pump_client(self, done: trio.CancelScope) -> None:
+    async def _pump_client(self) -> None:
         session = self.session
         while not session.finished:
-            if not session.wants_client_data:
-                if not session.client_input_open:
-                    return  # QUIT sent or input closed: the other pump finishes
-                self._client_may_send = trio.Event()
-                await self._client_may_send.wait()
-                continue
-            try:
-                data = await self.client.receive_some(RECEIVE_SIZE)
-            except _STREAM_ERRORS as exc:
-                session.end(EndReason.CLIENT_ERROR, _describe(exc))
+            with self._receiving() as scope:
+                if session.wants_client_data:
+                    data = await self._receive(self.client, EndReason.CLIENT_ERROR)
+                elif session.client_input_open:
+                    self._client_may_send = trio.Event()
+                    await self._client_may_send.wait()
+                    continue
+                else:
+                    return  # QUIT sent: the upstream pump finishes the session
+            if scope.cancelled_caught or data is None:
                 break
             if not data:
                 session.client_eof()
@@ -162,36 +169,59 @@ class Relay:
                 break
             self._touch()
             session.receive_client(bytes(data) if isinstance(data, bytearray) else data)
-            if not await self._flush_both():
-                break
-        done.cancel()
+            await self._flush_both()
+        self._stop_receiving()
 
-    async def _pump_upstream(self, done: trio.CancelScope) -> None:
+    async def _pump_upstream(self) -> None:
         session = self.session
         upstream = self.upstream
         assert upstream is not None
         while not session.finished:
-            try:
-                data = await upstream.receive_some(RECEIVE_SIZE)
-            except _STREAM_ERRORS as exc:
-                session.end(EndReason.UPSTREAM_ERROR, _describe(exc))
+            with self._receiving() as scope:
+                data = await self._receive(upstream, EndReason.UPSTREAM_ERROR)
+            if scope.cancelled_caught or data is None:
                 break
             if not data:
                 session.server_eof()
                 break
             session.receive_server(bytes(data) if isinstance(data, bytearray) else data)
-            if not await self._flush_both():
-                break
+            await self._flush_both()
             if session.wants_client_data:
                 self._client_may_send.set()
-        done.cancel()
+        self._stop_receiving()
 
-    async def _flush_both(self) -> bool:
-        """Send what the core produced; False once the session is over."""
+    @contextlib.contextmanager
+    def _receiving(self) -> Iterator[trio.CancelScope]:
+        """A scope around one wait for input, cancelled when the session ends.
+
+        Only waits for input are cancelled that way, never a send in
+        progress: the last reply (QUIT's +OK) must reach the client whole.
+        """
+        with trio.CancelScope() as scope:
+            self._receive_scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._receive_scopes.discard(scope)
+
+    def _stop_receiving(self) -> None:
+        for scope in self._receive_scopes:
+            scope.cancel()
+
+    async def _receive(
+        self, stream: trio.abc.Stream, on_error: EndReason
+    ) -> bytes | bytearray | None:
+        try:
+            return await stream.receive_some(RECEIVE_SIZE)
+        except _STREAM_ERRORS as exc:
+            self.session.end(on_error, _describe(exc))
+            return None
+
+    async def _flush_both(self) -> None:
+        """Send what the core produced, in order, to each side."""
         await self._flush_client()
         await self._flush_upstream()
         self._emit_records()
-        return not self.session.finished
 
     async def _flush_client(self) -> None:
         session = self.session
@@ -234,8 +264,31 @@ class Relay:
             session.take_upstream_output()
             if self.upstream is not None:
                 await trio.aclose_forcefully(self.upstream)
-            await trio.aclose_forcefully(self.client)
+            await self._lingering_close()
         self._emit_records()
+
+    async def _lingering_close(self) -> None:
+        """Close the client so that our last reply is not lost.
+
+        Closing a socket with unread input makes the kernel send RST, and a
+        client that receives RST may discard the final ``-ERR`` that was
+        already on its way.  So, like nginx's lingering close: send FIN,
+        read and discard what the client still sends, briefly, then close.
+        """
+        client = self.client
+        if isinstance(client, trio.abc.HalfCloseableStream):
+            with trio.move_on_after(LINGER_TIMEOUT):
+                try:
+                    await client.send_eof()
+                    discarded = 0
+                    while discarded < LINGER_MAX_BYTES:
+                        data = await client.receive_some(RECEIVE_SIZE)
+                        if not data:
+                            break
+                        discarded += len(data)
+                except (*_STREAM_ERRORS, trio.BusyResourceError):
+                    pass
+        await trio.aclose_forcefully(client)
 
     def _emit_records(self) -> None:
         for record in self.session.take_records():

@@ -211,7 +211,10 @@ async def test_upstream_drop_mid_session_tells_client() -> None:
         await r.client.send_all(b"STAT\r\n")
         await recv_until(r.server, b"STAT\r\n")
         await r.server.aclose()
-        assert await recv_all(r.client) == b"-ERR [SYS/TEMP] Connection to the upstream POP3 server was lost\r\n"
+        assert (
+            await recv_all(r.client)
+            == b"-ERR [SYS/TEMP] Connection to the upstream POP3 server was lost\r\n"
+        )
 
 
 async def test_client_that_never_reads_holds_bounded_data(

@@ -1,0 +1,283 @@
+"""The whole proxy over real loopback TCP, in front of the demo upstream.
+
+The demo upstream is the fault-injection peer here (drop mid-reply, garbage,
+unsolicited bytes, stalls).  The behaviour of a real server is tested
+against Dovecot in ``tests/integration``.
+"""
+
+from __future__ import annotations
+
+import poplib
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import trio
+
+from popguard.audit import AuditLog
+from popguard.core.limits import Limits
+from popguard.shell.server import Endpoint, ListenerSpec, ProxyServer, ServerSettings
+from popguard.testing.demo_upstream import DemoUpstream, Faults, bound_port, sample_store
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def write(self, event_dict: Any) -> None:
+        self.events.append(dict(event_dict))
+
+    def close(self) -> None:
+        pass
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == name]
+
+
+@dataclass
+class Stack:
+    proxy: ProxyServer
+    demo: DemoUpstream
+    port: int
+    sink: ListSink
+    host: str = "127.0.0.1"
+
+    def pop(self) -> poplib.POP3:
+        return poplib.POP3(self.host, self.port, timeout=10)
+
+
+@asynccontextmanager
+async def stack(
+    faults: Faults | None = None,
+    *,
+    host: str = "127.0.0.1",
+    upstream_port: int | None = None,
+    **settings: Any,
+) -> AsyncIterator[Stack]:
+    demo = DemoUpstream(sample_store(), faults)
+    sink = ListSink()
+    audit = AuditLog([sink])
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(demo.serve, host, 0)
+        port = upstream_port if upstream_port is not None else bound_port(listeners)
+        config = ServerSettings(
+            listeners=(ListenerSpec("test", Endpoint(host, 0)),),
+            upstream=Endpoint(host, port),
+            **settings,
+        )
+        proxy = ProxyServer(config, audit)
+        await nursery.start(proxy.run)
+        yield Stack(proxy, demo, proxy.bound["test"][0].port, sink, host)
+        proxy.request_shutdown(immediate=True)
+        with trio.fail_after(10):
+            while proxy.active_sessions:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+
+
+def in_thread(fn: Any, *args: Any) -> Any:
+    return trio.to_thread.run_sync(fn, *args)
+
+
+def raw_session(port: int, script: bytes, host: str = "127.0.0.1") -> bytes:
+    """Send ``script`` in one write, half-close, and read until EOF."""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(script)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def no_quit_upstream(demo: DemoUpstream) -> bool:
+    return not any(line.upper().startswith(b"QUIT") for line in demo.received_commands)
+
+
+async def test_poplib_retrieves_every_message_byte_for_byte() -> None:
+    async with stack() as s:
+
+        def client() -> list[bytes]:
+            pop = s.pop()
+            pop.user("demo")
+            pop.pass_("demo")
+            count, _ = pop.stat()
+            bodies = [b"\r\n".join(pop.retr(i + 1)[1]) + b"\r\n" for i in range(count)]
+            pop.quit()
+            return bodies
+
+        poplib._MAXLINE = 65536  # the sample holds a 12,000-octet line
+        bodies = await in_thread(client)
+    assert bodies == [
+        m.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") for m in s.demo.store.messages("demo")
+    ]
+    assert len(s.sink.named("message.retrieved")) == len(bodies)
+
+
+async def test_apop_through_the_proxy() -> None:
+    async with stack() as s:
+
+        def client() -> bytes:
+            pop = s.pop()
+            welcome: bytes = pop.getwelcome()
+            pop.apop("alice", "alicepw")
+            pop.quit()
+            return welcome
+
+        welcome = await in_thread(client)
+    assert b"<" in welcome  # the APOP timestamp reached the client
+    assert s.sink.named("auth.succeeded")[0]["mechanism"] == "APOP"
+
+
+async def test_pipelined_script_in_one_packet() -> None:
+    async with stack() as s:
+        out = await in_thread(
+            raw_session, s.port, b"USER demo\r\nPASS demo\r\nSTAT\r\nLIST 1\r\nNOOP\r\nQUIT\r\n"
+        )
+    lines = out.split(b"\r\n")
+    assert lines[0].startswith(b"+OK")  # greeting
+    assert [line[:3] for line in lines[1:7]] == [b"+OK"] * 6
+    assert lines[3].startswith(b"+OK 5 ")  # STAT
+    assert lines[4].startswith(b"+OK 1 ")  # LIST 1
+
+
+async def test_upstream_drop_mid_reply_ends_that_session_only() -> None:
+    async with stack(Faults(drop_mid_reply_on="RETR")) as s:
+        out = await in_thread(
+            raw_session, s.port, b"USER demo\r\nPASS demo\r\nDELE 2\r\nRETR 1\r\n"
+        )
+        assert b"\r\n.\r\n" not in out.split(b"RETR", 1)[-1]  # never a fake terminator
+        # The proxy keeps serving.
+        again = await in_thread(raw_session, s.port, b"USER demo\r\nPASS demo\r\nSTAT\r\nQUIT\r\n")
+    assert b"+OK 5 " in again  # DELE 2 was discarded: nothing deleted
+    closed = s.sink.named("session.closed")
+    assert closed[0]["reason"] == "upstream_closed"
+    assert s.sink.named("deletions.discarded")[0]["messages"] == (2,)
+
+
+async def test_garbage_reply_gets_sys_temp() -> None:
+    async with stack(Faults(garbage_on="STAT")) as s:
+        out = await in_thread(raw_session, s.port, b"USER demo\r\nPASS demo\r\nSTAT\r\nNOOP\r\n")
+    assert out.endswith(b"-ERR [SYS/TEMP] Upstream POP3 server sent an invalid reply\r\n")
+    assert s.sink.named("upstream.protocol_error")
+    assert no_quit_upstream(s.demo)
+
+
+async def test_unsolicited_bytes_after_login_end_the_session() -> None:
+    async with stack(Faults(unsolicited_after_login=b"+OK I was not asked\r\n")) as s:
+
+        def client() -> bytes:
+            with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+                sock.sendall(b"USER demo\r\nPASS demo\r\n")
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+                return data
+
+        out = await in_thread(client)
+    assert b"I was not asked" not in out
+    assert s.sink.named("session.closed")[0]["reason"] == "upstream_protocol_error"
+
+
+async def test_err_greeting_is_relayed() -> None:
+    async with stack(Faults(greeting=b"-ERR [SYS/TEMP] maintenance\r\n")) as s:
+        out = await in_thread(raw_session, s.port, b"USER demo\r\n")
+    assert out == b"-ERR [SYS/TEMP] maintenance\r\n"
+
+
+async def test_unreachable_upstream() -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    async with stack(upstream_port=dead) as s:
+        out = await in_thread(raw_session, s.port, b"USER demo\r\n")
+    assert out == b"-ERR [SYS/TEMP] Upstream POP3 server is unavailable\r\n"
+    assert s.sink.named("upstream.failed")
+
+
+async def test_ipv6_listener_and_upstream() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("::1 is not configured")
+    async with stack(host="::1") as s:
+        out = await in_thread(
+            raw_session, s.port, b"USER demo\r\nPASS demo\r\nSTAT\r\nQUIT\r\n", "::1"
+        )
+    assert b"+OK 5 " in out
+    assert s.sink.named("session.opened")[0]["client"].startswith("[::1]:")
+
+
+async def test_tcp_nodelay_on_both_sockets() -> None:
+    async with stack() as s:
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        try:
+            with trio.fail_after(5):
+                while not any(r.upstream for r in s.proxy._relays):
+                    await trio.sleep(0.01)
+            (relay,) = s.proxy._relays
+            for stream in (relay.client, relay.upstream):
+                assert isinstance(stream, trio.SocketStream)
+                assert stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        finally:
+            sock.close()
+
+
+async def test_shutdown_after_grace_closes_without_quit() -> None:
+    async with stack(shutdown_grace=0.5) as s:
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        sock.sendall(b"USER demo\r\nPASS demo\r\nDELE 1\r\n")
+        received = b""
+        with trio.fail_after(5):
+            while received.count(b"\r\n") < 4:
+                received += await in_thread(sock.recv, 4096)
+        s.proxy.request_shutdown()
+        # The proxy tells the client and closes it after the grace period.
+        rest = b""
+        with trio.fail_after(5):
+            while chunk := await in_thread(sock.recv, 4096):
+                rest += chunk
+        sock.close()
+    assert rest == b"-ERR [SYS/TEMP] popguard is shutting down, try again later\r\n"
+    assert no_quit_upstream(s.demo)
+    assert len(s.demo.store.messages("demo")) == 5
+    assert s.sink.named("deletions.discarded")[0]["reason"] == "shutdown"
+
+
+async def test_session_that_quits_within_grace_commits() -> None:
+    async with stack(shutdown_grace=5) as s:
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        sock.sendall(b"USER demo\r\nPASS demo\r\nDELE 1\r\n")
+        received = b""
+        with trio.fail_after(5):
+            while received.count(b"\r\n") < 4:
+                received += await in_thread(sock.recv, 4096)
+        s.proxy.request_shutdown()
+        await trio.sleep(0.2)
+        # New connections are refused now, the open session carries on.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", s.port), timeout=2).close()
+        sock.sendall(b"QUIT\r\n")
+        reply = await in_thread(sock.recv, 4096)
+        sock.close()
+    assert reply.startswith(b"+OK")
+    assert len(s.demo.store.messages("demo")) == 4
+    assert s.sink.named("deletions.committed")
+
+
+async def test_over_long_and_garbage_commands_do_not_reach_upstream() -> None:
+    async with stack(limits=Limits(max_bad_commands=3)) as s:
+        out = await in_thread(
+            raw_session,
+            s.port,
+            b"USER " + b"a" * 400 + b"\r\nNO\x00OP\r\n\x16\x03\x01\r\nSTAT\r\n",
+        )
+    assert out.count(b"-ERR") == 3
+    assert out.endswith(b"-ERR Too many invalid commands, closing connection\r\n")
+    assert s.demo.received_commands == []
