@@ -260,5 +260,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except OSError as exc:
-        print(f"popguard: {exc}", file=sys.stderr)
+        print(f"popguard: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -71,6 +71,7 @@ class ProxyServer:
         self._grace_over = trio.Event()
         #: The bound address of each listener, once serving (port 0 resolved).
         self.bound: dict[str, list[Endpoint]] = {}
+        self._opened: list[tuple[ListenerSpec, list[trio.SocketListener]]] = []
 
     @property
     def active_sessions(self) -> int:
@@ -81,17 +82,34 @@ class ProxyServer:
         if immediate:
             self._grace_over.set()
 
+    async def open_listeners(self) -> None:
+        """Bind every listener (port 0 is resolved here).  Raises OSError."""
+        if self._opened:
+            return
+        for spec in self.settings.listeners:
+            try:
+                listeners = await trio.open_tcp_listeners(
+                    spec.endpoint.port, host=spec.endpoint.host
+                )
+            except OSError as exc:
+                for _, opened in self._opened:
+                    for listener in opened:
+                        await listener.aclose()
+                raise OSError(
+                    exc.errno, f"cannot listen on {spec.endpoint}: {exc.strerror or exc}"
+                ) from exc
+            self._opened.append((spec, listeners))
+            self.bound[spec.name] = [
+                Endpoint(*listener.socket.getsockname()[:2]) for listener in listeners
+            ]
+
     async def run(
         self, *, task_status: trio.TaskStatus[ProxyServer] = trio.TASK_STATUS_IGNORED
     ) -> None:
         settings = self.settings
-        opened: list[tuple[ListenerSpec, list[trio.SocketListener]]] = []
-        for spec in settings.listeners:
-            listeners = await trio.open_tcp_listeners(spec.endpoint.port, host=spec.endpoint.host)
-            opened.append((spec, listeners))
-            self.bound[spec.name] = [
-                Endpoint(*listener.socket.getsockname()[:2]) for listener in listeners
-            ]
+        await self.open_listeners()
+        opened = self._opened
+        for spec, _ in opened:
             for endpoint in self.bound[spec.name]:
                 self.audit.event("popguard.listening", listener=spec.name, address=str(endpoint))
         self.audit.event(
@@ -124,7 +142,11 @@ class ProxyServer:
 
     async def _handle(self, listener: str, stream: trio.SocketStream) -> None:
         settings = self.settings
-        client = format_peer(stream.socket.getpeername())
+        try:
+            client = format_peer(stream.socket.getpeername())
+        except OSError:
+            await trio.aclose_forcefully(stream)  # gone before we could look
+            return
         session_id = secrets.token_hex(8)
         with session_context(session=session_id, client=client, listener=listener):
             session = ProxySession(
@@ -168,6 +190,7 @@ async def serve(
 ) -> None:
     """Run the proxy until SIGTERM or SIGINT (a second signal skips the grace)."""
     server = ProxyServer(settings, audit)
+    await server.open_listeners()  # a bind error surfaces here, not in a group
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_on_signals, signals, server, audit)
