@@ -33,6 +33,7 @@ import trio
 
 from popguard.core.records import AuditRecord, EndReason, Event
 from popguard.core.session import ProxySession
+from popguard.shell.tcp import TCPStream
 
 #: One read from either peer.  Large enough that bulk RETR costs few trips
 #: through Python; the core forwards each read as one chunk.
@@ -62,7 +63,7 @@ def set_nodelay(stream: trio.abc.Stream) -> None:
     perdition 2.2).  trio already sets TCP_NODELAY on its SocketStreams;
     this makes the guarantee explicit and visible to a test.
     """
-    if isinstance(stream, trio.SocketStream):
+    if isinstance(stream, trio.SocketStream | TCPStream):
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
 
 
@@ -90,8 +91,10 @@ class Relay:
         self._emit = emit
         self._scope = trio.CancelScope()
         self._abort_reason: EndReason | None = None
-        self._client_lock = trio.Lock()
-        self._upstream_lock = trio.Lock()
+        #: Whether a task is draining the core's output for that side.
+        self._client_sending = False
+        self._upstream_sending = False
+        self._last_activity = 0.0
         self._client_may_send = trio.Event()
         self._receive_scopes: set[trio.CancelScope] = set()
         self._started_at = 0.0
@@ -104,8 +107,19 @@ class Relay:
         self._scope.cancel()
 
     def _touch(self) -> None:
-        """Activity: push the idle deadline forward (RFC 1939 §3 autologout)."""
-        self._scope.deadline = trio.current_time() + self._idle_timeout
+        """Activity: the idle timer (RFC 1939 §3 autologout) starts again.
+
+        Only a timestamp is written here, on the hot path; the watchdog
+        task compares it with the clock when its own sleep ends.
+        """
+        self._last_activity = trio.current_time()
+
+    async def _idle_watchdog(self) -> None:
+        while True:
+            await trio.sleep_until(self._last_activity + self._idle_timeout)
+            if trio.current_time() >= self._last_activity + self._idle_timeout:
+                self.abort(EndReason.IDLE_TIMEOUT)
+                return
 
     # ------------------------------------------------------------------
     async def run(self) -> None:
@@ -118,8 +132,11 @@ class Relay:
                 self._touch()
                 if await self._connect():
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._pump_client)
-                        nursery.start_soon(self._pump_upstream)
+                        nursery.start_soon(self._idle_watchdog)
+                        async with trio.open_nursery() as pumps:
+                            pumps.start_soon(self._pump_client)
+                            pumps.start_soon(self._pump_upstream)
+                        nursery.cancel_scope.cancel()  # the watchdog
             if self._scope.cancelled_caught and not session.finished:
                 session.end(self._abort_reason or EndReason.IDLE_TIMEOUT)
         except Exception as exc:  # a bug must end this session only, never the server
@@ -224,8 +241,19 @@ class Relay:
         self._emit_records()
 
     async def _flush_client(self) -> None:
+        """Send the core's client output.
+
+        Both pumps can make output for either side.  Whichever task finds
+        no one sending becomes the sender and drains the core's buffer until
+        it is empty, so bytes leave in the order the core produced them; a
+        task that finds a sender busy leaves its bytes to it.  (A trio.Lock
+        would do the same with two extra scheduling points per reply.)
+        """
+        if self._client_sending:
+            return
         session = self.session
-        async with self._client_lock:
+        self._client_sending = True
+        try:
             while data := session.take_client_output():
                 try:
                     await self.client.send_all(data)
@@ -233,19 +261,25 @@ class Relay:
                     session.end(EndReason.CLIENT_ERROR, _describe(exc))
                     return
                 self._touch()
+        finally:
+            self._client_sending = False
 
     async def _flush_upstream(self) -> None:
-        session = self.session
+        """Send the core's upstream output; see :meth:`_flush_client`."""
         upstream = self.upstream
-        if upstream is None:
-            return  # not connected yet: the core keeps the bytes
-        async with self._upstream_lock:
+        if upstream is None or self._upstream_sending:
+            return  # not connected yet (the core keeps the bytes), or busy
+        session = self.session
+        self._upstream_sending = True
+        try:
             while data := session.take_upstream_output():
                 try:
                     await upstream.send_all(data)
                 except _STREAM_ERRORS as exc:
                     session.end(EndReason.UPSTREAM_ERROR, _describe(exc))
                     return
+        finally:
+            self._upstream_sending = False
 
     async def _close(self) -> None:
         """Last words to the client, then close both sides.  Never a QUIT."""

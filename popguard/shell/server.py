@@ -25,6 +25,7 @@ from popguard.core.limits import Limits
 from popguard.core.records import EndReason
 from popguard.core.session import ProxySession
 from popguard.shell.relay import Relay
+from popguard.shell.tcp import TCPStream
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,8 +159,8 @@ class ProxyServer:
             upstream = settings.upstream
             relay = Relay(
                 session,
-                stream,
-                connect_upstream=partial(trio.open_tcp_stream, upstream.host, upstream.port),
+                TCPStream.adopt(stream),
+                connect_upstream=partial(connect_tcp, upstream.host, upstream.port),
                 upstream_label=str(upstream),
                 connect_timeout=settings.connect_timeout,
                 idle_timeout=settings.idle_timeout,
@@ -175,6 +176,11 @@ class ProxyServer:
                 self._relays.discard(relay)
                 if not self._relays:
                     self._all_closed.set()
+
+
+async def connect_tcp(host: str, port: int) -> TCPStream:
+    """Connect to the upstream (happy eyeballs across its addresses)."""
+    return TCPStream.adopt(await trio.open_tcp_stream(host, port))
 
 
 async def _wait_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:

@@ -20,6 +20,7 @@ import trio
 from popguard.audit import AuditLog
 from popguard.core.limits import Limits
 from popguard.shell.server import Endpoint, ListenerSpec, ProxyServer, ServerSettings
+from popguard.shell.tcp import TCPStream
 from popguard.testing.demo_upstream import DemoUpstream, Faults, bound_port, sample_store
 
 
@@ -223,7 +224,7 @@ async def test_tcp_nodelay_on_both_sockets() -> None:
                     await trio.sleep(0.01)
             (relay,) = s.proxy._relays
             for stream in (relay.client, relay.upstream):
-                assert isinstance(stream, trio.SocketStream)
+                assert isinstance(stream, TCPStream)
                 assert stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         finally:
             sock.close()
