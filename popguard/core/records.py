@@ -57,7 +57,9 @@ class EndReason(enum.StrEnum):
     INTERNAL_ERROR = "internal_error"
 
 
-FieldValue = str | int | bool | None | tuple[int, ...] | tuple[str, ...]
+Scalar = str | int | bool | None
+#: ``messages`` fields hold one mapping per message: msg, uidl, size.
+FieldValue = Scalar | tuple[int, ...] | tuple[str, ...] | tuple[Mapping[str, Scalar], ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,6 +52,20 @@ continuation makes the next held line a SASL response, and the final
 +OK/-ERR makes them commands again.  SASL responses are relayed, and decoded
 only to learn the user name; they are never stored or logged.
 
+Message identity
+----------------
+Message numbers mean nothing outside one session, so records name messages
+by UIDL and size as well (RFC 1939 §7: UIDs are stable across sessions).
+With ``message_identity`` on, before forwarding a RETR, TOP or DELE for a
+message whose identity popguard does not know yet, it sends ``UIDL n`` and
+``LIST n`` upstream in the same write.  Their entries in ``pending`` are
+*internal*: the replies are read and kept, never shown to the client, so the
+client sees exactly the bytes it would see without popguard, in the same
+order.  Only commands forwarded in TRANSACTION are looked up (a command
+pipelined behind PASS is forwarded before popguard knows the login worked,
+and its record then carries the number only).  A server that answers UIDL
+with -ERR (UIDL is optional in RFC 1939) is not asked again.
+
 State and deletions
 -------------------
 The RFC 1939 state follows the server's replies: a +OK to PASS, APOP or AUTH
@@ -66,6 +80,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from popguard.core.grammar import (
@@ -81,7 +96,7 @@ from popguard.core.grammar import (
     reply_text,
 )
 from popguard.core.limits import Limits
-from popguard.core.records import AuditRecord, EndReason, Event, FieldValue
+from popguard.core.records import AuditRecord, EndReason, Event, FieldValue, Scalar
 
 
 class State(enum.StrEnum):
@@ -125,6 +140,9 @@ class _Pending:
     local_reply: bytes | None = None
     #: After sending ``local_reply``, end the session with this reason.
     closes: EndReason | None = None
+    #: A command popguard sent itself (message identity); its reply is
+    #: consumed, never relayed.
+    internal: bool = False
 
 
 @dataclass(slots=True)
@@ -136,6 +154,11 @@ class _SaslExchange:
     responses: int = 0
     user: str | None = None
 
+
+#: At most this many messages per session get identity lookups (bounded
+#: memory for a client that walks a huge mailbox); later ones are recorded
+#: by number only.
+MAX_IDENTITY_CACHE = 100_000
 
 #: Commands whose first argument the session needs when the reply arrives.
 _KEEP_ARG = frozenset({"USER", "APOP", "RETR", "TOP", "DELE"})
@@ -151,9 +174,16 @@ class ProxySession:
         listener: str,
         limits: Limits = _DEFAULT_LIMITS,
         idle_notice: bool = True,
+        message_identity: bool = False,
     ) -> None:
         self.limits = limits
         self.idle_notice = idle_notice
+        self.message_identity = message_identity
+        #: What popguard learnt about each message number this session.
+        self._uidls: dict[int, str] = {}
+        self._sizes: dict[int, int] = {}
+        self._identity_requested: set[int] = set()
+        self._uidl_supported = True
         self.state = State.AUTHORIZATION
         self.user: str | None = None
         self.finished = False
@@ -289,7 +319,7 @@ class ProxySession:
         if notice is not None:
             self._client_out.append(notice)
         if self.marked_for_deletion:
-            messages = tuple(sorted(self.marked_for_deletion))
+            messages = self._identities(self.marked_for_deletion)
             quit_sent = any(entry.verb == "QUIT" for entry in self._pending)
             if quit_sent and self.state is State.TRANSACTION:
                 # The server may or may not have received the QUIT: popguard
@@ -412,8 +442,56 @@ class ProxySession:
         arg = command.args[0] if command.verb in _KEEP_ARG and command.args else None
         if command.verb == "USER":
             arg = command.rest
+        elif command.verb in ("RETR", "TOP", "DELE"):
+            self._request_identity(_message_number(arg))
         self._pending.append(_Pending(command.verb, arg, is_multiline(command)))
         self._upstream_out.append(command.line)
+
+    def _request_identity(self, msg: int | None) -> None:
+        """Ask the server for a message's UIDL and size, invisibly to the client."""
+        if (
+            msg is None
+            or not self.message_identity
+            or self.state is not State.TRANSACTION
+            or msg in self._identity_requested
+            or len(self._identity_requested) >= MAX_IDENTITY_CACHE
+        ):
+            return
+        self._identity_requested.add(msg)
+        number = str(msg).encode("ascii")
+        if self._uidl_supported:
+            self._pending.append(_Pending("UIDL", number, internal=True))
+            self._upstream_out.append(b"UIDL " + number + b"\r\n")
+        self._pending.append(_Pending("LIST", number, internal=True))
+        self._upstream_out.append(b"LIST " + number + b"\r\n")
+
+    def _internal_reply(self, entry: _Pending, status: Status, line: bytes) -> None:
+        """Keep what an identity lookup answered; the client never sees it."""
+        self._pending.popleft()
+        msg = _message_number(entry.arg)
+        words = reply_text(line).split()
+        if status is Status.OK and msg is not None and len(words) >= 2:
+            if entry.verb == "UIDL" and _is_uidl(words[1]):
+                self._uidls[msg] = words[1].decode("ascii")
+            elif entry.verb == "LIST" and words[1].isdigit():
+                self._sizes[msg] = int(words[1])
+        elif status is Status.ERR and entry.verb == "UIDL":
+            self._uidl_supported = False
+        self._flush_local()
+        self._finish_if_idle_after_eof()
+
+    def _identity(self, msg: int | None) -> dict[str, Scalar]:
+        """``msg``, plus ``uidl`` and ``size`` where known, for a record."""
+        fields: dict[str, Scalar] = {"msg": msg}
+        if msg is not None:
+            if msg in self._uidls:
+                fields["uidl"] = self._uidls[msg]
+            if msg in self._sizes:
+                fields["size"] = self._sizes[msg]
+        return fields
+
+    def _identities(self, messages: set[int]) -> tuple[Mapping[str, Scalar], ...]:
+        return tuple(self._identity(msg) for msg in sorted(messages))
 
     def _start_sasl(self, command: Command) -> None:
         sasl = _SaslExchange(mechanism=escape_text(command.args[0].upper()))
@@ -519,6 +597,12 @@ class ProxySession:
         status = parse_status(line)
         if status is None:
             self._protocol_error("not a POP3 status line: " + escape_text(line[:80]))
+            return
+        if entry.internal:
+            if status is Status.CONTINUE:
+                self._protocol_error("SASL continuation outside an AUTH exchange")
+            else:
+                self._internal_reply(entry, status, line)
             return
         if status is Status.CONTINUE:
             sasl = self._sasl
@@ -626,14 +710,14 @@ class ProxySession:
                 self._record(
                     Event.MESSAGE_RETRIEVED,
                     command=verb,
-                    msg=_message_number(entry.arg),
+                    **self._identity(_message_number(entry.arg)),
                     bytes=self._reply_bytes,
                 )
         elif verb == "DELE":
             self._dele_result(ok, _message_number(entry.arg), line)
         elif verb == "RSET":
             if ok and self.state is State.TRANSACTION:
-                self._record(Event.RSET, messages=tuple(sorted(self.marked_for_deletion)))
+                self._record(Event.RSET, messages=self._identities(self.marked_for_deletion))
                 self.marked_for_deletion.clear()
         elif verb == "QUIT":
             self._quit_result(ok, line)
@@ -659,9 +743,11 @@ class ProxySession:
     def _dele_result(self, ok: bool, msg: int | None, line: bytes) -> None:
         if ok and msg is not None and self.state is State.TRANSACTION:
             self.marked_for_deletion.add(msg)
-            self._record(Event.DELE_MARKED, msg=msg)
+            self._record(Event.DELE_MARKED, **self._identity(msg))
         elif not ok:
-            self._record(Event.DELE_REFUSED, msg=msg, reply=escape_text(reply_text(line)))
+            self._record(
+                Event.DELE_REFUSED, **self._identity(msg), reply=escape_text(reply_text(line))
+            )
 
     def _quit_result(self, ok: bool, line: bytes) -> None:
         self._record(Event.QUIT, state=self.state.value, ok=ok)
@@ -669,7 +755,7 @@ class ProxySession:
             # RFC 1939 §6: QUIT in TRANSACTION enters UPDATE; +OK means the
             # marked messages were removed, -ERR that some or none were.
             self.state = State.UPDATE
-            messages = tuple(sorted(self.marked_for_deletion))
+            messages = self._identities(self.marked_for_deletion)
             self.marked_for_deletion.clear()
             if ok and messages:
                 self._record(Event.DELETIONS_COMMITTED, messages=messages)
@@ -690,6 +776,11 @@ class ProxySession:
         if self.user is not None and "user" not in fields:
             fields["user"] = self.user
         self._records.append(AuditRecord(event, fields))
+
+
+def _is_uidl(word: bytes) -> bool:
+    """RFC 1939 §7: a unique-id is 1 to 70 characters in 0x21 to 0x7E."""
+    return 1 <= len(word) <= 70 and all(0x21 <= byte <= 0x7E for byte in word)
 
 
 def _message_number(arg: bytes | None) -> int | None:

@@ -52,6 +52,8 @@ class ServerSettings:
     idle_notice: bool = True
     shutdown_grace: float = 10.0
     limits: Limits = field(default_factory=Limits)
+    #: Look up UIDL and size upstream so records name messages durably.
+    message_identity: bool = True
 
 
 def format_peer(sockaddr: object) -> str:
@@ -155,6 +157,7 @@ class ProxyServer:
                 listener=listener,
                 limits=settings.limits,
                 idle_notice=settings.idle_notice,
+                message_identity=settings.message_identity,
             )
             upstream = settings.upstream
             relay = Relay(

@@ -94,7 +94,7 @@ def test_login_retrieve_delete_quit_commits() -> None:
                 },
                 {"event": "dele.marked", "msg": 1},
                 {"event": "session.quit", "state": "TRANSACTION", "ok": True},
-                {"event": "deletions.committed", "messages": (1,), "user": "alice"},
+                {"event": "deletions.committed", "messages": ({"msg": 1},), "user": "alice"},
                 {"event": "session.closed", "reason": "quit", "state": "UPDATE"},
             ],
             finished=True,
@@ -372,7 +372,7 @@ def test_dele_rset_quit_deletes_nothing() -> None:
                 *LOGIN_RECORDS,
                 {"event": "dele.marked", "msg": 1},
                 {"event": "dele.marked", "msg": 2},
-                {"event": "dele.unmarked", "messages": (1, 2)},
+                {"event": "dele.unmarked", "messages": ({"msg": 1}, {"msg": 2})},
                 "session.quit",
                 {"event": "session.closed", "reason": "quit"},
             ]
@@ -410,7 +410,7 @@ def test_marks_are_discarded_without_quit(ending: object, reason: EndReason, not
         ),
     )
     discarded = out.record("deletions.discarded")
-    assert discarded["messages"] == (1,)
+    assert discarded["messages"] == ({"msg": 1},)
     assert discarded["reason"] == reason.value
     assert out.events()[-1] == "session.closed"
 
@@ -435,14 +435,14 @@ def test_quit_err_in_update_records_failure() -> None:
     ]
     out = run_all_modes(steps, Expect(end_reason=EndReason.QUIT))
     failed = out.record("deletions.failed")
-    assert failed["messages"] == (2,)
+    assert failed["messages"] == ({"msg": 2},)
     assert "deletions.committed" not in out.events()
 
 
 def test_quit_sent_but_connection_lost_before_reply_is_unknown() -> None:
     steps = [*LOGIN, C(b"DELE 3\r\n"), S(b"+OK\r\n"), C(b"QUIT\r\n"), ServerEof()]
     out = run_all_modes(steps, Expect(end_reason=EndReason.UPSTREAM_CLOSED))
-    assert out.record("deletions.unknown")["messages"] == (3,)
+    assert out.record("deletions.unknown")["messages"] == ({"msg": 3},)
     assert out.client.endswith(REPLY_UPSTREAM_LOST)
 
 

@@ -86,12 +86,15 @@ class Expect:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def new_session(limits: Limits | None = None, idle_notice: bool = True) -> ProxySession:
+def new_session(
+    limits: Limits | None = None, idle_notice: bool = True, message_identity: bool = False
+) -> ProxySession:
     return ProxySession(
         client="192.0.2.7:40000",
         listener="test",
         limits=limits or Limits(),
         idle_notice=idle_notice,
+        message_identity=message_identity,
     )
 
 

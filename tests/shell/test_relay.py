@@ -182,7 +182,7 @@ async def test_shutdown_abort_tells_client_and_sends_no_quit() -> None:
         r.relay.abort(EndReason.SHUTDOWN)
         assert await recv_all(r.client) == REPLY_SHUTDOWN
         assert await recv_all(r.server) == b""
-    assert r.record("deletions.discarded")["messages"] == (2,)
+    assert r.record("deletions.discarded")["messages"] == ({"msg": 2},)
 
 
 async def test_unreachable_upstream_gets_sys_temp() -> None:

@@ -156,7 +156,7 @@ async def test_upstream_drop_mid_reply_ends_that_session_only() -> None:
     assert b"+OK 5 " in again  # DELE 2 was discarded: nothing deleted
     closed = s.sink.named("session.closed")
     assert closed[0]["reason"] == "upstream_closed"
-    assert s.sink.named("deletions.discarded")[0]["messages"] == (2,)
+    assert s.sink.named("deletions.discarded")[0]["messages"][0]["msg"] == 2
 
 
 async def test_garbage_reply_gets_sys_temp() -> None:
