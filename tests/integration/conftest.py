@@ -16,17 +16,29 @@ Tests that use ``dovecot`` (directly or through ``mailbox``) get the
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import itertools
+import json
 import os
 import random
+import re
 import secrets
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+import trio
 
+from popguard.audit import AuditLog, ConsoleSink, JsonLinesSink
+from popguard.shell.server import Endpoint, ListenerSpec, ProxyServer, ServerSettings
 from popguard.testing import dovecot as dovecot_tool
 from popguard.testing.dovecot import DovecotInstance
 
@@ -265,3 +277,403 @@ def sample_messages(count: int = len(_KINDS), *, seed: int = 0) -> list[bytes]:
     """
     rng = random.Random(seed)
     return [_KINDS[i % len(_KINDS)](i + 1, seed, rng) for i in range(count)]
+
+
+# -- popguard in front of the real Dovecot -------------------------------------
+#
+# Fixtures for the tests that run real clients THROUGH popguard:
+#
+# * ``popguard`` (async, trio): ``proxy = await popguard(**settings)`` starts
+#   an in-process ProxyServer on 127.0.0.1 (or ``host="::1"``) in front of the
+#   shared Dovecot (or ``upstream=(host, port)``), with every audit sink
+#   there is: a list of event dicts, a JSON-lines file and a console renderer.
+#   Every proxy is shut down at the end of the test.
+# * ``tap`` (async, trio): ``await tap()`` a recording TCP pass-through to
+#   Dovecot, to put between popguard and Dovecot: it shows the exact bytes
+#   each side sent (a QUIT that reached Dovecot, the greeting as Dovecot sent
+#   it).
+# * ``wire``: ``wire(host, port)`` a raw, blocking POP3 socket client that
+#   shows the bytes exactly as on the wire (dot-stuffing included).  Use it
+#   from a worker thread (``trio.to_thread.run_sync``) in trio tests.
+# * ``popguard_process``: ``popguard_process(*args)`` runs ``python -m
+#   popguard serve`` as a real process on a free loopback port, with a JSON
+#   lines audit file; stopped (SIGTERM, then SIGKILL) at the end of the test.
+# * ``dovecot_log``: helpers over Dovecot's log for one user's sessions.
+
+
+class ListSink:
+    """An audit sink that keeps every event dict."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, object]] = []
+
+    def write(self, event_dict: object) -> None:
+        self.events.append(dict(event_dict))  # type: ignore[call-overload]
+
+    def close(self) -> None:
+        pass
+
+    def named(self, name: str) -> list[dict[str, object]]:
+        return [e for e in self.events if e["event"] == name]
+
+    def names(self) -> list[str]:
+        return [str(e["event"]) for e in self.events]
+
+
+class RunningProxy:
+    """One in-process popguard, as started by the ``popguard`` fixture."""
+
+    def __init__(
+        self, server: ProxyServer, sink: ListSink, json_path: Path, console: io.StringIO
+    ) -> None:
+        self.server = server
+        self.sink = sink
+        self.json_path = json_path
+        self.console = console
+        endpoint = next(iter(server.bound.values()))[0]
+        self.host = endpoint.host
+        self.port = endpoint.port
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def everything_logged(self) -> str:
+        """Every sink's output: the event dicts' reprs, the JSON file, the console."""
+        text = "\n".join(repr(e) for e in self.sink.events)
+        text += "\n" + self.json_path.read_text(encoding="utf-8", errors="replace")
+        return text + "\n" + self.console.getvalue()
+
+    def assert_never_logged(self, secrets: Sequence[str | bytes], *other_output: str) -> None:
+        """No sink (nor any of ``other_output``) ever showed any of ``secrets``."""
+        text = "\n".join([self.everything_logged(), *other_output])
+        for secret in secrets:
+            needle = secret.decode() if isinstance(secret, bytes) else secret
+            assert needle, "an empty secret proves nothing"
+            assert needle not in text, f"the secret {needle!r} was logged"
+
+    async def wait_for(self, name: str, count: int = 1, limit: float = 10.0) -> list[dict]:
+        """Wait until ``count`` events called ``name`` were emitted; return them."""
+        with trio.fail_after(limit):
+            while len(self.sink.named(name)) < count:
+                await trio.sleep(0.01)
+        return self.sink.named(name)
+
+    async def stop(self, limit: float = 10.0) -> None:
+        """Shut down at once (sessions end without QUIT) and wait for it."""
+        self.server.request_shutdown(immediate=True)
+        with trio.fail_after(limit):
+            while self.server.active_sessions or not self.sink.named("popguard.stopped"):
+                await trio.sleep(0.01)
+
+
+@pytest.fixture
+async def popguard(dovecot, mailbox, nursery, tmp_path):
+    started: list[RunningProxy] = []
+
+    async def start(
+        *, host: str = "127.0.0.1", upstream: tuple[str, int] | None = None, **settings
+    ) -> RunningProxy:
+        sink = ListSink()
+        json_path = tmp_path / f"audit-{len(started)}.jsonl"
+        console = io.StringIO()
+        audit = AuditLog([sink, JsonLinesSink(str(json_path)), ConsoleSink(console)])
+        up_host, up_port = upstream if upstream is not None else dovecot.address
+        config = ServerSettings(
+            listeners=(ListenerSpec("it", Endpoint(host, 0)),),
+            upstream=Endpoint(up_host, up_port),
+            **settings,
+        )
+        server = ProxyServer(config, audit)
+        await nursery.start(server.run)
+        proxy = RunningProxy(server, sink, json_path, console)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        await proxy.stop()
+        proxy.server.audit.close()
+    # A safety net under every proxied test: no password ever reaches a sink.
+    for proxy in started:
+        proxy.assert_never_logged([box.password for box in mailbox.created])
+
+
+class TapConnection:
+    def __init__(self) -> None:
+        self.from_client = bytearray()  # what popguard sent to Dovecot
+        self.from_server = bytearray()  # what Dovecot sent to popguard
+        self.closed = trio.Event()
+
+
+class Tap:
+    """A recording TCP pass-through from a loopback port to ``target``."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self.connections: list[TapConnection] = []
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, down: trio.SocketStream) -> None:
+        conn = TapConnection()
+        self.connections.append(conn)
+        try:
+            up = await trio.open_tcp_stream(*self.target)
+        except OSError:
+            await down.aclose()
+            conn.closed.set()
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def copy(src, dst, record: bytearray) -> None:
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        while data := await src.receive_some(65536):
+                            record += data
+                            await dst.send_all(data)
+                    nursery.cancel_scope.cancel()  # one side is done: end both
+
+                nursery.start_soon(copy, down, up, conn.from_client)
+                nursery.start_soon(copy, up, down, conn.from_server)
+        finally:
+            await trio.aclose_forcefully(up)
+            await trio.aclose_forcefully(down)
+            conn.closed.set()
+
+    async def wait_closed(self, limit: float = 10.0) -> None:
+        with trio.fail_after(limit):
+            for conn in self.connections:
+                await conn.closed.wait()
+
+
+@pytest.fixture
+async def tap(dovecot, nursery):
+    async def start(target: tuple[str, int] | None = None) -> Tap:
+        t = Tap(target or dovecot.address)
+        await nursery.start(t.serve)
+        return t
+
+    return start
+
+
+class PopWire:
+    """A raw, blocking POP3 client socket: bytes exactly as on the wire."""
+
+    def __init__(self, host: str, port: int, timeout: float = 30.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self._buf = bytearray()
+
+    def send(self, data: bytes | str) -> None:
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(262144)
+        if not chunk:
+            raise EOFError(f"connection closed; unread: {bytes(self._buf[-200:])!r}")
+        self._buf += chunk
+
+    def readline(self) -> bytes:
+        while (end := self._buf.find(b"\n")) == -1:
+            self._fill()
+        line = bytes(self._buf[: end + 1])
+        del self._buf[: end + 1]
+        return line
+
+    def reply(self, multiline: bool = False) -> bytes:
+        """One whole reply: the status line, and for a multi-line +OK all of its
+        (still dot-stuffed) lines up to and including the terminating ".\\r\\n"."""
+        status = self.readline()
+        if not (multiline and status.startswith(b"+OK")):
+            return status
+        parts = [status]
+        while True:
+            line = self.readline()
+            parts.append(line)
+            if line == b".\r\n":
+                return b"".join(parts)
+
+    def command(self, line: bytes | str, multiline: bool = False) -> bytes:
+        self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
+        return self.reply(multiline)
+
+    def read_to_eof(self) -> bytes:
+        data = bytes(self._buf)
+        self._buf.clear()
+        while chunk := self.sock.recv(262144):
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def wire() -> Iterator[Callable[..., PopWire]]:
+    opened: list[PopWire] = []
+
+    def connect(host: str, port: int, timeout: float = 30.0) -> PopWire:
+        w = PopWire(host, port, timeout)
+        opened.append(w)
+        return w
+
+    yield connect
+    for w in opened:
+        w.close()
+
+
+class DovecotLog:
+    """Dovecot's log lines about one user's mail sessions (``pop3(user)``)."""
+
+    def __init__(self, dovecot: DovecotInstance) -> None:
+        self.dovecot = dovecot
+
+    def session_ends(self, user: str) -> list[str]:
+        pattern = rf"pop3\({re.escape(user)}\)<[^>]*><[^>]*>: Info: Disconnected: .*"
+        return re.findall(pattern, self.dovecot.log_text())
+
+    def logins(self, user: str) -> list[str]:
+        pattern = rf"pop3-login: Info: Login: user=<{re.escape(user)}>, .*"
+        return re.findall(pattern, self.dovecot.log_text())
+
+    def wait_session_ends(self, user: str, count: int = 1, timeout: float = 10.0) -> list[str]:
+        """Block until Dovecot logged the end of ``count`` sessions of ``user``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ends = self.session_ends(user)
+            if len(ends) >= count:
+                return ends
+            time.sleep(0.05)
+        raise AssertionError(
+            f"Dovecot did not log {count} session end(s) for {user}:\n"
+            + self.dovecot.log_text()[-3000:]
+        )
+
+
+@pytest.fixture
+def dovecot_log(dovecot) -> DovecotLog:
+    return DovecotLog(dovecot)
+
+
+class PopguardProcess:
+    """``python -m popguard serve`` as a real process (see ``popguard_process``)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, audit: Path, stderr: Path):
+        self.proc = proc
+        self.host = "127.0.0.1"
+        self.port = port
+        self.audit_path = audit
+        self.stderr_path = stderr
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def events(self) -> list[dict]:
+        try:
+            text = self.audit_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        # The last line may be half-written while the process runs.
+        return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
+
+    def named(self, name: str) -> list[dict]:
+        return [e for e in self.events() if e["event"] == name]
+
+    def wait_for(self, name: str, count: int = 1, timeout: float = 15.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.named(name)
+            if len(found) >= count:
+                return found
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise AssertionError(
+            f"no {count} x {name!r} from popguard (exit status {self.proc.poll()}); "
+            f"events: {[e['event'] for e in self.events()]}; stderr: {self.stderr()}"
+        )
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def status(self) -> dict[str, int]:
+        """The ``Vm*`` lines of /proc/<pid>/status, in KiB."""
+        fields = {}
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.startswith("Vm") and value.strip().endswith("kB"):
+                fields[key] = int(value.split()[0])
+        return fields
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM, and the exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+def free_loopback_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def popguard_process(dovecot, tmp_path) -> Iterator[Callable[..., PopguardProcess]]:
+    started: list[PopguardProcess] = []
+
+    def start(*args: str, upstream: str | None = None) -> PopguardProcess:
+        upstream = upstream or f"{dovecot.host}:{dovecot.port}"
+        for attempt in range(5):
+            n = len(started)
+            port = free_loopback_port()
+            audit = tmp_path / f"popguard-{n}-{attempt}.jsonl"
+            stderr = tmp_path / f"popguard-{n}-{attempt}.stderr"
+            argv = [
+                sys.executable,
+                "-m",
+                "popguard",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--upstream",
+                upstream,
+                "--audit-file",
+                str(audit),
+                "--no-console",
+                *args,
+            ]
+            with stderr.open("wb") as err:
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT
+                )
+            handle = PopguardProcess(proc, port, audit, stderr)
+            started.append(handle)
+            try:
+                handle.wait_for("popguard.started")
+            except AssertionError:
+                if proc.poll() is not None and "in use" in handle.stderr() and attempt < 4:
+                    continue  # someone took the port first: try another
+                raise
+            return handle
+        raise AssertionError("unreachable")
+
+    yield start
+    for handle in started:
+        if handle.proc.poll() is None:
+            handle.proc.kill()
+        handle.proc.wait(10)
