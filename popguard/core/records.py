@@ -32,6 +32,7 @@ class Event(enum.StrEnum):
     MESSAGE_RETRIEVED = "message.retrieved"
     DELE_MARKED = "dele.marked"
     DELE_REFUSED = "dele.refused"
+    DELE_REQUESTED = "dele.requested"
     RSET = "dele.unmarked"
     QUIT = "session.quit"
     DELETIONS_COMMITTED = "deletions.committed"

@@ -66,6 +66,15 @@ pipelined behind PASS is forwarded before popguard knows the login worked,
 and its record then carries the number only).  A server that answers UIDL
 with -ERR (UIDL is optional in RFC 1939) is not asked again.
 
+Durable deletions (fail-closed auditing)
+----------------------------------------
+With ``durable_deletions`` on, a DELE is not forwarded until its
+``dele.requested`` record is safely written.  The core parks the command
+and offers the record as ``pending_durable``; client lines behind it are
+held.  The shell writes the record, waits for the sink, and answers with
+``durable_result(ok)``: the DELE is then forwarded, or refused with
+``-ERR [SYS/TEMP]`` and never reaches the server.
+
 State and deletions
 -------------------
 The RFC 1939 state follows the server's replies: a +OK to PASS, APOP or AUTH
@@ -123,6 +132,9 @@ REPLY_IDLE = b"-ERR Disconnected for inactivity.\r\n"
 REPLY_TOO_MANY_BAD = b"-ERR Too many invalid commands, closing connection\r\n"
 REPLY_STLS_UNAVAILABLE = b"-ERR STLS is not available through this proxy\r\n"
 REPLY_SASL_TOO_LONG = b"-ERR SASL response line too long\r\n"
+REPLY_AUDIT_UNAVAILABLE = (
+    b"-ERR [SYS/TEMP] The audit trail cannot record this deletion now, try again later\r\n"
+)
 
 _DEFAULT_LIMITS = Limits()
 
@@ -175,6 +187,7 @@ class ProxySession:
         limits: Limits = _DEFAULT_LIMITS,
         idle_notice: bool = True,
         message_identity: bool = False,
+        durable_deletions: bool = False,
     ) -> None:
         self.limits = limits
         self.idle_notice = idle_notice
@@ -184,6 +197,10 @@ class ProxySession:
         self._sizes: dict[int, int] = {}
         self._identity_requested: set[int] = set()
         self._uidl_supported = True
+        self.durable_deletions = durable_deletions
+        #: A record the shell must write durably before the session goes on.
+        self.pending_durable: AuditRecord | None = None
+        self._gated: Command | None = None
         self.state = State.AUTHORIZATION
         self.user: str | None = None
         self.finished = False
@@ -315,6 +332,8 @@ class ProxySession:
             return
         self.finished = True
         self.end_reason = reason
+        self.pending_durable = None
+        self._gated = None
         notice = self._closing_notice(reason)
         if notice is not None:
             self._client_out.append(notice)
@@ -380,6 +399,8 @@ class ProxySession:
                 del buf[: newline + 1]
                 self._discarding_line = False
                 continue
+            if self._gated is not None:
+                return  # held until the shell says the DELE's record is durable
             sasl = self._sasl
             if sasl is not None and sasl.awaiting_server:
                 return  # held: the server has not said what the next line is
@@ -436,7 +457,28 @@ class ProxySession:
             self._client_buf.clear()
         elif verb == "AUTH" and command.args:
             self._start_sasl(command)
+        elif verb == "DELE" and self.durable_deletions:
+            self._gated = command
+            msg = _message_number(command.args[0] if command.args else None)
+            self.pending_durable = AuditRecord(
+                Event.DELE_REQUESTED, self._with_user(self._identity(msg))
+            )
+            return
         self._forward(command)
+
+    def durable_result(self, ok: bool) -> None:
+        """The shell's answer for ``pending_durable``: written durably or not."""
+        command = self._gated
+        self._gated = None
+        self.pending_durable = None
+        if command is None or self.finished:
+            return
+        if ok:
+            self._forward(command)
+        else:
+            self._record(Event.COMMAND_REJECTED, command="DELE", reason="audit trail unavailable")
+            self._queue_local(REPLY_AUDIT_UNAVAILABLE)
+        self._process_client_lines()
 
     def _forward(self, command: Command) -> None:
         arg = command.args[0] if command.verb in _KEEP_ARG and command.args else None
@@ -773,9 +815,15 @@ class ProxySession:
 
     # ------------------------------------------------------------------
     def _record(self, event: Event, **fields: FieldValue) -> None:
-        if self.user is not None and "user" not in fields:
-            fields["user"] = self.user
-        self._records.append(AuditRecord(event, fields))
+        self._records.append(AuditRecord(event, self._with_user(fields)))
+
+    def _with_user(
+        self, fields: dict[str, FieldValue] | dict[str, Scalar]
+    ) -> dict[str, FieldValue]:
+        merged: dict[str, FieldValue] = dict(fields)
+        if self.user is not None and "user" not in merged:
+            merged["user"] = self.user
+        return merged
 
 
 def _is_uidl(word: bytes) -> bool:

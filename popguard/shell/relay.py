@@ -50,6 +50,8 @@ LINGER_TIMEOUT: Final = 1.0
 LINGER_MAX_BYTES: Final = 1024 * 1024
 
 RecordSink = Callable[[AuditRecord], None]
+#: Writes a record and reports whether it is durably stored (fail-closed).
+DurableSink = Callable[[AuditRecord], Awaitable[bool]]
 Connector = Callable[[], Awaitable[trio.abc.Stream]]
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -80,6 +82,7 @@ class Relay:
         connect_timeout: float,
         idle_timeout: float,
         emit: RecordSink,
+        emit_durable: DurableSink | None = None,
     ) -> None:
         self.session = session
         self.client = client
@@ -89,6 +92,8 @@ class Relay:
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
         self._emit = emit
+        self._emit_durable = emit_durable
+        self._settling = False
         self._scope = trio.CancelScope()
         self._abort_reason: EndReason | None = None
         #: Whether a task is draining the core's output for that side.
@@ -236,9 +241,28 @@ class Relay:
 
     async def _flush_both(self) -> None:
         """Send what the core produced, in order, to each side."""
+        await self._settle_durable()
         await self._flush_client()
         await self._flush_upstream()
         self._emit_records()
+
+    async def _settle_durable(self) -> None:
+        """Write the records the core wants durable before it goes on."""
+        if self._settling:
+            return  # the task already settling will see any new request
+        session = self.session
+        self._settling = True
+        try:
+            while (record := session.pending_durable) is not None:
+                self._emit_records()  # everything before it, in order
+                if self._emit_durable is None:
+                    self._emit(record)
+                    ok = True
+                else:
+                    ok = await self._emit_durable(record)
+                session.durable_result(ok)
+        finally:
+            self._settling = False
 
     async def _flush_client(self) -> None:
         """Send the core's client output.

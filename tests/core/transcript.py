@@ -53,7 +53,14 @@ class UpstreamFailed:
     error: str = "Connection refused"
 
 
-Step = C | S | ClientEof | ServerEof | End | UpstreamFailed
+@dataclass(frozen=True)
+class Durable:
+    """The shell's answer to ``pending_durable``."""
+
+    ok: bool
+
+
+Step = C | S | ClientEof | ServerEof | End | UpstreamFailed | Durable
 MODES = ("whole", "bytewise", "pipelined")
 
 
@@ -87,7 +94,10 @@ class Expect:
 
 
 def new_session(
-    limits: Limits | None = None, idle_notice: bool = True, message_identity: bool = False
+    limits: Limits | None = None,
+    idle_notice: bool = True,
+    message_identity: bool = False,
+    durable_deletions: bool = False,
 ) -> ProxySession:
     return ProxySession(
         client="192.0.2.7:40000",
@@ -95,6 +105,7 @@ def new_session(
         limits=limits or Limits(),
         idle_notice=idle_notice,
         message_identity=message_identity,
+        durable_deletions=durable_deletions,
     )
 
 
@@ -113,6 +124,9 @@ def _feed(session: ProxySession, step: Step, chunks: Iterable[bytes] | None = No
         session.end(step.reason)
     elif isinstance(step, UpstreamFailed):
         session.upstream_failed("198.51.100.1:110", step.error)
+    elif isinstance(step, Durable):
+        assert session.pending_durable is not None, "no durable record was pending"
+        session.durable_result(step.ok)
 
 
 def play(steps: Sequence[Step], mode: str = "whole", **session_args: Any) -> Outcome:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -13,6 +13,7 @@ import trio.testing
 
 from popguard.core.records import AuditRecord, EndReason
 from popguard.core.session import (
+    REPLY_AUDIT_UNAVAILABLE,
     REPLY_IDLE,
     REPLY_SHUTDOWN,
     REPLY_UPSTREAM_UNAVAILABLE,
@@ -67,6 +68,8 @@ async def rig(
     idle_timeout: float = 600.0,
     connect_timeout: float = 10.0,
     connect: Callable[[], object] | None = None,
+    emit_durable: Callable[[AuditRecord], Awaitable[bool]] | None = None,
+    durable_deletions: bool = False,
 ) -> AsyncIterator[Rig]:
     client_test, client_proxy = pair()
     upstream_proxy, server_test = pair()
@@ -77,7 +80,9 @@ async def rig(
             await connect()  # type: ignore[misc]
         return upstream_proxy
 
-    session = ProxySession(client="192.0.2.1:5000", listener="mem")
+    session = ProxySession(
+        client="192.0.2.1:5000", listener="mem", durable_deletions=durable_deletions
+    )
     relay = Relay(
         session,
         client_proxy,
@@ -86,6 +91,7 @@ async def rig(
         connect_timeout=connect_timeout,
         idle_timeout=idle_timeout,
         emit=records.append,
+        emit_durable=emit_durable,
     )
     r = Rig(client_test, server_test, relay, records)
 
@@ -309,3 +315,40 @@ async def test_set_nodelay_turns_nagle_off_on_real_sockets() -> None:
         await server_side.aclose()
         await listeners[0].aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_fail_closed_dele_refused_when_audit_cannot_write() -> None:
+    async def broken_sink(record: AuditRecord) -> bool:
+        return False
+
+    async with rig(emit_durable=broken_sink, durable_deletions=True) as r:
+        await login(r)
+        await r.client.send_all(b"DELE 1\r\nNOOP\r\n")
+        assert await recv_until(r.server, b"\r\n") == b"NOOP\r\n"  # DELE never went
+        await r.server.send_all(b"+OK\r\n")
+        assert await recv_until(r.client, b"+OK\r\n") == REPLY_AUDIT_UNAVAILABLE + b"+OK\r\n"
+        await r.client.aclose()
+    assert "dele.marked" not in r.events()
+
+
+async def test_fail_closed_dele_waits_for_a_slow_durable_write(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    written: list[str] = []
+
+    async def slow_sink(record: AuditRecord) -> bool:
+        await trio.sleep(3)
+        written.append(record.event.value)
+        return True
+
+    async with rig(emit_durable=slow_sink, durable_deletions=True) as r:
+        await login(r)
+        start = trio.current_time()
+        await r.client.send_all(b"DELE 1\r\n")
+        assert await recv_until(r.server, b"\r\n") == b"DELE 1\r\n"
+        assert trio.current_time() - start >= 3
+        assert written == ["dele.requested"]
+        await r.server.send_all(b"+OK\r\n")
+        await recv_until(r.client, b"+OK\r\n")
+        await r.client.aclose()
+    assert r.record("dele.marked")["msg"] == 1
