@@ -1,0 +1,301 @@
+"""Process plumbing: /proc readers, file-descriptor limits, the popguard subprocess.
+
+Linux only (the figures come from ``/proc``), like the rest of the benchmark.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+_PR_SET_PDEATHSIG = 1
+
+
+class BenchError(RuntimeError):
+    """Something the benchmark needs did not work (a peer, a reply, a process)."""
+
+
+# -- limits ------------------------------------------------------------------
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return (soft, hard) now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def _child_setup() -> None:  # pragma: no cover - runs in the forked child
+    """preexec_fn for popguard: many sockets, and die with the benchmark."""
+    raise_nofile()
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+# -- /proc -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProcStat:
+    pid: int
+    ppid: int
+    utime: int  # clock ticks
+    stime: int
+    cutime: int
+    cstime: int
+    rss_pages: int
+
+
+def proc_stat(pid: int) -> ProcStat:
+    """Fields of /proc/<pid>/stat (the comm field may hold spaces and parens)."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    rest = raw[raw.rindex(")") + 2 :].split()
+    # rest[0] is field 3 (state); field N is rest[N - 3].
+    return ProcStat(
+        pid=pid,
+        ppid=int(rest[1]),
+        utime=int(rest[11]),
+        stime=int(rest[12]),
+        cutime=int(rest[13]),
+        cstime=int(rest[14]),
+        rss_pages=int(rest[21]),
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (all its threads), in seconds."""
+    st = proc_stat(pid)
+    return (st.utime + st.stime) / CLOCK_TICKS
+
+
+def vm_rss_kib(pid: int) -> int:
+    """VmRSS from /proc/<pid>/status, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def _all_stats() -> list[ProcStat]:
+    stats = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stats.append(proc_stat(int(entry)))
+    return stats
+
+
+def process_tree(root: int) -> list[ProcStat]:
+    """``root`` and all its descendants, as a snapshot."""
+    stats = _all_stats()
+    children: dict[int, list[ProcStat]] = {}
+    by_pid = {}
+    for st in stats:
+        children.setdefault(st.ppid, []).append(st)
+        by_pid[st.pid] = st
+    if root not in by_pid:
+        return []
+    tree = [by_pid[root]]
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            tree.append(child)
+            todo.append(child.pid)
+    return tree
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU of a process tree so far: live processes plus reaped children.
+
+    A child's time moves to its parent's cutime/cstime when the parent
+    reaps it (Dovecot's master reaps its per-session pop3 processes), so
+    the sum stays monotonic as sessions come and go.
+    """
+    ticks = 0
+    for st in process_tree(root):
+        ticks += st.utime + st.stime + st.cutime + st.cstime
+    return ticks / CLOCK_TICKS
+
+
+def tree_pss_kib(root: int) -> tuple[int, int]:
+    """(sum of Pss in KiB, number of processes) over a process tree."""
+    total = 0
+    count = 0
+    for st in process_tree(root):
+        try:
+            text = Path(f"/proc/{st.pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        count += 1
+        for line in text.splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1])
+                break
+    return total, count
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# -- sockets -----------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def probe_greeting(address: tuple[str, int], timeout: float = 2.0) -> bytes:
+    """Connect, read the greeting line, say QUIT; b"" when nothing answers yet."""
+    try:
+        with socket.create_connection(address, timeout=timeout) as sock:
+            data = b""
+            while not data.endswith(b"\n") and len(data) < 4096:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            if data.startswith(b"+OK"):
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"QUIT\r\n")
+                    sock.recv(4096)
+            return data
+    except OSError:
+        return b""
+
+
+# -- popguard ------------------------------------------------------------------
+
+
+class PopguardProcess:
+    """``python -m popguard serve`` as a separate process, on a free loopback port."""
+
+    host = "127.0.0.1"
+
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        log_path: Path,
+        *,
+        idle_timeout: float = 3600.0,
+        audit_file: str | None = None,
+        extra_args: tuple[str, ...] = (),
+        startup_timeout: float = 20.0,
+    ) -> None:
+        self.upstream = upstream
+        self.log_path = log_path
+        self.idle_timeout = idle_timeout
+        self.audit_file = audit_file
+        self.extra_args = extra_args
+        self.startup_timeout = startup_timeout
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise BenchError("popguard is not running")
+        return self._proc.pid
+
+    def argv(self) -> list[str]:
+        up_host, up_port = self.upstream
+        argv = [
+            sys.executable,
+            "-m",
+            "popguard",
+            "serve",
+            "--listen",
+            f"{self.host}:{self.port}",
+            "--upstream",
+            f"{up_host}:{up_port}",
+            "--no-console",
+            "--idle-timeout",
+            f"{self.idle_timeout:g}",
+        ]
+        if self.audit_file:
+            argv += ["--audit-file", self.audit_file]
+        return argv + list(self.extra_args)
+
+    def start(self) -> PopguardProcess:
+        if self._proc is not None:
+            raise BenchError("popguard already started")
+        for _attempt in range(3):
+            self.port = free_port(self.host)
+            with self.log_path.open("ab") as log:
+                self._proc = subprocess.Popen(
+                    self.argv(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=_child_setup,  # the bench process runs no threads
+                    start_new_session=True,  # Ctrl-C reaches the bench, which stops us in order
+                )
+            if self._wait_ready():
+                return self
+            self.stop()
+        raise BenchError(f"popguard did not start; its log:\n{self.log_tail()}")
+
+    def _wait_ready(self) -> bool:
+        proc = self._proc
+        assert proc is not None
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = self.log_tail()
+                if "Address already in use" in tail:
+                    return False  # the port was taken between pick and bind
+                raise BenchError(f"popguard exited with {proc.returncode}:\n{tail}")
+            if probe_greeting(self.address).startswith(b"+OK"):
+                return True
+            time.sleep(0.05)
+        raise BenchError(f"popguard gave no greeting within {self.startup_timeout:g} s")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, wait (popguard's shutdown grace is 10 s), then SIGKILL."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> PopguardProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
