@@ -675,5 +675,9 @@ def popguard_process(dovecot, tmp_path) -> Iterator[Callable[..., PopguardProces
     yield start
     for handle in started:
         if handle.proc.poll() is None:
-            handle.proc.kill()
-        handle.proc.wait(10)
+            handle.proc.send_signal(signal.SIGTERM)
+            try:
+                handle.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                handle.proc.kill()
+                handle.proc.wait(10)
