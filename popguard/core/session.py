@@ -197,6 +197,8 @@ class ProxySession:
         self._sizes: dict[int, int] = {}
         self._identity_requested: set[int] = set()
         self._uidl_supported = True
+        # A UIDL -ERR only means "no UIDL here" if LIST then finds the message.
+        self._uidl_refused_for: int | None = None
         self.durable_deletions = durable_deletions
         #: A record the shell must write durably before the session goes on.
         self.pending_durable: AuditRecord | None = None
@@ -512,13 +514,21 @@ class ProxySession:
         self._pending.popleft()
         msg = _message_number(entry.arg)
         words = reply_text(line).split()
-        if status is Status.OK and msg is not None and len(words) >= 2:
-            if entry.verb == "UIDL" and _is_uidl(words[1]):
-                self._uidls[msg] = words[1].decode("ascii")
-            elif entry.verb == "LIST" and words[1].isdigit():
-                self._sizes[msg] = int(words[1])
-        elif status is Status.ERR and entry.verb == "UIDL":
-            self._uidl_supported = False
+        value = words[1] if status is Status.OK and len(words) >= 2 else b""
+        if msg is None:
+            pass
+        elif entry.verb == "UIDL":
+            # A UIDL -ERR means either "no UIDL command" or "no such message";
+            # the LIST lookup that follows tells which.
+            self._uidl_refused_for = None if status is Status.OK else msg
+            if _is_uidl(value):
+                self._uidls[msg] = value.decode("ascii")
+        elif entry.verb == "LIST":
+            if value.isdigit():
+                self._sizes[msg] = int(value)
+                if self._uidl_refused_for == msg:
+                    self._uidl_supported = False  # the message exists; UIDL does not
+            self._uidl_refused_for = None
         self._flush_local()
         self._finish_if_idle_after_eof()
 

@@ -102,6 +102,30 @@ def test_lookup_errors_never_reach_the_client() -> None:
     )
 
 
+def test_missing_message_does_not_turn_uidl_lookups_off() -> None:
+    # UIDL 9 fails because message 9 does not exist (LIST 9 fails too), not
+    # because the server lacks UIDL: message 1 must still be named by UIDL.
+    steps = [
+        *LOGIN,
+        C(b"RETR 9\r\n"),
+        S(b"-ERR no such message\r\n-ERR no such message\r\n-ERR no such message\r\n"),
+        C(b"RETR 1\r\n"),
+        S(b"+OK 1 AAA\r\n+OK 1 12\r\n" + RETR_REPLY),
+    ]
+    out = run_all_modes(
+        steps,
+        Expect(
+            upstream=b"USER alice\r\nPASS pw\r\nUIDL 9\r\nLIST 9\r\nRETR 9\r\n"
+            b"UIDL 1\r\nLIST 1\r\nRETR 1\r\n",
+            client=LOGIN_DOWN + b"-ERR no such message\r\n" + RETR_REPLY,
+        ),
+        modes=MODES,
+        message_identity=True,
+    )
+    record = out.record("message.retrieved")
+    assert (record["msg"], record["uidl"], record["size"]) == (1, "AAA", 12)
+
+
 def test_commands_pipelined_behind_pass_are_not_looked_up() -> None:
     steps = [
         S(GREETING),

@@ -704,13 +704,6 @@ async def test_records_name_messages_by_dovecots_uidl_and_size(
     assert remaining == [stored_form(m) for i, m in enumerate(messages, 1) if i != 3]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an -ERR to popguard's internal 'UIDL n' lookup (the client asked for a "
-    "message that does not exist) turns UIDL lookups off for the rest of the session "
-    "(ProxySession._internal_reply sets _uidl_supported = False on any -ERR), so later "
-    "records lose their uidl although Dovecot supports UIDL",
-)
 async def test_uidl_survives_a_request_for_a_missing_message(
     dovecot, mailbox, make_messages, popguard, wire
 ):
