@@ -1,0 +1,446 @@
+"""Hash chains over JSON audit records (the writer side).
+
+Every sealed record carries five fields::
+
+    chain  the writer's chain id (one per writing process, see below)
+    seq    1, 2, 3, ... without gaps, across rotated files
+    prev   the previous record's ``hash`` (``GENESIS`` for seq 1)
+    alg    "sha256", or "hmac-sha256" when the chain has a key
+    hash   hex digest of canonical(record): every field except ``hash``
+
+``canonical`` is ``json.dumps(record without "hash", sort_keys=True,
+separators=(",", ":"), ensure_ascii=False)`` in UTF-8, so the digest covers
+the record's *values*: any JSON renderer may write the line (key order,
+spacing and ``\\uXXXX`` escapes do not matter), and the verifier recomputes
+the digest from the parsed line.  :func:`render` gives one fixed line form
+(sorted, compact, ASCII, ``hash`` last) that ``verify --strict`` can also
+check byte for byte.
+
+Files: the first record of every file is an ``audit.chain.start`` record
+(:func:`start_record`) and a file that is rotated away ends with an
+``audit.chain.rotate`` record (:func:`rotate_record`).  The chain simply
+continues across files (``seq`` and ``prev`` run on), so deleting, reordering
+or truncating files breaks it.  After a restart :func:`resume` continues the
+chain of the file being appended to.
+
+Several writers (worker processes) must not share a chain: each has its own
+``chain`` id and its own file(s); a file holds the records of one chain only.
+
+A :class:`Chain` is not thread-safe, and the order of ``seq`` must be the
+order of the lines in the file: seal and write under the same lock (or in
+the one writer thread).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import stat
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+__all__ = [
+    "ALG_HMAC",
+    "ALG_SHA256",
+    "CHAIN_FIELDS",
+    "GENESIS",
+    "MIN_KEY_BYTES",
+    "ROTATE_EVENT",
+    "START_EVENT",
+    "Chain",
+    "ChainError",
+    "KeyFileError",
+    "canonical",
+    "digest",
+    "load_key",
+    "make_hasher",
+    "new_chain_id",
+    "render",
+    "resume",
+    "rotate_record",
+    "start_record",
+]
+
+#: ``prev`` of the first record of a chain.
+GENESIS: Final = "0" * 64
+ALG_SHA256: Final = "sha256"
+ALG_HMAC: Final = "hmac-sha256"
+START_EVENT: Final = "audit.chain.start"
+ROTATE_EVENT: Final = "audit.chain.rotate"
+#: The fields :meth:`Chain.seal` adds; a record must not carry them already.
+CHAIN_FIELDS: Final = ("chain", "seq", "prev", "alg", "hash")
+MIN_KEY_BYTES: Final = 32
+
+_RESERVED: Final = frozenset(CHAIN_FIELDS)
+_HEX64: Final = re.compile(r"[0-9a-f]{64}")
+
+
+class ChainError(Exception):
+    """A chain cannot be built, sealed or resumed as asked."""
+
+
+class KeyFileError(ChainError):
+    """The HMAC key file is unusable (permissions, length, type)."""
+
+
+def _no_default(value: object) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _make_encoder(*, ascii_only: bool) -> Callable[[Mapping[str, Any]], str]:
+    """``json.dumps(obj, sort_keys=True, separators=(",", ":"), ...)``, faster.
+
+    ``json.dumps`` with non-default arguments builds a new encoder on every
+    call; this builds CPython's C encoder once (no circular-reference
+    bookkeeping: records are trees).  The output is identical; a test holds
+    it to ``json.dumps``.
+    """
+    try:
+        from _json import encode_basestring, encode_basestring_ascii, make_encoder
+    except ImportError:  # pragma: no cover - not CPython
+        encoder = json.JSONEncoder(
+            sort_keys=True, separators=(",", ":"), ensure_ascii=ascii_only, check_circular=False
+        )
+        return encoder.encode
+    escape = encode_basestring_ascii if ascii_only else encode_basestring
+    c_encoder = make_encoder(None, _no_default, escape, None, ":", ",", True, False, True)
+
+    def encode(obj: Mapping[str, Any]) -> str:
+        return "".join(c_encoder(obj, 0))
+
+    return encode
+
+
+_encode_canonical = _make_encoder(ascii_only=False)
+_encode_ascii = _make_encoder(ascii_only=True)
+
+
+def _without_hash(record: Mapping[str, Any]) -> dict[str, Any]:
+    if type(record) is dict and "hash" not in record:
+        return record
+    return {key: value for key, value in record.items() if key != "hash"}
+
+
+def canonical(record: Mapping[str, Any]) -> bytes:
+    """The bytes a record's ``hash`` is computed over.
+
+    ``json.dumps(record without "hash", sort_keys=True, separators=(",", ":"),
+    ensure_ascii=False).encode("utf-8")``.  Values must be JSON types (str,
+    int, float, bool, None, list/tuple, dict with str keys); anything else is
+    a ``TypeError``, never a silent ``repr``.
+    """
+    return _encode_canonical(_without_hash(record)).encode("utf-8")
+
+
+def digest(data: bytes, key: bytes | None) -> str:
+    """Hex SHA-256 of *data*, or hex HMAC-SHA256 under *key*."""
+    if key is None:
+        return hashlib.sha256(data).hexdigest()
+    return hmac.digest(key, data, "sha256").hex()
+
+
+class _Hmac:
+    """HMAC-SHA256 with the key schedule done once (RFC 2104).
+
+    Copying the two pre-keyed SHA-256 states costs less than a new
+    ``hmac.new`` per record; the result is the same (a test holds it to
+    :func:`hmac.digest`).
+    """
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > 64:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(key.translate(_IPAD))
+        self._outer = hashlib.sha256(key.translate(_OPAD))
+
+    def __call__(self, data: bytes) -> str:
+        inner = self._inner.copy()
+        inner.update(data)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
+
+
+_IPAD: Final = bytes(x ^ 0x36 for x in range(256))
+_OPAD: Final = bytes(x ^ 0x5C for x in range(256))
+
+
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def make_hasher(key: bytes | None) -> Callable[[bytes], str]:
+    """A function from canonical bytes to the hex ``hash`` field."""
+    return _sha256_hex if key is None else _Hmac(key)
+
+
+def render(record: Mapping[str, Any]) -> str:
+    """The fixed line form of a sealed record (without the newline).
+
+    Sorted keys, no spaces, ASCII only (so CR, LF, U+2028 and friends inside
+    values stay escaped and one record is always one line), and ``hash``
+    last.  Writers may use any JSON renderer instead; ``verify --strict``
+    requires this form.
+    """
+    return _render(_without_hash(record), record["hash"])
+
+
+def _render(body_record: Mapping[str, Any], hash_value: Any) -> str:
+    body = _encode_ascii(body_record)
+    # The value as the encoder writes it: '{"":VALUE}' without its first 4
+    # and last characters (the value is a hex string unless tampered with).
+    tail = '"hash":' + _encode_ascii({"": hash_value})[4:-1] + "}"
+    if body == "{}":
+        return "{" + tail
+    return body[:-1] + "," + tail
+
+
+def _plain_ascii(text: str) -> bool:
+    """True if the ASCII encoder would write *text* unchanged (DEL is escaped)."""
+    return text.isascii() and "\x7f" not in text
+
+
+def _utc_now() -> str:
+    now = datetime.datetime.now(datetime.UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def new_chain_id() -> str:
+    """A fresh random chain id (16 hex digits)."""
+    return secrets.token_hex(8)
+
+
+class Chain:
+    """Seals records one after another into a hash chain.
+
+    ``Chain(chain_id=new_chain_id())`` starts a new chain; ``prev`` and
+    ``seq`` continue an existing one (``seq`` is the last sealed number; the
+    next record gets ``seq + 1``).  With a *key* every ``hash`` is an
+    HMAC-SHA256, so nobody without the key can forge or re-seal records.
+    """
+
+    __slots__ = ("_hasher", "_prev", "_seq", "alg", "chain_id", "keyed")
+
+    def __init__(
+        self,
+        *,
+        key: bytes | None = None,
+        prev: str = GENESIS,
+        seq: int = 0,
+        chain_id: str,
+    ) -> None:
+        if not isinstance(chain_id, str) or not chain_id:
+            raise ChainError("chain_id must be a non-empty string")
+        if not isinstance(prev, str) or not _HEX64.fullmatch(prev):
+            raise ChainError("prev must be 64 lowercase hex digits")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise ChainError("seq must be an int >= 0")
+        if key is not None and len(key) < MIN_KEY_BYTES:
+            raise KeyFileError(f"an HMAC key needs at least {MIN_KEY_BYTES} bytes")
+        self.chain_id = chain_id
+        self.keyed = key is not None
+        self.alg = ALG_HMAC if key is not None else ALG_SHA256
+        self._hasher = make_hasher(key)
+        self._prev = prev
+        self._seq = seq
+
+    @property
+    def prev(self) -> str:
+        """The ``hash`` of the last record sealed (the next record's ``prev``)."""
+        return self._prev
+
+    @property
+    def seq(self) -> int:
+        """The ``seq`` of the last record sealed (0 before the first)."""
+        return self._seq
+
+    def __repr__(self) -> str:
+        return f"Chain(chain_id={self.chain_id!r}, seq={self._seq}, alg={self.alg!r})"
+
+    def _link(self, record: dict[str, Any]) -> str:
+        if not _RESERVED.isdisjoint(record.keys()):
+            taken = sorted(_RESERVED.intersection(record.keys()))
+            raise ChainError(f"record already has chain field(s) {taken}: sealed twice?")
+        seq = self._seq + 1
+        record["chain"] = self.chain_id
+        record["seq"] = seq
+        record["prev"] = self._prev
+        record["alg"] = self.alg
+        try:
+            body = _encode_canonical(record)
+            hash_value = self._hasher(body.encode("utf-8"))
+        except BaseException:
+            for name in CHAIN_FIELDS:
+                record.pop(name, None)
+            raise
+        record["hash"] = hash_value
+        self._seq = seq
+        self._prev = hash_value
+        return body
+
+    def seal(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Add ``chain``, ``seq``, ``prev``, ``alg`` and ``hash`` to *record*.
+
+        Mutates and returns *record*.  Raises :class:`ChainError` if the
+        record already has one of those fields (nothing is overwritten) and
+        ``TypeError`` for a value JSON cannot represent; either way the
+        chain does not advance.
+        """
+        self._link(record)
+        return record
+
+    def seal_line(self, record: dict[str, Any]) -> str:
+        """:meth:`seal`, then :func:`render`: the line to write (no newline)."""
+        body = self._link(record)
+        hash_value: str = record["hash"]
+        if _plain_ascii(body):
+            return body[:-1] + ',"hash":"' + hash_value + '"}'
+        return _render({k: v for k, v in record.items() if k != "hash"}, hash_value)
+
+
+def start_record(
+    chain: Chain, *, reason: str, previous_file: str | None, **fields: Any
+) -> dict[str, Any]:
+    """The sealed ``audit.chain.start`` record that opens a file.
+
+    Its ``prev`` is the last record of the previous file (or ``GENESIS``),
+    which links the files.  *reason*: ``"new"`` (a new chain), ``"rotate"``,
+    ``"reopen"`` (after logrotate), ``"restart"`` (after :func:`resume`).
+    Extra *fields* (``instance``, ``schema``) are added as given.  Write it
+    as it is (e.g. with :func:`render`): it is sealed already.
+    """
+    record: dict[str, Any] = {"timestamp": _utc_now(), "level": "info", **fields}
+    record.update(event=START_EVENT, reason=reason, previous_file=previous_file)
+    return chain.seal(record)
+
+
+def rotate_record(chain: Chain, next_file: str, **fields: Any) -> dict[str, Any]:
+    """The sealed ``audit.chain.rotate`` record that closes a rotated file.
+
+    It is the file's last line; the chain continues in *next_file*, whose
+    first record is a :func:`start_record`.  Without it, ``verify`` treats a
+    file followed by a later one as truncated when records are missing.
+    """
+    record: dict[str, Any] = {"timestamp": _utc_now(), "level": "info", **fields}
+    record.update(event=ROTATE_EVENT, next_file=next_file)
+    return chain.seal(record)
+
+
+def load_key(path: str | os.PathLike[str]) -> bytes:
+    """Read an HMAC key file: at least 32 bytes, trailing newline stripped.
+
+    Refuses a file that others may read or write (``chmod 600`` or ``640``
+    it), or that is not a regular file.  ``openssl rand -hex 32 > key``
+    makes a good one (64 bytes of key material).
+    """
+    name = os.fspath(path)
+    # No following a symlink, no blocking on a FIFO; checks on the open file.
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise KeyFileError(f"{name}: cannot open key file: {exc.strerror}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise KeyFileError(f"{name}: key file is not a regular file")
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
+            raise KeyFileError(
+                f"{name}: key file is accessible to others (mode {mode:04o}); run: chmod 600 {name}"
+            )
+        data = os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+    if data.endswith(b"\r\n"):
+        data = data[:-2]
+    elif data.endswith(b"\n"):
+        data = data[:-1]
+    if len(data) < MIN_KEY_BYTES:
+        raise KeyFileError(f"{name}: key is {len(data)} bytes; at least {MIN_KEY_BYTES} are needed")
+    return data
+
+
+_TAIL_BLOCK = 8192
+_MAX_TAIL_LINE = 1 << 20
+
+
+def _last_line(path: str | os.PathLike[str]) -> bytes:
+    with open(path, "rb") as f:
+        if f.read(2) == b"\x1f\x8b":
+            raise ChainError(f"{os.fspath(path)}: cannot append to a compressed file")
+        end = f.seek(0, os.SEEK_END)
+        if end == 0:
+            raise ChainError(f"{os.fspath(path)}: empty file, nothing to resume")
+        f.seek(end - 1)
+        if f.read(1) != b"\n":
+            raise ChainError(
+                f"{os.fspath(path)}: the last line is incomplete (a crash during a write?); "
+                "start a new file instead of appending to this one"
+            )
+        stop = end - 1  # the final newline
+        pos = stop
+        data = b""
+        while True:
+            cut = data.rfind(b"\n")
+            if cut >= 0:
+                return data[cut + 1 :]
+            if pos == 0:
+                return data
+            if len(data) > _MAX_TAIL_LINE:
+                raise ChainError(f"{os.fspath(path)}: the last line is too long")
+            step = min(_TAIL_BLOCK, pos)
+            pos -= step
+            f.seek(pos)
+            data = f.read(step) + data
+
+
+def resume(path: str | os.PathLike[str], *, key: bytes | None = None) -> Chain:
+    """A chain that continues the one ending in the file at *path*.
+
+    Reads only the end of the file.  The last line must be a sealed record
+    whose ``hash`` verifies (under *key* if the chain is keyed); otherwise
+    :class:`ChainError` (the caller should then start a new file with a new
+    chain rather than append to a damaged one).  ``FileNotFoundError`` if
+    there is no file.  Good practice after resuming: write a
+    ``start_record(chain, reason="restart", previous_file=None)``.
+    """
+    line = _last_line(path)
+    where = f"{os.fspath(path)}: last line"
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except ValueError as exc:
+        raise ChainError(f"{where} is not valid JSON: {exc}") from exc
+    if not isinstance(record, dict) or "hash" not in record:
+        raise ChainError(f"{where} is not a sealed record")
+    chain_id, seq, hash_value, alg = (record.get(f) for f in ("chain", "seq", "hash", "alg"))
+    if (
+        not isinstance(chain_id, str)
+        or not chain_id
+        or not isinstance(seq, int)
+        or isinstance(seq, bool)
+        or seq < 1
+        or not isinstance(hash_value, str)
+        or not _HEX64.fullmatch(hash_value)
+        or alg not in (ALG_SHA256, ALG_HMAC)
+    ):
+        raise ChainError(f"{where} has invalid chain fields")
+    if alg == ALG_HMAC and key is None:
+        raise ChainError(f"{where} is HMAC-sealed: a key is needed to continue the chain")
+    if alg == ALG_SHA256 and key is not None:
+        raise ChainError(f"{where} is sealed without a key: cannot continue it with one")
+    try:
+        expected = make_hasher(key)(canonical(record))
+    except TypeError as exc:  # pragma: no cover - json.loads yields JSON types
+        raise ChainError(f"{where}: {exc}") from exc
+    if not hmac.compare_digest(expected, hash_value):
+        raise ChainError(f"{where} does not verify (altered record, or wrong key)")
+    return Chain(key=key, prev=hash_value, seq=seq, chain_id=chain_id)

@@ -1,0 +1,332 @@
+"""``popguard audit verify|query|report``: the audit trail tools.
+
+The main CLI mounts them with ``add_audit_commands(commands)`` and calls
+``args.func(args)``; standalone: ``python -m popguard.trail.cli audit ...``.
+
+Exit status: 0 success (verify: the trail is intact), 1 verify found
+tampering or damage, 2 usage or I/O error (including a key file that is
+missing, too short or readable by others, and an HMAC-sealed trail given
+without a key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO, TypeVar
+
+from popguard.trail.chain import ALG_SHA256, KeyFileError, load_key
+from popguard.trail.query import ClientMatcher, Filter, query, write_json, write_table
+from popguard.trail.reader import SkipLog, order_rotated, parse_time
+from popguard.trail.report import Unusable, build_report
+from popguard.trail.report import write_json as write_report_json
+from popguard.trail.report import write_table as write_report_table
+from popguard.trail.verify import Checkpoint, VerifyReport, verify
+
+__all__ = ["add_audit_commands", "cmd_query", "cmd_report", "cmd_verify", "main"]
+
+EXIT_OK = 0
+EXIT_TAMPERED = 1
+EXIT_USAGE = 2
+
+_T = TypeVar("_T")
+
+
+def _argtype(parse: Callable[[str], _T], what: str) -> Callable[[str], _T]:
+    def convert(text: str) -> _T:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"invalid {what}: {exc}") from None
+
+    convert.__name__ = what  # argparse names the type in its messages
+    return convert
+
+
+def _add_files(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="audit files, plain or .gz; rotated files are put oldest first "
+        "(audit.jsonl.2.gz audit.jsonl.1 audit.jsonl)",
+    )
+    parser.add_argument(
+        "--as-given",
+        action="store_true",
+        help="read the files in the order given instead of sorting rotated names",
+    )
+
+
+def _add_period(parser: argparse.ArgumentParser) -> None:
+    when = _argtype(parse_time, "time")
+    parser.add_argument(
+        "--since",
+        type=when,
+        metavar="ISO",
+        help="records at or after this time (2026-11-26, 2026-11-26T08:00Z; UTC if no offset)",
+    )
+    parser.add_argument(
+        "--until", type=when, metavar="ISO", help="records before this time (exclusive)"
+    )
+
+
+def add_audit_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``audit verify|query|report``; each sets ``func(args) -> int``."""
+    audit = subparsers.add_parser(
+        "audit",
+        help="verify, search and summarise audit trails",
+        description="Tools for popguard's JSON-lines audit trail: verify its hash chain, "
+        "query records, report activity per user and day.",
+    )
+    commands = audit.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
+
+    verify_parser = commands.add_parser(
+        "verify",
+        help="check the hash chain; report the first problem",
+        description="Verify the hash chain over the files (oldest first) and report the "
+        "first problem as FILE:LINE: KIND: DETAIL. Exit 0 intact, 1 tampering or damage "
+        "found, 2 usage or I/O error.",
+    )
+    _add_files(verify_parser)
+    verify_parser.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="the HMAC key the trail was sealed with (mode 600 or 640)",
+    )
+    verify_parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        type=_argtype(Checkpoint.parse, "checkpoint"),
+        metavar="CHAIN:SEQ:HASH",
+        help="a record known from elsewhere (an earlier verify, a copy shipped off-host) "
+        "that the trail must still contain; repeatable",
+    )
+    verify_parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="also require each line in the canonical form chain.render() writes",
+    )
+    verify_parser.add_argument("--format", choices=("text", "json"), default="text")
+    verify_parser.set_defaults(func=cmd_verify)
+
+    query_parser = commands.add_parser(
+        "query",
+        help="print the records that match",
+        description="Stream records from the files (oldest first) and print those that "
+        "match every flag given; a flag given several times matches any of its values.",
+    )
+    _add_files(query_parser)
+    query_parser.add_argument(
+        "--user", action="append", default=[], metavar="USER", help="the user, exactly"
+    )
+    query_parser.add_argument(
+        "--event",
+        action="append",
+        default=[],
+        metavar="EVENT",
+        help="the event name; globs allowed ('deletions.*')",
+    )
+    query_parser.add_argument(
+        "--uidl",
+        action="append",
+        default=[],
+        metavar="UIDL",
+        help="a message's UIDL (in uidl, or in any entry of messages)",
+    )
+    query_parser.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        type=_argtype(ClientMatcher.parse, "client"),
+        metavar="ADDR|CIDR",
+        help="the client address (192.0.2.7, 2001:db8::/32, 192.0.2.7:50123)",
+    )
+    query_parser.add_argument(
+        "--session", action="append", default=[], metavar="ID", help="the session id"
+    )
+    _add_period(query_parser)
+    query_parser.add_argument("--format", choices=("json", "table"), default="json")
+    query_parser.set_defaults(func=cmd_query)
+
+    report_parser = commands.add_parser(
+        "report",
+        help="logins, retrievals and deletions per user and UTC day",
+        description="Count, per user and UTC day: logins, failed logins, messages "
+        "retrieved, deletions committed and deletions discarded.",
+    )
+    _add_files(report_parser)
+    _add_period(report_parser)
+    report_parser.add_argument("--format", choices=("table", "json"), default="table")
+    report_parser.set_defaults(func=cmd_report)
+
+
+# --------------------------------------------------------------------------
+# Handlers
+# --------------------------------------------------------------------------
+
+
+def _files(args: argparse.Namespace) -> list[str]:
+    """The files in reading order; each opened once so a bad name fails first."""
+    files: list[str] = list(args.files)
+    for path in files:
+        with open(path, "rb"):
+            pass
+    return files if args.as_given else order_rotated(files)
+
+
+def _error(command: str, message: str) -> int:
+    print(f"popguard audit {command}: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _io_error(command: str, exc: OSError) -> int:
+    where = f"{exc.filename}: " if exc.filename else ""
+    return _error(command, f"{where}{exc.strerror or exc}")
+
+
+def _warn_skipped(command: str, skips: SkipLog) -> None:
+    if not skips.count:
+        return
+    for item in skips.samples:
+        print(f"popguard audit {command}: skipped {item}", file=sys.stderr)
+    if skips.count > len(skips.samples):
+        more = skips.count - len(skips.samples)
+        print(f"popguard audit {command}: ... and {more} more", file=sys.stderr)
+
+
+def _stdout_gone() -> int:
+    """The reader went away (``| head``): stop quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    key: bytes | None = None
+    if args.key_file:
+        try:
+            key = load_key(args.key_file)
+        except KeyFileError as exc:
+            return _error("verify", str(exc))
+    try:
+        files = _files(args)
+        report = verify(files, key=key, strict=args.strict, checkpoints=args.checkpoint)
+    except OSError as exc:
+        return _io_error("verify", exc)
+    if report.exit_status == EXIT_USAGE:
+        assert report.problem is not None
+        return _error("verify", str(report.problem))
+    if args.format == "json":
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        _print_verify(report, sys.stdout)
+    return report.exit_status
+
+
+def _print_verify(report: VerifyReport, out: TextIO) -> None:
+    files = f"{report.files} file{'s' if report.files != 1 else ''}"
+    if report.problem is not None:
+        out.write(f"FAIL {report.problem}\n")
+        out.write(f"({report.records} records verified before it, in {files})\n")
+        return
+    out.write(f"OK {report.records} records in {files}\n")
+    for chain in report.chains:
+        start = (
+            "from its first record"
+            if chain.from_genesis
+            else f"continuing seq {chain.first_seq - 1} (older files not given)"
+        )
+        out.write(
+            f"chain {chain.chain_id} ({chain.alg}): seq {chain.first_seq}..{chain.last_seq}, "
+            f"{start}\n"
+        )
+        out.write(f"checkpoint: {chain.checkpoint}\n")
+        if chain.alg == ALG_SHA256:
+            out.write(
+                f"note: chain {chain.chain_id} is sealed without a key: anyone who can "
+                "write the files can rewrite it whole; compare the checkpoint with a "
+                "copy kept elsewhere\n"
+            )
+    for note in report.notes:
+        out.write(f"note: {note}\n")
+
+
+def _filter(args: argparse.Namespace) -> Filter:
+    return Filter(
+        users=tuple(args.user),
+        events=tuple(args.event),
+        uidls=tuple(args.uidl),
+        clients=tuple(args.client),
+        sessions=tuple(args.session),
+        since=args.since,
+        until=args.until,
+    )
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    skips = SkipLog()
+    try:
+        rows = query(_files(args), _filter(args), skips=skips)
+        if args.format == "table":
+            write_table(rows, sys.stdout)
+        else:
+            write_json(rows, sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _stdout_gone()
+    except OSError as exc:
+        return _io_error("query", exc)
+    _warn_skipped("query", skips)
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    skips = SkipLog()
+    undated = Unusable()
+    try:
+        report = build_report(
+            _files(args), since=args.since, until=args.until, skips=skips, undated=undated
+        )
+    except OSError as exc:
+        return _io_error("report", exc)
+    try:
+        if args.format == "json":
+            write_report_json(report, sys.stdout)
+        else:
+            write_report_table(report, sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _stdout_gone()
+    _warn_skipped("report", skips)
+    if undated.count:
+        print(
+            f"popguard audit report: {undated.count} records without a usable timestamp "
+            "were not counted",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="popguard")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_audit_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], Any] = args.func
+    try:
+        return int(func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
