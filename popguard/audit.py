@@ -1,34 +1,81 @@
-"""Where audit records go: structlog, rendered to one or more sinks.
+"""Where audit records go: structlog, then each sink on its own writer thread.
 
-Follows structlog's advice for production logs: ``merge_contextvars`` (the
-session id, client and listener are bound once per connection task, and
-trio copies the context into the session's child tasks), the level, an ISO
-8601 UTC timestamp with microseconds (NIST AU-8), then rendering.  Each sink
-renders for itself: a JSON-lines file for machines, a readable console line
-for people.
+Records are built by structlog's processors on the caller's thread (the
+trio event loop): ``merge_contextvars`` (the session id, client and
+listener are bound once per connection task, and trio copies the context
+into the session's child tasks), the level, an ISO 8601 UTC timestamp with
+microseconds (NIST AU-8) and the schema version.  The last processor hands
+the finished record to every sink:
 
-Writes are synchronous and small (one ``write`` and ``flush`` per record to
-the OS page cache).  The durable, non-blocking sink with fsync policies and
-hash chaining is the audit-trail issue's work; this module keeps the record
-flow and the rendering in one place so that work has one place to change.
+* A *queued* sink (:class:`~popguard.sinks.base.QueuedSink`: the file,
+  stdout, syslog and the console as built by :func:`open_audit_log_from_config`)
+  only enqueues on this thread; its writer thread does the I/O.  So
+  :meth:`AuditLog.emit` never waits for a disk or a network.  When a queue
+  is full the record is dropped for that sink, counted in ``lost``, and the
+  gap is written into that sink's stream as ``audit.records.lost``.
+* A *plain* sink (anything with ``write`` and ``close``, e.g. a test's list)
+  is called inline, as before.
+
+Health (``docs/audit-delivery.md``): every queued sink tracks ``healthy``,
+``lost`` and ``last_error``; when one fails or recovers, the log writes
+``audit.sink.failed`` / ``audit.sink.recovered`` to the *other* sinks
+(PCI DSS 10.7.2).  :attr:`AuditLog.healthy` covers the durable sinks (the
+file); with ``on_failure="fail-closed"``, :attr:`AuditLog.accepting_sessions`
+is False while one is unhealthy.  :meth:`AuditLog.emit_durable` waits
+(without blocking other trio tasks) until the file has written *and*
+fsynced a record.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextvars
 import sys
 import threading
-from collections.abc import Iterator, MutableMapping
-from contextlib import contextmanager
-from typing import Any, Protocol, TextIO
+import time
+import weakref
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any, Final, Literal, Protocol, TextIO
 
 import structlog
+import trio
 
+from popguard.config import AuditConfig
 from popguard.core.records import AuditRecord
+from popguard.sinks.base import DurableTicket, QueuedSink, ThreadedSink
+from popguard.sinks.file import FileSink
+from popguard.sinks.stream import StdoutSink
+from popguard.sinks.syslog import SyslogTCPSink, SyslogUDPSink
+from popguard.trail.chain import load_key
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "AuditLog",
+    "ConsoleSink",
+    "EventDict",
+    "FileSink",
+    "JsonLinesSink",
+    "OnFailure",
+    "Sink",
+    "StdoutSink",
+    "SyslogTCPSink",
+    "SyslogUDPSink",
+    "ThreadedSink",
+    "open_audit_log",
+    "open_audit_log_from_config",
+    "session_context",
+]
 
 #: Bumped whenever a record's fields change meaning; every record carries it.
 SCHEMA_VERSION = 1
 
 EventDict = MutableMapping[str, Any]
+
+OnFailure = Literal["fail-open", "fail-closed"]
+
+#: How long :meth:`AuditLog.close` waits for the queues to drain by default.
+DEFAULT_CLOSE_TIMEOUT: Final = 5.0
 
 
 class Sink(Protocol):
@@ -36,32 +83,19 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-class JsonLinesSink:
-    """Appends one JSON object per line.  JSON escapes CR/LF (CWE-117)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._render = structlog.processors.JSONRenderer(sort_keys=False)
-        self._lock = threading.Lock()
-        self._file: TextIO = open(path, "a", encoding="utf-8")  # noqa: SIM115
-
-    def write(self, event_dict: EventDict) -> None:
-        line = self._render(None, "", event_dict)
-        assert isinstance(line, str)
-        with self._lock:
-            self._file.write(line + "\n")
-            self._file.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            self._file.close()
-
+#: The JSON-lines file sink under its original name: ``JsonLinesSink(path)``.
+JsonLinesSink = FileSink
 
 _CONSOLE_HIDDEN = frozenset({"schema", "instance"})
 
 
 class ConsoleSink:
-    """Readable lines for a person watching the proxy (``make run``)."""
+    """Readable lines for a person watching the proxy (``make run``).
+
+    A plain sink: it writes where it is called.  :func:`open_audit_log_from_config`
+    runs it on a writer thread, so that a stalled terminal or pipe cannot
+    stall the proxy.
+    """
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self._stream = stream if stream is not None else sys.stderr
@@ -86,15 +120,19 @@ class ConsoleSink:
         pass
 
 
-class _FanOut:
-    """The last processor: hand the finished event to every sink."""
+#: Keys that carry dispatch options through structlog (never written).
+_TICKET: Final = "__popguard_ticket"
+_EXCLUDE: Final = "__popguard_exclude"
 
-    def __init__(self, sinks: list[Sink]) -> None:
-        self.sinks = sinks
+
+class _FanOut:
+    """The last processor: hand the finished event to the log's sinks."""
+
+    def __init__(self, dispatch: Callable[[EventDict], None]) -> None:
+        self._dispatch = dispatch
 
     def __call__(self, logger: object, method: str, event_dict: EventDict) -> EventDict:
-        for sink in self.sinks:
-            sink.write(event_dict)
+        self._dispatch(event_dict)
         raise structlog.DropEvent
 
 
@@ -104,22 +142,76 @@ def _add_schema(logger: object, method: str, event_dict: EventDict) -> EventDict
 
 
 class AuditLog:
-    """Configures structlog once and turns core records into log events."""
+    """Turns core records into log events and delivers them to every sink."""
 
-    def __init__(self, sinks: list[Sink], *, instance: str = "popguard") -> None:
-        self.sinks = sinks
+    def __init__(
+        self,
+        sinks: Sequence[Sink | QueuedSink],
+        *,
+        instance: str = "popguard",
+        on_failure: OnFailure = "fail-open",
+        durable_timeout: float = 5.0,
+    ) -> None:
+        if on_failure not in ("fail-open", "fail-closed"):
+            raise ValueError(f"on_failure must be fail-open or fail-closed, got {on_failure!r}")
+        self.sinks = list(sinks)
         self.instance = instance
+        self.on_failure: OnFailure = on_failure
+        #: Seconds :meth:`emit_durable` waits for the fsync before giving up.
+        self.durable_timeout = durable_timeout
+        self._queued: list[QueuedSink] = [s for s in self.sinks if isinstance(s, QueuedSink)]
+        self._plain: list[Sink] = [s for s in self.sinks if not isinstance(s, QueuedSink)]
+        self._durable = [s for s in self._queued if s.durable]
+        self._plain_lock = threading.RLock()
+        self._closed = False
+        for sink in self._queued:
+            sink.attach(self, instance=instance)
+            sink.start()
         structlog.configure(
             processors=[
                 structlog.contextvars.merge_contextvars,
                 structlog.processors.add_log_level,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
                 _add_schema,
-                _FanOut(sinks),
+                _FanOut(self._dispatch),
             ],
             cache_logger_on_first_use=False,
         )
         self._log = structlog.get_logger("popguard.audit").bind(instance=instance)
+        if self._queued:
+            atexit.register(_close_at_exit, weakref.ref(self))
+
+    # -- health ------------------------------------------------------------
+
+    @property
+    def durable(self) -> bool:
+        """Whether a durable sink (an audit file) is configured."""
+        return bool(self._durable)
+
+    @property
+    def healthy(self) -> bool:
+        """Every durable sink writes, and has recorded every record it dropped."""
+        return all(sink.healthy for sink in self._durable)
+
+    @property
+    def lost(self) -> int:
+        """Records dropped, summed over the sinks (a record lost by two counts twice)."""
+        return sum(sink.lost for sink in self._queued)
+
+    @property
+    def fail_closed(self) -> bool:
+        return self.on_failure == "fail-closed"
+
+    @property
+    def accepting_sessions(self) -> bool:
+        """False in fail-closed mode while a durable sink is unhealthy."""
+        return not self.fail_closed or self.healthy
+
+    def status(self) -> list[dict[str, Any]]:
+        """Each queued sink's health: name, healthy, lost, backlog, last_error."""
+        return [sink.status() for sink in self._queued]
+
+    # -- records -----------------------------------------------------------
 
     def emit(self, record: AuditRecord) -> None:
         self._log.info(record.event.value, **record.fields)
@@ -134,18 +226,206 @@ class AuditLog:
     def error(self, name: str, **fields: Any) -> None:
         self._log.error(name, **fields)
 
-    def close(self) -> None:
-        for sink in self.sinks:
-            sink.close()
+    async def emit_durable(self, record: AuditRecord) -> bool:
+        """Emit ``record`` and wait until every durable sink has fsynced it.
+
+        Other trio tasks run meanwhile: the writer threads wake this task
+        through the trio token.  Returns False, promptly, when a durable
+        sink is unhealthy (the record is still queued and written once the
+        sink recovers), when the record was dropped (queue full), or when
+        it is not durable within :attr:`durable_timeout` seconds.  The
+        caller decides what that means (the proxy refuses the DELE in
+        fail-closed mode, see :attr:`fail_closed`).
+
+        Without a durable sink (no audit file configured) there is nothing
+        to wait for: the record is emitted and True is returned.
+        """
+        durable = self._durable
+        if not durable:
+            self.emit(record)
+            await trio.lowlevel.checkpoint()
+            return True
+        if not self.healthy:
+            self.emit(record)
+            await trio.lowlevel.checkpoint()
+            return False
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+
+        def notify() -> None:
+            with suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        ticket = DurableTicket(len(durable), notify)
+        self._log.info(record.event.value, **record.fields, **{_TICKET: ticket})
+        if ticket.done.is_set():
+            await trio.lowlevel.checkpoint()
+        else:
+            with trio.move_on_after(self.durable_timeout):
+                await done.wait()
+        return ticket.done.is_set() and ticket.ok
+
+    def _dispatch(self, event_dict: EventDict) -> None:
+        """Fan a finished event out (from :class:`_FanOut`, on any thread)."""
+        ticket = event_dict.pop(_TICKET, None)
+        exclude = event_dict.pop(_EXCLUDE, None)
+        if self._queued:
+            # One copy for every queued sink; none of them changes it.
+            event = dict(event_dict)
+            for sink in self._queued:
+                if sink is not exclude:
+                    sink.submit(event, ticket if sink.durable else None)
+        if self._plain:
+            with self._plain_lock:
+                for plain in self._plain:
+                    if plain is not exclude:
+                        plain.write(event_dict)
+
+    # -- sink health reports (called from writer threads) -------------------
+
+    def sink_failed(self, sink: QueuedSink, error: str) -> None:
+        self._internal(
+            "error",
+            "audit.sink.failed",
+            sink,
+            sink=sink.name,
+            error=error,
+            durable=sink.durable,
+            backlog=sink.backlog,
+            lost=sink.lost,
+        )
+
+    def sink_recovered(self, sink: QueuedSink, *, lost: int, down_ms: int) -> None:
+        self._internal(
+            "warning" if lost else "info",
+            "audit.sink.recovered",
+            sink,
+            sink=sink.name,
+            lost=lost,
+            down_ms=down_ms,
+            backlog=sink.backlog,
+        )
+
+    def _internal(self, level: str, name: str, exclude: object, **fields: Any) -> None:
+        """A record about the trail itself, to every sink but ``exclude``.
+
+        Built in an empty context, so it never carries the session id of
+        whichever task happened to overflow a queue.
+        """
+        method: Callable[..., Any] = getattr(self._log, level)
+        contextvars.Context().run(method, name, **fields, **{_EXCLUDE: exclude})
+
+    # -- operations --------------------------------------------------------
+
+    def reopen(self) -> None:
+        """Reopen files (after logrotate) and reconnect syslog; returns at once.
+
+        Takes effect in each sink exactly between the records emitted
+        before and after this call.  The server calls it on SIGHUP/SIGUSR1.
+        """
+        for sink in self._queued:
+            sink.request_reopen()
+        for plain in self._plain:
+            reopen = getattr(plain, "reopen", None)
+            if callable(reopen):
+                reopen()
+
+    def flush(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> bool:
+        """Block until every record so far is delivered (and synced per policy).
+
+        Not for the trio thread: use :meth:`aflush` there.
+        """
+        deadline = time.monotonic() + timeout
+        ok = True
+        for sink in self._queued:
+            ok = sink.flush(max(0.0, deadline - time.monotonic())) and ok
+        return ok
+
+    async def aflush(self) -> bool:
+        """:meth:`flush` from trio, without blocking the event loop.
+
+        Waits at most :data:`DEFAULT_CLOSE_TIMEOUT`; wrap it in
+        ``trio.move_on_after`` to wait less.
+        """
+        return await trio.to_thread.run_sync(self.flush, abandon_on_cancel=True)
+
+    def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
+        """Deliver every queued record (for at most ``timeout`` s), then close.
+
+        Records still queued at the deadline (a disk that stays full) are
+        counted as lost and reported on stderr.  Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for sink in self._queued:
+            sink.begin_close()
+        deadline = time.monotonic() + timeout
+        for sink in self._queued:
+            sink.finish_close(deadline)
+        for plain in self._plain:
+            plain.close()
+
+
+def _close_at_exit(ref: weakref.ref[AuditLog]) -> None:
+    log = ref()
+    if log is not None:
+        log.close()
+
+
+def open_audit_log_from_config(config: AuditConfig, *, instance: str = "popguard") -> AuditLog:
+    """The sinks ``config`` (the ``audit:`` section) asks for, in one log.
+
+    Opens the audit file (raises ``OSError`` if it cannot) and loads the
+    HMAC key (raises :class:`popguard.trail.chain.KeyFileError`) here, so
+    problems show at startup.  Syslog connections are made by the writer
+    threads, and retried.
+    """
+    key = load_key(config.hmac_key_file) if config.hmac_key_file else None
+    size = config.queue_size
+    sinks: list[QueuedSink] = []
+    try:
+        if config.file:
+            sinks.append(
+                FileSink(
+                    config.file,
+                    fsync=config.fsync,
+                    fsync_interval_ms=config.fsync_interval_ms,
+                    queue_size=size,
+                    key=key,
+                )
+            )
+        if config.stdout:
+            sinks.append(StdoutSink(queue_size=size))
+        for target in config.syslog:
+            kind = SyslogUDPSink if target.transport == "udp" else SyslogTCPSink
+            sinks.append(
+                kind(
+                    target.address.host,
+                    target.address.port,
+                    facility=target.facility,
+                    max_message=target.max_message,
+                    sd_id=target.sd_id,
+                    queue_size=size,
+                )
+            )
+        if config.console:
+            sinks.append(ThreadedSink(ConsoleSink(), name="console", queue_size=size))
+    except BaseException:
+        for sink in sinks:
+            sink.close(timeout=1.0)
+        raise
+    return AuditLog(
+        sinks,
+        instance=instance,
+        on_failure=config.on_failure,
+        durable_timeout=config.durable_timeout_ms / 1000,
+    )
 
 
 def open_audit_log(*, file: str | None, console: bool, instance: str = "popguard") -> AuditLog:
-    sinks: list[Sink] = []
-    if file:
-        sinks.append(JsonLinesSink(file))
-    if console:
-        sinks.append(ConsoleSink())
-    return AuditLog(sinks, instance=instance)
+    """The original builder: a file and/or the console, all other keys default."""
+    return open_audit_log_from_config(AuditConfig(file=file, console=console), instance=instance)
 
 
 @contextmanager

@@ -36,10 +36,10 @@ Conventions
   the issue has no position (a missing file, something missing from the whole
   file, or a command-line flag, whose issues use the file name
   ``"<command line>"``).
-* Relative paths in the file (``audit.file``, ``policies``) are resolved
-  against the directory of the config file; a relative ``audit_file`` flag is
-  resolved against the current directory.  Both come out absolute, with
-  ``~`` expanded.
+* Relative paths in the file (``audit.file``, ``audit.hmac_key_file``,
+  ``policies``) are resolved against the directory of the config file; a
+  relative ``audit_file`` flag is resolved against the current directory.
+  Both come out absolute, with ``~`` expanded.
 * A section left empty (``session:`` with every key commented out) means
   all its defaults.  Unknown keys, duplicate keys, YAML merge keys (``<<``)
   and values of the wrong YAML type are errors; YAML 1.1 booleans
@@ -55,6 +55,7 @@ Conventions
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import math
@@ -71,6 +72,15 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
 from popguard.core.limits import Limits
+from popguard.sinks.syslog import (
+    DEFAULT_MAX_MESSAGE,
+    DEFAULT_SD_ID,
+    FACILITIES,
+    MAX_UDP_MESSAGE,
+    MIN_MESSAGE,
+    valid_sd_id,
+)
+from popguard.trail.chain import ChainError, load_key
 
 __all__ = [
     "COMMAND_LINE",
@@ -84,6 +94,7 @@ __all__ = [
     "ListenerConfig",
     "PartialConfig",
     "SessionConfig",
+    "SyslogTarget",
     "UpstreamConfig",
     "build_config",
     "load_config",
@@ -164,12 +175,57 @@ class SessionConfig:
     idle_notice: bool = True
 
 
+FsyncPolicy = Literal["always", "interval", "never"]
+OnFailure = Literal["fail-open", "fail-closed"]
+SyslogTransport = Literal["udp", "tcp"]
+
+_FSYNC_POLICIES: Final[tuple[FsyncPolicy, ...]] = ("always", "interval", "never")
+_ON_FAILURE: Final[tuple[OnFailure, ...]] = ("fail-open", "fail-closed")
+_TRANSPORTS: Final[tuple[SyslogTransport, ...]] = ("udp", "tcp")
+#: The largest ``max_message`` accepted for TCP targets.
+_MAX_TCP_MESSAGE: Final = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class SyslogTarget:
+    """One RFC 5424 syslog receiver (``audit.syslog`` list item)."""
+
+    address: Address
+    transport: SyslogTransport = "udp"
+    #: An RFC 5424 facility name (``auth``, ``local0``, ...).
+    facility: str = "auth"
+    #: Longest message in octets; 0 becomes the transport's default
+    #: (2048 for UDP, RFC 5426; 8192 for TCP, RFC 5425).
+    max_message: int = 0
+    #: The SD-ID of the structured-data element holding the record's fields.
+    sd_id: str = DEFAULT_SD_ID
+
+    def __post_init__(self) -> None:
+        if not self.max_message:
+            object.__setattr__(self, "max_message", DEFAULT_MAX_MESSAGE[self.transport])
+
+
 @dataclass(frozen=True, slots=True)
 class AuditConfig:
     #: Absolute path of the JSON-lines audit file, or ``None`` for none.
     file: str | None = None
     #: Human-readable events on stderr.
     console: bool = True
+    #: JSON lines on standard output too.
+    stdout: bool = False
+    #: When the audit file is fsynced: after every record, at most
+    #: ``fsync_interval_ms`` after a record, or when the kernel likes.
+    fsync: FsyncPolicy = "interval"
+    fsync_interval_ms: int = 200
+    #: Records each sink may hold while its writer is behind (or retrying).
+    queue_size: int = 10000
+    #: ``fail-closed``: refuse new sessions while the audit file is unhealthy.
+    on_failure: OnFailure = "fail-open"
+    #: Absolute path of the HMAC key for an authenticated hash chain.
+    hmac_key_file: str | None = None
+    #: How long ``emit_durable`` waits for a record to be fsynced.
+    durable_timeout_ms: int = 5000
+    syslog: tuple[SyslogTarget, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,10 +432,22 @@ _SECTIONS: Final[Mapping[str, tuple[str, ...]]] = {
     "session": ("idle_timeout", "idle_notice"),
     "limits": _LIMIT_KEYS,
     "shutdown": ("grace_period",),
-    "audit": ("file", "console"),
+    "audit": (
+        "file",
+        "console",
+        "stdout",
+        "fsync",
+        "fsync_interval_ms",
+        "queue_size",
+        "on_failure",
+        "hmac_key_file",
+        "durable_timeout_ms",
+        "syslog",
+    ),
 }
 _TOP_KEYS: Final = ("listeners", "upstream", "session", "limits", "shutdown", "audit", "policies")
 _LISTENER_KEYS: Final = ("name", "listen")
+_SYSLOG_KEYS: Final = ("address", "transport", "facility", "max_message", "sd_id")
 
 _LISTENER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
@@ -548,6 +616,20 @@ class _Walker:
             return None
         value: str = node.value
         return value
+
+    def choice(self, node: Node, where: str, allowed: Sequence[str]) -> str | None:
+        """One of ``allowed`` (strings), with a "did you mean" hint."""
+        options = ", ".join(allowed)
+        if not (isinstance(node, ScalarNode) and node.tag == _STR):
+            self.report(node, f"{where}: expected one of {options}, got {_describe(node)}")
+            return None
+        value: str = node.value
+        if value in allowed:
+            return value
+        close = difflib.get_close_matches(value.lower(), allowed, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        self.report(node, f"{where}: expected one of {options}, got {value!r}{hint}")
+        return None
 
     def path(self, node: Node, where: str) -> str | None:
         """An optional path, resolved against the config file's directory."""
@@ -756,13 +838,181 @@ class _Walker:
         if entries is None:
             return default
         self.check_keys(entries, _SECTIONS["audit"], "audit", "audit")
-        file = default.file
-        console: bool | None = None
-        if "file" in entries:
-            file = self.path(entries["file"][1], "audit.file")
-        if "console" in entries:
-            console = self.boolean(entries["console"][1], "audit.console")
-        return AuditConfig(file=file, console=default.console if console is None else console)
+        values: dict[str, object] = {}
+
+        def given(name: str) -> Node | None:
+            entry = entries.get(name)
+            return entry[1] if entry is not None else None
+
+        def keep(name: str, value: object) -> None:
+            if value is not None:
+                values[name] = value
+
+        if (value_node := given("file")) is not None:
+            values["file"] = self.path(value_node, "audit.file")
+        for name in ("console", "stdout"):
+            if (value_node := given(name)) is not None:
+                keep(name, self.boolean(value_node, f"audit.{name}"))
+        if (value_node := given("fsync")) is not None:
+            keep("fsync", self.choice(value_node, "audit.fsync", _FSYNC_POLICIES))
+        if (value_node := given("fsync_interval_ms")) is not None:
+            keep(
+                "fsync_interval_ms",
+                self.integer(
+                    value_node, "audit.fsync_interval_ms", 1, "milliseconds between fsyncs"
+                ),
+            )
+        if (value_node := given("queue_size")) is not None:
+            keep(
+                "queue_size",
+                self.integer(value_node, "audit.queue_size", 1, "a queue holds a record or more"),
+            )
+        if (value_node := given("on_failure")) is not None:
+            keep("on_failure", self.choice(value_node, "audit.on_failure", _ON_FAILURE))
+        if (value_node := given("durable_timeout_ms")) is not None:
+            keep(
+                "durable_timeout_ms",
+                self.integer(
+                    value_node, "audit.durable_timeout_ms", 1, "a wait of a millisecond or more"
+                ),
+            )
+        if (value_node := given("hmac_key_file")) is not None:
+            key_file = self.path(value_node, "audit.hmac_key_file")
+            if key_file is not None:
+                try:
+                    load_key(key_file)
+                except ChainError as exc:
+                    self.report(value_node, f"audit.hmac_key_file: {exc}")
+                else:
+                    values["hmac_key_file"] = key_file
+        if (value_node := given("syslog")) is not None:
+            values["syslog"] = self.syslog_targets(value_node)
+        config = dataclasses.replace(default, **values)  # type: ignore[arg-type]
+        self.audit_warnings(entries, config)
+        return config
+
+    def audit_warnings(self, entries: _Entries, config: AuditConfig) -> None:
+        """Keys set to something other than their default, to no effect.
+
+        (Defaults are never warned about: the example file lists them all.)
+        """
+        default = AuditConfig()
+
+        def changed(name: str) -> ScalarNode | None:
+            if name in entries and getattr(config, name) != getattr(default, name):
+                return entries[name][0]
+            return None
+
+        if config.file is None:
+            for name in ("fsync", "fsync_interval_ms", "hmac_key_file"):
+                if (key := changed(name)) is not None:
+                    self.report(key, f"audit.{name} has no effect without audit.file", "warning")
+            if (key := changed("on_failure")) is not None:
+                self.report(
+                    key,
+                    "audit.on_failure: fail-closed has no effect without audit.file "
+                    "(only the audit file is a durable sink)",
+                    "warning",
+                )
+        elif config.fsync != "interval" and (key := changed("fsync_interval_ms")) is not None:
+            self.report(
+                key,
+                f"audit.fsync_interval_ms has no effect with fsync: {config.fsync}",
+                "warning",
+            )
+
+    def syslog_targets(self, node: Node) -> tuple[SyslogTarget, ...]:
+        if isinstance(node, ScalarNode) and node.tag == _NULL:
+            return ()
+        if not isinstance(node, SequenceNode):
+            self.report(
+                node,
+                f"audit.syslog: expected a list of syslog targets, got {_describe(node)} "
+                '(e.g. "- address: 127.0.0.1:514")',
+            )
+            return ()
+        targets: list[SyslogTarget] = []
+        seen: dict[tuple[str, tuple[str, int]], int] = {}
+        for index, item in enumerate(node.value):
+            where = f"audit.syslog[{index}]"
+            entries = self.mapping(item, where)
+            if entries is None:
+                continue
+            self.check_keys(entries, _SYSLOG_KEYS, where, "audit.syslog")
+            if "address" not in entries:
+                self.report(
+                    item,
+                    f"{where}: missing required key 'address' (e.g. address: \"127.0.0.1:514\")",
+                )
+                continue
+            ok = True
+            address_node = entries["address"][1]
+            address = self.address(address_node, f"{where}.address", listen=False)
+            ok = ok and address is not None
+            transport: str = "udp"
+            if "transport" in entries:
+                chosen = self.choice(entries["transport"][1], f"{where}.transport", _TRANSPORTS)
+                ok = ok and chosen is not None
+                transport = chosen or transport
+            facility = "auth"
+            if "facility" in entries:
+                chosen = self.choice(entries["facility"][1], f"{where}.facility", tuple(FACILITIES))
+                ok = ok and chosen is not None
+                facility = chosen or facility
+            max_message = DEFAULT_MAX_MESSAGE[transport]
+            if "max_message" in entries:
+                size_node = entries["max_message"][1]
+                size = self.integer(
+                    size_node,
+                    f"{where}.max_message",
+                    MIN_MESSAGE,
+                    "RFC 5426 §3.2: every receiver accepts 480 octets",
+                )
+                upper = MAX_UDP_MESSAGE if transport == "udp" else _MAX_TCP_MESSAGE
+                if size is not None and size > upper:
+                    why = "the largest UDP payload" if transport == "udp" else "1 MiB"
+                    self.report(
+                        size_node,
+                        f"{where}.max_message: must be at most {upper} ({why}) "
+                        f"for {transport}, got {size}",
+                    )
+                    size = None
+                ok = ok and size is not None
+                max_message = size or max_message
+            sd_id = DEFAULT_SD_ID
+            if "sd_id" in entries:
+                sd_node = entries["sd_id"][1]
+                text = self.string(sd_node, f"{where}.sd_id", '"popguard@32473"')
+                if text is not None and not valid_sd_id(text):
+                    self.report(
+                        sd_node,
+                        f"{where}.sd_id: invalid SD-ID {text!r}: write NAME@ENTERPRISE-NUMBER "
+                        "(RFC 5424 §7.2.2), e.g. popguard@32473",
+                    )
+                    text = None
+                ok = ok and text is not None
+                sd_id = text or sd_id
+            if not ok or address is None:
+                continue
+            key = (transport, _address_key(address))
+            if key in seen:
+                self.report(
+                    address_node,
+                    f"{where}.address: {transport} {address} is already audit.syslog"
+                    f"[{seen[key]}]; every record would be sent twice",
+                    "warning",
+                )
+            seen[key] = index
+            targets.append(
+                SyslogTarget(
+                    address=address,
+                    transport="tcp" if transport == "tcp" else "udp",
+                    facility=facility,
+                    max_message=max_message,
+                    sd_id=sd_id,
+                )
+            )
+        return tuple(targets)
 
     def require_complete(self) -> None:
         """Report a missing listener or upstream address (for :func:`load_config`).
@@ -978,9 +1228,9 @@ def build_config(
         if not audit_file:
             report("--audit-file: empty path")
         else:
-            audit = AuditConfig(os.path.abspath(os.path.expanduser(audit_file)), audit.console)
+            audit = dataclasses.replace(audit, file=os.path.abspath(os.path.expanduser(audit_file)))
     if console is not None:
-        audit = AuditConfig(audit.file, console)
+        audit = dataclasses.replace(audit, console=console)
 
     in_file = f" in {partial.source}" if partial.source else " in the config file"
     if not listeners and not listen:

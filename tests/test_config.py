@@ -19,6 +19,7 @@ from popguard.config import (
     ListenerConfig,
     PartialConfig,
     SessionConfig,
+    SyslogTarget,
     UpstreamConfig,
     build_config,
     load_config,
@@ -736,3 +737,228 @@ def test_config_types_are_frozen() -> None:
     assert not hasattr(address, "__dict__")
     assert str(address) == "[::1]:110"
     assert str(Address("10.0.0.1", 110)) == "10.0.0.1:110"
+
+
+# --------------------------------------------------------------------------
+# audit: delivery keys (sinks, fsync, failure policy, syslog targets)
+# --------------------------------------------------------------------------
+
+
+def test_audit_delivery_keys(tmp_path: Path) -> None:
+    key = tmp_path / "keys" / "audit.key"
+    key.parent.mkdir()
+    key.write_text("k" * 64 + "\n")
+    key.chmod(0o600)
+    path = write(
+        tmp_path,
+        MINIMAL
+        + """\
+audit:
+  file: audit.jsonl
+  console: false
+  stdout: yes
+  fsync: always
+  fsync_interval_ms: 200
+  queue_size: 500
+  on_failure: fail-closed
+  durable_timeout_ms: 250
+  hmac_key_file: keys/audit.key
+  syslog:
+    - address: "127.0.0.1:514"
+    - address: "[::1]:6514"
+      transport: tcp
+      facility: local3
+      max_message: 4096
+      sd_id: "audit@12345"
+""",
+    )
+    config, warnings = load_config(path)
+    assert warnings == []
+    assert config.audit == AuditConfig(
+        file=str(tmp_path / "audit.jsonl"),
+        console=False,
+        stdout=True,
+        fsync="always",
+        fsync_interval_ms=200,
+        queue_size=500,
+        on_failure="fail-closed",
+        durable_timeout_ms=250,
+        hmac_key_file=str(key),
+        syslog=(
+            SyslogTarget(Address("127.0.0.1", 514), "udp", "auth", 2048, "popguard@32473"),
+            SyslogTarget(Address("::1", 6514), "tcp", "local3", 4096, "audit@12345"),
+        ),
+    )
+
+
+def test_audit_defaults_change_nothing(tmp_path: Path) -> None:
+    config, _ = load_config(write(tmp_path, MINIMAL + "audit:\n  file: a.jsonl\n"))
+    assert config.audit == AuditConfig(file=str(tmp_path / "a.jsonl"))
+    assert config.audit.console
+    assert not config.audit.stdout
+    assert config.audit.syslog == ()
+    assert config.audit.on_failure == "fail-open"
+
+
+def test_tcp_syslog_default_max_message(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        MINIMAL + 'audit:\n  syslog:\n    - address: "log.example.com:601"\n      transport: tcp\n',
+    )
+    config, _ = load_config(path)
+    assert config.audit.syslog == (
+        SyslogTarget(Address("log.example.com", 601), "tcp", "auth", 8192),
+    )
+
+
+def test_empty_syslog_list(tmp_path: Path) -> None:
+    for text in ("audit:\n  syslog: []\n", "audit:\n  syslog:\n"):
+        config, warnings = load_config(write(tmp_path, MINIMAL + text))
+        assert config.audit.syslog == ()
+        assert warnings == []
+
+
+AUDIT_ERROR_CASES = [
+    # (appended to MINIMAL, line, column, message fragment) -- MINIMAL is 5 lines
+    ("audit:\n  fsync: sometimes\n", 7, 10, "expected one of always, interval, never"),
+    ("audit:\n  fsync: alway\n", 7, 10, "did you mean 'always'?"),
+    ("audit:\n  fsync: no\n", 7, 10, "got a boolean 'no'"),
+    ("audit:\n  fsync_interval_ms: 0\n", 7, 22, "must be at least 1"),
+    ("audit:\n  fsync_interval_ms: 0.5\n", 7, 22, "expected an integer, got a float"),
+    ("audit:\n  queue_size: 0\n", 7, 15, "audit.queue_size: must be at least 1"),
+    ("audit:\n  queue_size: '100'\n", 7, 15, "write numbers without quotes"),
+    ("audit:\n  stdout: 1\n", 7, 11, "expected true or false"),
+    ("audit:\n  on_failure: fail-close\n", 7, 15, "did you mean 'fail-closed'?"),
+    ("audit:\n  durable_timeout_ms: -1\n", 7, 23, "must be at least 1"),
+    ("audit:\n  hmac_key_file: ''\n", 7, 18, "empty path"),
+    ("audit:\n  hmac_key_file: missing.key\n", 7, 18, "cannot open key file"),
+    ("audit:\n  syslog: 127.0.0.1:514\n", 7, 11, "expected a list of syslog targets"),
+    ("audit:\n  syslog:\n    - transport: udp\n", 8, 7, "missing required key 'address'"),
+    ("audit:\n  syslog:\n    - 127.0.0.1:514\n", 8, 7, "expected a mapping"),
+    ("audit:\n  syslog:\n    - address: 514\n", 8, 16, "expected a string"),
+    ("audit:\n  syslog:\n    - address: localhost\n", 8, 16, "missing port"),
+    (
+        "audit:\n  syslog:\n    - address: 'h:514'\n      transport: tls\n",
+        9,
+        18,
+        "expected one of udp, tcp, got 'tls'",
+    ),
+    (
+        "audit:\n  syslog:\n    - address: 'h:514'\n      facility: local8\n",
+        9,
+        17,
+        "got 'local8' (did you mean 'local7'?)",
+    ),
+    (
+        "audit:\n  syslog:\n    - address: 'h:514'\n      facility: 4\n",
+        9,
+        17,
+        "got an integer",
+    ),
+    (
+        "audit:\n  syslog:\n    - address: 'h:514'\n      max_message: 100\n",
+        9,
+        20,
+        "at least 480 (RFC 5426",
+    ),
+    (
+        "audit:\n  syslog:\n    - address: 'h:514'\n      max_message: 70000\n",
+        9,
+        20,
+        "at most 65507",
+    ),
+    (
+        "audit:\n  syslog:\n    - address: 'h:514'\n      sd_id: 'has space@1'\n",
+        9,
+        14,
+        "invalid SD-ID",
+    ),
+    (
+        "audit:\n  syslog:\n    - address: 'h:514'\n      sd_id: 'x@y'\n",
+        9,
+        14,
+        "NAME@ENTERPRISE-NUMBER",
+    ),
+    (
+        "audit:\n  syslog:\n    - address: 'h:514'\n      port: 514\n",
+        9,
+        7,
+        "audit.syslog[0]: unknown key 'port'",
+    ),
+]
+
+
+@pytest.mark.parametrize(("extra", "line", "column", "fragment"), AUDIT_ERROR_CASES)
+def test_audit_error_location(
+    tmp_path: Path, extra: str, line: int, column: int, fragment: str
+) -> None:
+    found = errors(write(tmp_path, MINIMAL + extra))
+    assert len(found) == 1, found
+    assert (found[0].line, found[0].column) == (line, column)
+    assert fragment in found[0].message
+
+
+def test_tcp_syslog_accepts_large_messages(tmp_path: Path) -> None:
+    text = "audit:\n  syslog:\n    - address: 'h:514'\n      transport: tcp\n"
+    config, _ = load_config(write(tmp_path, MINIMAL + text + "      max_message: 70000\n"))
+    assert config.audit.syslog[0].max_message == 70000
+    found = errors(write(tmp_path, MINIMAL + text + "      max_message: 2000000\n"))
+    assert "at most 1048576" in found[0].message
+
+
+def test_hmac_key_file_must_not_be_readable_by_others(tmp_path: Path) -> None:
+    key = tmp_path / "audit.key"
+    key.write_text("k" * 64)
+    key.chmod(0o644)
+    found = errors(write(tmp_path, MINIMAL + "audit:\n  hmac_key_file: audit.key\n"))
+    assert (found[0].line, found[0].column) == (7, 18)
+    assert "chmod 600" in found[0].message
+    key.chmod(0o600)
+    key.write_text("short")
+    found = errors(write(tmp_path, MINIMAL + "audit:\n  hmac_key_file: audit.key\n"))
+    assert "at least 32" in found[0].message
+
+
+@pytest.mark.parametrize(
+    ("extra", "line", "fragment"),
+    [
+        ("audit:\n  fsync: always\n", 7, "audit.fsync has no effect without audit.file"),
+        ("audit:\n  on_failure: fail-closed\n", 7, "fail-closed has no effect"),
+        (
+            "audit:\n  file: a.jsonl\n  fsync: never\n  fsync_interval_ms: 50\n",
+            9,
+            "fsync_interval_ms has no effect with fsync: never",
+        ),
+        (
+            "audit:\n  syslog:\n    - address: '10.0.0.1:514'\n    - address: '10.0.0.1:514'\n",
+            9,
+            "every record would be sent twice",
+        ),
+    ],
+)
+def test_audit_warnings(tmp_path: Path, extra: str, line: int, fragment: str) -> None:
+    _, warnings = load_config(write(tmp_path, MINIMAL + extra))
+    assert len(warnings) == 1, warnings
+    assert warnings[0].severity == "warning"
+    assert warnings[0].line == line
+    assert fragment in warnings[0].message
+
+
+def test_audit_file_flag_keeps_the_other_audit_keys(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        MINIMAL + "audit:\n  file: a.jsonl\n  fsync: always\n  on_failure: fail-closed\n",
+    )
+    base, _ = load_config(path)
+    config, _ = build_config(base=base, audit_file=str(tmp_path / "b.jsonl"), console=False)
+    assert config.audit == AuditConfig(
+        file=str(tmp_path / "b.jsonl"), console=False, fsync="always", on_failure="fail-closed"
+    )
+
+
+def test_example_file_mentions_every_audit_key() -> None:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    for name in AuditConfig.__dataclass_fields__:
+        assert f"{name}:" in text
+    for name in SyslogTarget.__dataclass_fields__:
+        assert f"{name}:" in text
