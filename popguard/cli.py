@@ -6,6 +6,8 @@
 ``popguard demo``          the proxy in front of the bundled demo upstream,
                            on loopback, with sample mail (``make run``)
 ``popguard demo-upstream`` only the demo POP3 server (a test and demo tool)
+``popguard audit``         verify, query and report on an audit trail
+                           (``popguard.trail.cli``)
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 import trio
 
 from popguard import __version__
-from popguard.audit import AuditLog, open_audit_log
+from popguard.audit import AuditLog, open_audit_log_from_config
 from popguard.config import (
     Config,
     ConfigError,
@@ -26,7 +28,15 @@ from popguard.config import (
     build_config,
     read_config,
 )
-from popguard.shell.server import Endpoint, ListenerSpec, ProxyServer, ServerSettings, serve
+from popguard.shell.server import (
+    Endpoint,
+    ListenerSpec,
+    ProxyServer,
+    ServerSettings,
+    serve,
+)
+from popguard.trail.chain import KeyFileError
+from popguard.trail.cli import add_audit_commands
 
 DEMO_LISTEN = "127.0.0.1:1110"
 
@@ -43,6 +53,7 @@ def settings_from_config(config: Config) -> ServerSettings:
         idle_notice=config.session.idle_notice,
         shutdown_grace=config.shutdown_grace,
         limits=config.limits,
+        message_identity=config.audit.message_identity,
     )
 
 
@@ -100,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the proxy",
         description="Run the proxy in front of an upstream POP3 server until SIGTERM or "
-        "SIGINT. Flags override the config file.",
+        "SIGINT (a second signal skips the grace period). SIGHUP or SIGUSR1 reopens the "
+        "audit file (after logrotate). Flags override the config file.",
     )
     _add_serve_flags(serve_parser)
 
@@ -128,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         "mail server.",
     )
     demo_up.add_argument("--listen", default="127.0.0.1:21110", metavar="HOST:PORT")
+
+    add_audit_commands(commands)
     return parser
 
 
@@ -155,7 +169,7 @@ async def _serve_until_signal(config: Config, audit: AuditLog) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _resolve(args, upstream=args.upstream)
-    audit = open_audit_log(file=config.audit.file, console=config.audit.console)
+    audit = open_audit_log_from_config(config.audit)
     try:
         trio.run(_serve_until_signal, config, audit)
     finally:
@@ -184,7 +198,7 @@ async def _demo(args: argparse.Namespace) -> None:
         if not args.listen:
             args.listen = [DEMO_LISTEN]
         config = _resolve(args, upstream=upstream)
-        audit = open_audit_log(file=config.audit.file, console=config.audit.console)
+        audit = open_audit_log_from_config(config.audit)
         settings = settings_from_config(config)
 
         async def proxy(task_status: trio.TaskStatus[ProxyServer]) -> None:
@@ -246,6 +260,12 @@ def cmd_demo_upstream(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "audit":
+        # The trail tools report their own errors and exit codes (2: I/O).
+        try:
+            return int(args.func(args))
+        except KeyboardInterrupt:
+            return 130
     handlers = {
         "serve": cmd_serve,
         "check-config": cmd_check_config,
@@ -256,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args)
     except ConfigError as exc:
         _print_issues(exc.issues)
+        return 2
+    except KeyFileError as exc:
+        print(f"popguard: audit.hmac_key_file: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

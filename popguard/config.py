@@ -226,6 +226,9 @@ class AuditConfig:
     #: How long ``emit_durable`` waits for a record to be fsynced.
     durable_timeout_ms: int = 5000
     syslog: tuple[SyslogTarget, ...] = ()
+    #: Look up each message's UIDL and size upstream (two extra one-line
+    #: commands, once per message), so records name messages durably.
+    message_identity: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,6 +446,7 @@ _SECTIONS: Final[Mapping[str, tuple[str, ...]]] = {
         "hmac_key_file",
         "durable_timeout_ms",
         "syslog",
+        "message_identity",
     ),
 }
 _TOP_KEYS: Final = ("listeners", "upstream", "session", "limits", "shutdown", "audit", "policies")
@@ -850,7 +854,7 @@ class _Walker:
 
         if (value_node := given("file")) is not None:
             values["file"] = self.path(value_node, "audit.file")
-        for name in ("console", "stdout"):
+        for name in ("console", "stdout", "message_identity"):
             if (value_node := given(name)) is not None:
                 keep(name, self.boolean(value_node, f"audit.{name}"))
         if (value_node := given("fsync")) is not None:

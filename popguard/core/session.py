@@ -136,6 +136,9 @@ REPLY_AUDIT_UNAVAILABLE = (
     b"-ERR [SYS/TEMP] The audit trail cannot record this deletion now, try again later\r\n"
 )
 
+#: A new connection while fail-closed auditing cannot write (the shell sends it).
+REPLY_AUDIT_DOWN = b"-ERR [SYS/TEMP] popguard cannot write its audit trail, try again later\r\n"
+
 _DEFAULT_LIMITS = Limits()
 
 

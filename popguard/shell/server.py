@@ -8,6 +8,11 @@ Shutdown (SIGTERM/SIGINT, or :meth:`ProxyServer.request_shutdown`): stop
 accepting and close the listeners, give open sessions ``shutdown_grace``
 seconds to finish on their own, then end the rest.  Ending a session closes
 its upstream connection without QUIT, so the server deletes nothing.
+
+SIGHUP and SIGUSR1 reopen the audit file (logrotate renames it, then
+signals).  With ``audit.on_failure: fail-closed`` a new connection is
+refused with ``-ERR [SYS/TEMP]`` while the audit file cannot be written,
+and a DELE is forwarded only once its record is on disk.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import secrets
 import signal
 from collections.abc import AsyncIterator, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -23,7 +29,7 @@ import trio
 from popguard.audit import AuditLog, session_context
 from popguard.core.limits import Limits
 from popguard.core.records import EndReason
-from popguard.core.session import ProxySession
+from popguard.core.session import REPLY_AUDIT_DOWN, ProxySession
 from popguard.shell.relay import Relay
 from popguard.shell.tcp import TCPStream
 
@@ -152,12 +158,16 @@ class ProxyServer:
             return
         session_id = secrets.token_hex(8)
         with session_context(session=session_id, client=client, listener=listener):
+            if not self.audit.accepting_sessions:
+                await self._refuse(stream, "audit_unavailable", REPLY_AUDIT_DOWN)
+                return
             session = ProxySession(
                 client=client,
                 listener=listener,
                 limits=settings.limits,
                 idle_notice=settings.idle_notice,
                 message_identity=settings.message_identity,
+                durable_deletions=self.audit.fail_closed,
             )
             upstream = settings.upstream
             relay = Relay(
@@ -168,6 +178,7 @@ class ProxyServer:
                 connect_timeout=settings.connect_timeout,
                 idle_timeout=settings.idle_timeout,
                 emit=self.audit.emit,
+                emit_durable=self.audit.emit_durable,
             )
             self._relays.add(relay)
             self._all_closed = trio.Event() if len(self._relays) == 1 else self._all_closed
@@ -179,6 +190,13 @@ class ProxyServer:
                 self._relays.discard(relay)
                 if not self._relays:
                     self._all_closed.set()
+
+    async def _refuse(self, stream: trio.SocketStream, reason: str, reply: bytes) -> None:
+        """Answer a connection popguard will not serve, and close it."""
+        self.audit.warning("session.refused", reason=reason)
+        with trio.move_on_after(1), suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(reply)
+        await trio.aclose_forcefully(stream)
 
 
 async def connect_tcp(host: str, port: int) -> TCPStream:
@@ -200,18 +218,25 @@ async def serve(
     """Run the proxy until SIGTERM or SIGINT (a second signal skips the grace)."""
     server = ProxyServer(settings, audit)
     await server.open_listeners()  # a bind error surfaces here, not in a group
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(*_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_on_signals, signals, server, audit)
             await server.run(task_status=task_status)
             nursery.cancel_scope.cancel()
 
 
+_REOPEN_SIGNALS = frozenset({signal.SIGHUP, signal.SIGUSR1})
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, *_REOPEN_SIGNALS)
+
+
 async def _on_signals(signals: AsyncIterator[int], server: ProxyServer, audit: AuditLog) -> None:
     count = 0
     async for signum in signals:
-        count += 1
         audit.event("popguard.signal", signal=signal.Signals(signum).name)
+        if signum in _REOPEN_SIGNALS:
+            audit.reopen()
+            continue
+        count += 1
         server.request_shutdown(immediate=count > 1)
 
 

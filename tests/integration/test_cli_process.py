@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import signal
 import socket
 import subprocess
@@ -384,3 +385,39 @@ def test_second_sigterm_skips_the_grace_period(
     assert dovecot.maildir_messages(user) == [stored_form(m) for m in messages]
     (discarded,) = proxy.named("deletions.discarded")
     assert numbers(discarded["messages"]) == [1]
+
+
+def test_sighup_reopens_the_audit_file_after_rotation(
+    dovecot, mailbox, make_messages, popguard_process
+):
+    """logrotate's way: rename the file, then SIGHUP. No record is lost,
+    the chain runs on across both files, and the proxy keeps serving."""
+    user, password, _ = mailbox(make_messages(2, seed=12))
+    proxy = popguard_process()
+
+    def one_session() -> None:
+        with socket.create_connection(proxy.address, timeout=30) as sock:
+            login(sock, user, password)
+            sock.sendall(b"QUIT\r\n")
+            assert read_line(sock).startswith(b"+OK")
+
+    one_session()
+    proxy.wait_for("session.closed")
+    rotated = proxy.audit_path.with_name(proxy.audit_path.name + ".1")
+    proxy.audit_path.rename(rotated)
+    proxy.proc.send_signal(signal.SIGHUP)
+    proxy.wait_for("audit.chain.start")  # the new file is open
+    one_session()
+    proxy.wait_for("session.closed")
+    assert proxy.terminate() == 0
+
+    old = [json.loads(line) for line in rotated.read_text().splitlines()]
+    new = proxy.events()
+    assert [e["event"] for e in old].count("session.closed") == 1
+    assert [e["event"] for e in new].count("session.closed") == 1
+    assert (new[0]["event"], new[0]["reason"]) == ("audit.chain.start", "reopen")
+    # The old file ends by saying why (the signal) and where the chain goes on.
+    assert (old[-2]["event"], old[-2]["signal"]) == ("popguard.signal", "SIGHUP")
+    assert (old[-1]["event"], old[-1]["next_file"]) == ("audit.chain.rotate", str(proxy.audit_path))
+    verified = run_cli("audit", "verify", str(rotated), str(proxy.audit_path))
+    assert verified.returncode == 0, verified

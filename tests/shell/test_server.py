@@ -7,8 +7,11 @@ against Dovecot in ``tests/integration``.
 
 from __future__ import annotations
 
+import errno
+import os
 import poplib
 import socket
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from popguard.audit import AuditLog
 from popguard.core.limits import Limits
 from popguard.shell.server import Endpoint, ListenerSpec, ProxyServer, ServerSettings
 from popguard.shell.tcp import TCPStream
+from popguard.sinks.base import Entry, QueuedSink
 from popguard.testing.demo_upstream import DemoUpstream, Faults, bound_port, sample_store
 
 
@@ -56,11 +60,15 @@ async def stack(
     *,
     host: str = "127.0.0.1",
     upstream_port: int | None = None,
+    audit: AuditLog | None = None,
+    sink: ListSink | None = None,
     **settings: Any,
 ) -> AsyncIterator[Stack]:
     demo = DemoUpstream(sample_store(), faults)
-    sink = ListSink()
-    audit = AuditLog([sink])
+    if sink is None:
+        sink = ListSink()
+    if audit is None:
+        audit = AuditLog([sink])
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(demo.serve, host, 0)
         port = upstream_port if upstream_port is not None else bound_port(listeners)
@@ -282,3 +290,96 @@ async def test_over_long_and_garbage_commands_do_not_reach_upstream() -> None:
     assert out.count(b"-ERR") == 3
     assert out.endswith(b"-ERR Too many invalid commands, closing connection\r\n")
     assert s.demo.received_commands == []
+
+
+class FailableDiskSink(QueuedSink):
+    """A durable queued sink (like the audit file) whose writes can fail."""
+
+    durable = True
+
+    def __init__(self) -> None:
+        super().__init__("disk")
+        self.retry_initial = 0.01
+        self.retry_max = 0.05
+        self.fail = threading.Event()
+        self.delivered: list[dict[str, Any]] = []
+
+    def _deliver(self, entry: Entry) -> None:
+        if self.fail.is_set():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        assert entry.event is not None
+        self.delivered.append(dict(entry.event))
+
+    def _sync(self, *, force: bool) -> None:
+        pass
+
+    def _commit(self, *, durable: bool) -> None:
+        pass
+
+
+async def wait_until(condition: Any, limit: float = 10.0) -> None:
+    with trio.fail_after(limit):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+async def test_fail_closed_forwards_dele_only_after_its_record_is_on_disk() -> None:
+    disk, sink = FailableDiskSink(), ListSink()
+    audit = AuditLog([disk, sink], on_failure="fail-closed")
+    async with stack(audit=audit, sink=sink) as s:
+        out = await in_thread(raw_session, s.port, b"USER demo\r\nPASS demo\r\nDELE 1\r\nQUIT\r\n")
+    audit.close()
+    assert out.count(b"+OK") == 5
+    assert len(s.demo.store.messages("demo")) == 4
+    names = [event["event"] for event in disk.delivered]
+    # The request is on disk before the server saw the DELE, then the outcome.
+    assert names.index("dele.requested") < names.index("dele.marked")
+    assert "deletions.committed" in names
+
+
+async def test_fail_closed_refuses_sessions_and_deletions_while_the_disk_fails() -> None:
+    disk, sink = FailableDiskSink(), ListSink()
+    audit = AuditLog([disk, sink], on_failure="fail-closed")
+    async with stack(audit=audit, sink=sink) as s:
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        sock.sendall(b"USER demo\r\nPASS demo\r\n")
+        received = b""
+        with trio.fail_after(5):
+            while received.count(b"\r\n") < 3:
+                received += await in_thread(sock.recv, 4096)
+        disk.fail.set()
+        audit.event("test.poke")  # the next write fails: the disk is unhealthy
+        await wait_until(lambda: not audit.healthy)
+
+        # A new connection is refused before any upstream connection is made.
+        assert s.demo.received_commands.count(b"USER demo") == 1
+        refused = await in_thread(raw_session, s.port, b"")
+        assert (
+            refused == b"-ERR [SYS/TEMP] popguard cannot write its audit trail, try again later\r\n"
+        )
+        assert sink.named("session.refused")[0]["reason"] == "audit_unavailable"
+
+        # The open session's DELE is refused and never reaches the server.
+        sock.sendall(b"DELE 1\r\n")
+        reply = await in_thread(sock.recv, 4096)
+        assert reply.startswith(b"-ERR [SYS/TEMP]")
+        assert b"DELE 1" not in s.demo.received_commands
+
+        # Once the disk recovers, the same session may delete.
+        disk.fail.clear()
+        await wait_until(lambda: audit.healthy)
+        sock.sendall(b"DELE 1\r\nQUIT\r\n")
+        rest = b""
+        with trio.fail_after(5):
+            while chunk := await in_thread(sock.recv, 4096):
+                rest += chunk
+        sock.close()
+        assert s.demo.received_commands.count(b"USER demo") == 1  # no new upstream session
+    audit.close()
+    assert rest.startswith(b"+OK")
+    assert rest.count(b"+OK") == 2
+    assert len(s.demo.store.messages("demo")) == 4
+    # Nothing was lost while the disk failed: the records were retried.
+    names = [event["event"] for event in disk.delivered]
+    assert "session.refused" in names
+    assert "command.rejected" in names

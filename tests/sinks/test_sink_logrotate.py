@@ -23,17 +23,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from popguard.trail import chain as trail
+from tests.ci import needs_tool
 
 LOGROTATE = shutil.which("logrotate") or (
     "/usr/sbin/logrotate" if Path("/usr/sbin/logrotate").exists() else None
 )
 
-pytestmark = pytest.mark.skipif(
-    LOGROTATE is None, reason="logrotate is not installed (Debian package: logrotate)"
-)
+pytestmark = needs_tool(LOGROTATE, "logrotate (Debian package: logrotate)")
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -107,7 +104,7 @@ def starts_anew(path: Path) -> bool:
 
 
 def test_logrotate_with_sighup(tmp_path: Path) -> None:
-    assert LOGROTATE is not None
+    assert LOGROTATE is not None, "logrotate is required in CI"
     logs = tmp_path / "log"
     logs.mkdir()
     audit = logs / "audit.jsonl"

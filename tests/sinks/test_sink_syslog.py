@@ -30,6 +30,7 @@ from popguard.sinks.syslog import (
     SyslogUDPSink,
     escape_param_value,
 )
+from tests.ci import needs_tool
 
 # --------------------------------------------------------------------------
 # A strict RFC 5424 parser (the receiving side, for the tests)
@@ -498,9 +499,7 @@ RSYSLOGD = shutil.which("rsyslogd") or (
     "/usr/sbin/rsyslogd" if Path("/usr/sbin/rsyslogd").exists() else None
 )
 
-needs_rsyslog = pytest.mark.skipif(
-    RSYSLOGD is None, reason="rsyslogd is not installed (Debian package: rsyslog)"
-)
+needs_rsyslog = needs_tool(RSYSLOGD, "rsyslogd (Debian package: rsyslog)")
 
 _CONFIG = """\
 global(workDirectory="{work}" maxMessageSize="64k")
@@ -551,7 +550,7 @@ def _free_port(kind: socket.SocketKind) -> int:
 
 @pytest.fixture
 def rsyslog(tmp_path: Path) -> Iterator[Rsyslog]:
-    assert RSYSLOGD is not None
+    assert RSYSLOGD is not None, "rsyslogd is required in CI"
     work = tmp_path / "rsyslog"
     work.mkdir()
     out = work / "out.log"
