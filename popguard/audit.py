@@ -214,7 +214,8 @@ class AuditLog:
     # -- records -----------------------------------------------------------
 
     def emit(self, record: AuditRecord) -> None:
-        self._log.info(record.event.value, **record.fields)
+        if self.sinks:  # with no sink at all, skip structlog's processors
+            self._log.info(record.event.value, **record.fields)
 
     def event(self, name: str, **fields: Any) -> None:
         """A record from the shell itself (start, stop, listener errors)."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import trio
@@ -101,7 +101,8 @@ class Relay:
         self._upstream_sending = False
         self._last_activity = 0.0
         self._client_may_send = trio.Event()
-        self._receive_scopes: set[trio.CancelScope] = set()
+        self._client_receive = trio.CancelScope()
+        self._upstream_receive = trio.CancelScope()
         self._started_at = 0.0
 
     # ------------------------------------------------------------------
@@ -172,7 +173,10 @@ class Relay:
     async def _pump_client(self) -> None:
         session = self.session
         while not session.finished:
-            with self._receiving() as scope:
+            # A scope around each wait for input only, never around a send
+            # (see _stop_receiving).  Entered inline: this is the hot path.
+            scope = self._client_receive = trio.CancelScope()
+            with scope:
                 if session.wants_client_data:
                     data = await self._receive(self.client, EndReason.CLIENT_ERROR)
                 elif session.client_input_open:
@@ -199,7 +203,8 @@ class Relay:
         upstream = self.upstream
         assert upstream is not None
         while not session.finished:
-            with self._receiving() as scope:
+            scope = self._upstream_receive = trio.CancelScope()
+            with scope:
                 data = await self._receive(upstream, EndReason.UPSTREAM_ERROR)
             if scope.cancelled_caught or data is None:
                 break
@@ -212,23 +217,14 @@ class Relay:
                 self._client_may_send.set()
         self._stop_receiving()
 
-    @contextlib.contextmanager
-    def _receiving(self) -> Iterator[trio.CancelScope]:
-        """A scope around one wait for input, cancelled when the session ends.
+    def _stop_receiving(self) -> None:
+        """Cancel the waits for input, once the session has ended.
 
         Only waits for input are cancelled that way, never a send in
         progress: the last reply (QUIT's +OK) must reach the client whole.
         """
-        with trio.CancelScope() as scope:
-            self._receive_scopes.add(scope)
-            try:
-                yield scope
-            finally:
-                self._receive_scopes.discard(scope)
-
-    def _stop_receiving(self) -> None:
-        for scope in self._receive_scopes:
-            scope.cancel()
+        self._client_receive.cancel()
+        self._upstream_receive.cancel()
 
     async def _receive(
         self, stream: trio.abc.Stream, on_error: EndReason
@@ -320,7 +316,9 @@ class Relay:
             # Anything the core still held for the server is dropped with the
             # connection: the session is over (and the core never queues QUIT).
             session.take_upstream_output()
-            if self.upstream is not None:
+            if isinstance(self.upstream, TCPStream):
+                self.upstream.close_now()
+            elif self.upstream is not None:
                 await trio.aclose_forcefully(self.upstream)
             await self._lingering_close()
         self._emit_records()
@@ -346,7 +344,10 @@ class Relay:
                         discarded += len(data)
                 except (*_STREAM_ERRORS, trio.BusyResourceError):
                     pass
-        await trio.aclose_forcefully(client)
+        if isinstance(client, TCPStream):
+            client.close_now()
+        else:
+            await trio.aclose_forcefully(client)
 
     def _emit_records(self) -> None:
         for record in self.session.take_records():

@@ -17,8 +17,10 @@ and a DELE is forwarded only once its record is on disk.
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 import signal
+import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -200,8 +202,29 @@ class ProxyServer:
 
 
 async def connect_tcp(host: str, port: int) -> TCPStream:
-    """Connect to the upstream (happy eyeballs across its addresses)."""
-    return TCPStream.adopt(await trio.open_tcp_stream(host, port))
+    """Connect to the upstream.
+
+    An address literal is connected directly; a name goes through
+    ``trio.open_tcp_stream`` (resolver thread, happy eyeballs across its
+    addresses).  The direct path saves a thread round trip per session.
+    """
+    family = _literal_family(host)
+    if family is None:
+        return TCPStream.adopt(await trio.open_tcp_stream(host, port))
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return TCPStream(socket.socket(fileno=sock.detach()))
+
+
+def _literal_family(host: str) -> socket.AddressFamily | None:
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
 
 
 async def _wait_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:

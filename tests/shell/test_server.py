@@ -22,7 +22,13 @@ import trio
 
 from popguard.audit import AuditLog
 from popguard.core.limits import Limits
-from popguard.shell.server import Endpoint, ListenerSpec, ProxyServer, ServerSettings
+from popguard.shell.server import (
+    Endpoint,
+    ListenerSpec,
+    ProxyServer,
+    ServerSettings,
+    connect_tcp,
+)
 from popguard.shell.tcp import TCPStream
 from popguard.sinks.base import Entry, QueuedSink
 from popguard.testing.demo_upstream import DemoUpstream, Faults, bound_port, sample_store
@@ -383,3 +389,20 @@ async def test_fail_closed_refuses_sessions_and_deletions_while_the_disk_fails()
     names = [event["event"] for event in disk.delivered]
     assert "session.refused" in names
     assert "command.rejected" in names
+
+
+async def test_upstream_by_name_and_by_address_literal() -> None:
+    # A literal is connected directly, a name through the resolver: both work.
+    demo = DemoUpstream(sample_store())
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(demo.serve, "127.0.0.1", 0)
+        port = bound_port(listeners)
+        for host in ("127.0.0.1", "localhost"):
+            stream = await connect_tcp(host, port)
+            try:
+                assert (await stream.receive_some(100)).startswith(b"+OK")
+            finally:
+                await stream.aclose()
+        nursery.cancel_scope.cancel()
+    with pytest.raises(ConnectionRefusedError):
+        await connect_tcp("127.0.0.1", 1)  # nothing listens on port 1
