@@ -39,6 +39,9 @@ class Event(enum.StrEnum):
     DELETIONS_FAILED = "deletions.failed"
     DELETIONS_DISCARDED = "deletions.discarded"
     DELETIONS_UNKNOWN = "deletions.unknown"
+    POLICY_DENIED = "policy.denied"
+    POLICY_DRY_RUN = "policy.dry_run"
+    POLICY_LOGIN_BLOCKED = "policy.login_blocked"
 
 
 class EndReason(enum.StrEnum):
@@ -56,6 +59,10 @@ class EndReason(enum.StrEnum):
     UPSTREAM_REFUSED = "upstream_refused"
     SHUTDOWN = "shutdown"
     INTERNAL_ERROR = "internal_error"
+    #: A policy refused the session (a limit reached at login).
+    POLICY_DENIED = "policy_denied"
+    #: A policy's ``max_session`` ran out.
+    MAX_SESSION = "max_session"
 
 
 Scalar = str | int | bool | None

@@ -106,6 +106,7 @@ from popguard.core.grammar import (
 )
 from popguard.core.limits import Limits
 from popguard.core.records import AuditRecord, EndReason, Event, FieldValue, Scalar
+from popguard.policy.session import SessionPolicy, Verdict
 
 
 class State(enum.StrEnum):
@@ -129,6 +130,7 @@ REPLY_UPSTREAM_LOST = b"-ERR [SYS/TEMP] Connection to the upstream POP3 server w
 REPLY_UPSTREAM_BROKEN = b"-ERR [SYS/TEMP] Upstream POP3 server sent an invalid reply\r\n"
 REPLY_SHUTDOWN = b"-ERR [SYS/TEMP] popguard is shutting down, try again later\r\n"
 REPLY_IDLE = b"-ERR Disconnected for inactivity.\r\n"
+REPLY_MAX_SESSION = b"-ERR Session time limit reached, disconnecting.\r\n"
 REPLY_TOO_MANY_BAD = b"-ERR Too many invalid commands, closing connection\r\n"
 REPLY_STLS_UNAVAILABLE = b"-ERR STLS is not available through this proxy\r\n"
 REPLY_SASL_TOO_LONG = b"-ERR SASL response line too long\r\n"
@@ -168,12 +170,19 @@ class _SaslExchange:
     awaiting_server: bool = True
     responses: int = 0
     user: str | None = None
+    #: A policy refused the claimed user: the exchange was cancelled with
+    #: "*" and the client gets this reply instead of the server's -ERR.
+    denied: bytes | None = None
 
 
 #: At most this many messages per session get identity lookups (bounded
 #: memory for a client that walks a huge mailbox); later ones are recorded
 #: by number only.
 MAX_IDENTITY_CACHE = 100_000
+
+#: Commands whose reply decides who is logged in; while a policy is loaded,
+#: later pipelined commands wait for it, so the user's policy applies to them.
+_LOGIN_VERBS = frozenset({"PASS", "APOP", "AUTH"})
 
 #: Commands whose first argument the session needs when the reply arrives.
 _KEEP_ARG = frozenset({"USER", "APOP", "RETR", "TOP", "DELE"})
@@ -191,8 +200,15 @@ class ProxySession:
         idle_notice: bool = True,
         message_identity: bool = False,
         durable_deletions: bool = False,
+        policy: SessionPolicy | None = None,
     ) -> None:
         self.limits = limits
+        #: The policies that apply to this session (``popguard.policy``).
+        self.policy = policy
+        #: Bumped whenever what the policies decide may have changed (login),
+        #: so the shell re-reads the session's timers.
+        self.policy_epoch = 0
+        self._refused_user: bytes | None = None
         self.idle_notice = idle_notice
         self.message_identity = message_identity
         #: What popguard learnt about each message number this session.
@@ -313,7 +329,12 @@ class ProxySession:
         if self.finished:
             return
         self._client_eof = True
-        self._client_buf.clear()
+        # Complete lines still held (behind a login, a SASL step or a DELE
+        # waiting for its durable record) are still answered; an
+        # unterminated last line can never be completed, so it goes.
+        buf = self._client_buf
+        del buf[buf.rfind(b"\n") + 1 :]
+        self._process_client_lines()
         self._finish_if_idle_after_eof()
 
     def server_eof(self) -> None:
@@ -371,6 +392,8 @@ class ProxySession:
         owed = bool(self._pending)
         if reason is EndReason.IDLE_TIMEOUT:
             return REPLY_IDLE if self.idle_notice else None
+        if reason is EndReason.MAX_SESSION:
+            return REPLY_MAX_SESSION
         if reason is EndReason.SHUTDOWN:
             return REPLY_SHUTDOWN
         if not owed:
@@ -409,6 +432,8 @@ class ProxySession:
             sasl = self._sasl
             if sasl is not None and sasl.awaiting_server:
                 return  # held: the server has not said what the next line is
+            if sasl is None and self._held_for_login():
+                return
             limit = self.limits.max_sasl_line if sasl else self.limits.max_command_line
             newline = buf.find(b"\n", 0, limit)
             if newline == -1:
@@ -424,6 +449,16 @@ class ProxySession:
                 self._sasl_response(sasl, line)
             else:
                 self._command(line)
+
+    def _held_for_login(self) -> bool:
+        """While a policy is loaded, hold commands behind a login until its reply."""
+        policy = self.policy
+        return (
+            policy is not None
+            and self.state is State.AUTHORIZATION
+            and policy.active
+            and any(entry.verb in _LOGIN_VERBS for entry in self._pending)
+        )
 
     def _line_too_long(self, limit: int) -> None:
         if self._sasl is not None:
@@ -456,12 +491,17 @@ class ProxySession:
             self._record(Event.COMMAND_REJECTED, reason="STLS is not offered", command=verb)
             self._queue_local(REPLY_STLS_UNAVAILABLE)
             return
+        if self.policy is not None and verb != "QUIT" and self._policy_refuses(command):
+            return
         if verb == "QUIT":
             # Whatever follows QUIT can never be answered (RFC 1939 §6).
             self._client_input_closed = True
             self._client_buf.clear()
         elif verb == "AUTH" and command.args:
             self._start_sasl(command)
+            if self._sasl is not None and self._sasl_claim_refused(self._sasl):
+                self._sasl = None
+                return
         elif verb == "DELE" and self.durable_deletions:
             self._gated = command
             msg = _message_number(command.args[0] if command.args else None)
@@ -470,6 +510,53 @@ class ProxySession:
             )
             return
         self._forward(command)
+
+    # ------------------------------------------------------------------
+    # Policies
+    # ------------------------------------------------------------------
+    def _policy_refuses(self, command: Command) -> bool:
+        """Ask the policies about a command; True if popguard answered it itself."""
+        policy = self.policy
+        assert policy is not None
+        if not policy.active:
+            return False
+        verb = command.verb
+        if verb == "AUTH" and not command.args:
+            return False  # the mechanism listing (RFC 5034 §4) decides nothing
+        mechanism = command.args[0].decode("ascii", "replace").upper() if verb == "AUTH" else None
+        if verb == "PASS" and self._refused_user is not None:
+            # The USER before it was refused: its password goes nowhere.
+            self._queue_local(self._refused_user)
+            return True
+        verdict = policy.check_command(verb, mechanism)
+        if verdict is None and self.state is State.AUTHORIZATION:
+            if verb == "USER" and command.rest:
+                verdict = policy.claim(escape_text(command.rest))
+            elif verb == "APOP" and command.args:
+                verdict = policy.claim(escape_text(command.args[0]))
+        refused = self._apply_verdict(verdict, verb)
+        if verb == "USER":
+            self._refused_user = verdict.reply if refused and verdict is not None else None
+        return refused
+
+    def _sasl_claim_refused(self, sasl: _SaslExchange) -> bool:
+        """The SASL user is known: may it log in?  True if refused."""
+        policy = self.policy
+        if policy is None or not policy.active or sasl.user is None:
+            return False
+        return self._apply_verdict(policy.claim(sasl.user), "AUTH")
+
+    def _apply_verdict(self, verdict: Verdict | None, verb: str, *, reply: bool = True) -> bool:
+        """Record a verdict; True if it is enforced (the command is refused)."""
+        if verdict is None:
+            return False
+        event = Event.POLICY_DENIED if verdict.enforced else Event.POLICY_DRY_RUN
+        self._record(event, **self._with_user({**verdict.fields(), "command": verb}))
+        if not verdict.enforced:
+            return False
+        if reply:
+            self._queue_local(verdict.reply)
+        return True
 
     def durable_result(self, ok: bool) -> None:
         """The shell's answer for ``pending_durable``: written durably or not."""
@@ -555,9 +642,24 @@ class ProxySession:
             self._learn_sasl_user(sasl, command.args[1])
 
     def _sasl_response(self, sasl: _SaslExchange, line: bytes) -> None:
+        known = sasl.user is not None
         self._learn_sasl_user(sasl, line)
         sasl.awaiting_server = True
+        if not known and self._sasl_claim_refused_in_exchange(sasl):
+            self._upstream_out.append(b"*\r\n")  # cancel (RFC 5034 §4): no credentials sent
+            return
         self._upstream_out.append(line if line.endswith(b"\r\n") else line[:-1] + b"\r\n")
+
+    def _sasl_claim_refused_in_exchange(self, sasl: _SaslExchange) -> bool:
+        policy = self.policy
+        if policy is None or not policy.active or sasl.user is None:
+            return False
+        verdict = policy.claim(sasl.user)
+        if self._apply_verdict(verdict, "AUTH", reply=False):
+            assert verdict is not None
+            sasl.denied = verdict.reply
+            return True
+        return False
 
     @staticmethod
     def _learn_sasl_user(sasl: _SaslExchange, response: bytes) -> None:
@@ -758,7 +860,9 @@ class ProxySession:
         elif verb == "AUTH":
             sasl = self._sasl
             self._sasl = None
-            if sasl is not None:
+            if sasl is not None and sasl.denied is not None and not ok:
+                self._replace_reply(line, sasl.denied)  # the cancel's -ERR: say why
+            elif sasl is not None:
                 self._auth_result(ok, sasl.user, sasl.mechanism, line)
         elif verb in ("RETR", "TOP"):
             if ok:
@@ -783,10 +887,20 @@ class ProxySession:
         self._finish_if_idle_after_eof()
 
     def _auth_result(self, ok: bool, user: str | None, mechanism: str, line: bytes) -> None:
+        policy = self.policy
         if ok and self.state is State.AUTHORIZATION:
             self.state = State.TRANSACTION
             self.user = user
             self._record(Event.AUTH_SUCCEEDED, user=user, mechanism=mechanism)
+            if policy is not None and user is not None:
+                self.policy_epoch += 1
+                verdict = policy.login_succeeded(user)
+                if self._apply_verdict(verdict, mechanism, reply=False):
+                    assert verdict is not None
+                    # Logged in upstream, refused here: the client gets the
+                    # policy's -ERR, and the upstream is closed without QUIT.
+                    self._replace_reply(line, verdict.reply)
+                    self.end(EndReason.POLICY_DENIED, verdict.reason)
         elif not ok:
             self._record(
                 Event.AUTH_FAILED,
@@ -794,6 +908,24 @@ class ProxySession:
                 mechanism=mechanism,
                 reply=escape_text(reply_text(line)),
             )
+            if policy is not None and policy.active:
+                for key, seconds in policy.login_failed(user):
+                    rule = policy.throttle_rule()
+                    self._record(
+                        Event.POLICY_LOGIN_BLOCKED,
+                        key=key,
+                        seconds=round(seconds),
+                        rule=rule.name if rule else None,
+                        policy_file=rule.where if rule else None,
+                        mode=rule.mode if rule else None,
+                    )
+
+    def _replace_reply(self, line: bytes, reply: bytes) -> None:
+        """Send ``reply`` instead of the server's ``line``, queued just now."""
+        out = self._client_out
+        if out and out[-1] is line:
+            out.pop()
+            out.append(reply)
 
     def _dele_result(self, ok: bool, msg: int | None, line: bytes) -> None:
         if ok and msg is not None and self.state is State.TRANSACTION:
@@ -823,7 +955,13 @@ class ProxySession:
         self.end(EndReason.QUIT)
 
     def _finish_if_idle_after_eof(self) -> None:
-        if self._client_eof and not self._pending and not self.finished:
+        if (
+            self._client_eof
+            and not self._pending
+            and self._gated is None
+            and not self.finished
+            and not self._client_buf
+        ):
             self.end(EndReason.CLIENT_CLOSED)
 
     # ------------------------------------------------------------------

@@ -33,6 +33,8 @@ import trio
 
 from popguard.core.records import AuditRecord, EndReason, Event
 from popguard.core.session import ProxySession
+from popguard.policy.model import Rule
+from popguard.policy.session import SessionPolicy
 from popguard.shell.tcp import TCPStream
 
 #: One read from either peer.  Large enough that bulk RETR costs few trips
@@ -83,8 +85,10 @@ class Relay:
         idle_timeout: float,
         emit: RecordSink,
         emit_durable: DurableSink | None = None,
+        policy: SessionPolicy | None = None,
     ) -> None:
         self.session = session
+        self.policy = policy
         self.client = client
         self.upstream: trio.abc.Stream | None = None
         self._connect_upstream = connect_upstream
@@ -104,6 +108,11 @@ class Relay:
         self._client_receive = trio.CancelScope()
         self._upstream_receive = trio.CancelScope()
         self._started_at = 0.0
+        #: Set to re-read the timers (login, policy reload).
+        self._rearm = trio.Event()
+        self._policy_epoch = 0
+        #: Dry-run timers already reported (each once per session).
+        self._dry_reported: set[str] = set()
 
     # ------------------------------------------------------------------
     def abort(self, reason: EndReason) -> None:
@@ -120,12 +129,62 @@ class Relay:
         """
         self._last_activity = trio.current_time()
 
+    def rearm(self) -> None:
+        """Re-read the session's timers now (the policy may have changed)."""
+        self._rearm.set()
+
+    def _deadlines(self) -> list[tuple[float, str, Rule | None]]:
+        """When each timer fires: (time, setting, the policy rule or None)."""
+        last = self._last_activity
+        idle: tuple[float, str, Rule | None] = (last + self._idle_timeout, "idle_timeout", None)
+        timers = [idle]
+        policy = self.policy
+        if policy is not None and policy.active:
+            for name, since in (("idle_timeout", last), ("max_session", self._started_at)):
+                timer = policy.timer(name)
+                if timer is None:
+                    continue
+                seconds, rule = timer
+                if rule.mode == "enforce":
+                    if name == "idle_timeout":
+                        timers[0] = (since + seconds, name, rule)
+                    else:
+                        timers.append((since + seconds, name, rule))
+                elif name not in self._dry_reported:
+                    timers.append((since + seconds, name, rule))
+        return timers
+
     async def _idle_watchdog(self) -> None:
+        """The idle timer (RFC 1939 §3 autologout) and a policy's max_session."""
         while True:
-            await trio.sleep_until(self._last_activity + self._idle_timeout)
-            if trio.current_time() >= self._last_activity + self._idle_timeout:
-                self.abort(EndReason.IDLE_TIMEOUT)
-                return
+            when, name, rule = min(self._deadlines(), key=lambda timer: timer[0])
+            self._rearm = trio.Event()
+            with trio.move_on_at(when):
+                await self._rearm.wait()
+                continue  # re-read the timers
+            when, name, rule = min(self._deadlines(), key=lambda timer: timer[0])
+            if trio.current_time() < when:
+                continue  # there was activity meanwhile
+            if rule is not None:
+                event = Event.POLICY_DENIED if rule.mode == "enforce" else Event.POLICY_DRY_RUN
+                self._emit(
+                    AuditRecord(
+                        event,
+                        {
+                            "rule": rule.name,
+                            "policy_file": rule.where,
+                            "setting": name,
+                            "mode": rule.mode,
+                            "reason": f"{name} reached",
+                            "user": self.session.user,
+                        },
+                    )
+                )
+                if rule.mode != "enforce":
+                    self._dry_reported.add(name)
+                    continue
+            self.abort(EndReason.MAX_SESSION if name == "max_session" else EndReason.IDLE_TIMEOUT)
+            return
 
     # ------------------------------------------------------------------
     async def run(self) -> None:
@@ -237,6 +296,9 @@ class Relay:
 
     async def _flush_both(self) -> None:
         """Send what the core produced, in order, to each side."""
+        if self.session.policy_epoch != self._policy_epoch:
+            self._policy_epoch = self.session.policy_epoch
+            self.rearm()  # logged in: the user's timers apply from now
         await self._settle_durable()
         await self._flush_client()
         await self._flush_upstream()

@@ -21,7 +21,7 @@ import ipaddress
 import secrets
 import signal
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,6 +32,8 @@ from popguard.audit import AuditLog, session_context
 from popguard.core.limits import Limits
 from popguard.core.records import EndReason
 from popguard.core.session import REPLY_AUDIT_DOWN, ProxySession
+from popguard.policy.model import PolicySet, client_address
+from popguard.policy.session import PolicyHolder, PolicyShared, SessionPolicy
 from popguard.shell.relay import Relay
 from popguard.shell.tcp import TCPStream
 
@@ -71,10 +73,24 @@ def format_peer(sockaddr: object) -> str:
     return str(sockaddr)
 
 
+#: Loads the policy set again (SIGHUP); raises on an invalid set.
+PolicyLoader = Callable[[], PolicySet]
+
+
 class ProxyServer:
-    def __init__(self, settings: ServerSettings, audit: AuditLog) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        audit: AuditLog,
+        *,
+        policies: PolicyShared | None = None,
+        policy_loader: PolicyLoader | None = None,
+    ) -> None:
         self.settings = settings
         self.audit = audit
+        #: Policies shared by every session (None: no policy engine at all).
+        self.policies = policies
+        self._policy_loader = policy_loader
         self._relays: set[Relay] = set()
         self._all_closed = trio.Event()
         self._all_closed.set()
@@ -87,6 +103,27 @@ class ProxyServer:
     @property
     def active_sessions(self) -> int:
         return len(self._relays)
+
+    def reload_policies(self) -> bool:
+        """Load the policies again; keep the old set if the new one is invalid.
+
+        Open sessions see the new set from their next command; their timers
+        are re-read at once.
+        """
+        if self.policies is None or self._policy_loader is None:
+            return False
+        try:
+            policies = self._policy_loader()
+        except Exception as exc:
+            issues = getattr(exc, "issues", None)
+            errors = [str(issue) for issue in issues][:20] if issues else [str(exc)]
+            self.audit.error("policy.reload_failed", errors=errors, kept="previous policy set")
+            return False
+        self.policies.holder.replace(policies)
+        self.audit.event("policy.reloaded", rules=len(policies.rules), source=policies.source)
+        for relay in self._relays:
+            relay.rearm()
+        return True
 
     def request_shutdown(self, *, immediate: bool = False) -> None:
         self._shutdown.set()
@@ -152,7 +189,6 @@ class ProxyServer:
         self.audit.event("popguard.stopped")
 
     async def _handle(self, listener: str, stream: trio.SocketStream) -> None:
-        settings = self.settings
         try:
             client = format_peer(stream.socket.getpeername())
         except OSError:
@@ -163,35 +199,63 @@ class ProxyServer:
             if not self.audit.accepting_sessions:
                 await self._refuse(stream, "audit_unavailable", REPLY_AUDIT_DOWN)
                 return
-            session = ProxySession(
-                client=client,
-                listener=listener,
-                limits=settings.limits,
-                idle_notice=settings.idle_notice,
-                message_identity=settings.message_identity,
-                durable_deletions=self.audit.fail_closed,
-            )
-            upstream = settings.upstream
-            relay = Relay(
-                session,
-                TCPStream.adopt(stream),
-                connect_upstream=partial(connect_tcp, upstream.host, upstream.port),
-                upstream_label=str(upstream),
-                connect_timeout=settings.connect_timeout,
-                idle_timeout=settings.idle_timeout,
-                emit=self.audit.emit,
-                emit_durable=self.audit.emit_durable,
-            )
-            self._relays.add(relay)
-            self._all_closed = trio.Event() if len(self._relays) == 1 else self._all_closed
+            policy: SessionPolicy | None = None
+            if self.policies is not None:
+                policy = SessionPolicy(
+                    self.policies, peer=client, client=client_address(client), listener=listener
+                )
+                verdict = policy.check_connect()
+                if verdict is not None:
+                    name = "policy.denied" if verdict.enforced else "policy.dry_run"
+                    self.audit.warning(name, **verdict.fields(), command=None)
+                    if verdict.enforced:
+                        await self._refuse(stream, "policy", verdict.reply)
+                        return
             try:
-                await relay.run()
-            except Exception as exc:
-                self.audit.error("session.internal_error", error=f"{type(exc).__name__}: {exc}")
+                await self._run_session(stream, client, listener, policy)
             finally:
-                self._relays.discard(relay)
-                if not self._relays:
-                    self._all_closed.set()
+                if policy is not None:
+                    policy.closed()
+
+    async def _run_session(
+        self,
+        stream: trio.SocketStream,
+        client: str,
+        listener: str,
+        policy: SessionPolicy | None,
+    ) -> None:
+        settings = self.settings
+        session = ProxySession(
+            client=client,
+            listener=listener,
+            limits=settings.limits,
+            idle_notice=settings.idle_notice,
+            message_identity=settings.message_identity,
+            durable_deletions=self.audit.fail_closed,
+            policy=policy,
+        )
+        upstream = settings.upstream
+        relay = Relay(
+            session,
+            TCPStream.adopt(stream),
+            connect_upstream=partial(connect_tcp, upstream.host, upstream.port),
+            upstream_label=str(upstream),
+            connect_timeout=settings.connect_timeout,
+            idle_timeout=settings.idle_timeout,
+            emit=self.audit.emit,
+            emit_durable=self.audit.emit_durable,
+            policy=policy,
+        )
+        self._relays.add(relay)
+        self._all_closed = trio.Event() if len(self._relays) == 1 else self._all_closed
+        try:
+            await relay.run()
+        except Exception as exc:
+            self.audit.error("session.internal_error", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._relays.discard(relay)
+            if not self._relays:
+                self._all_closed.set()
 
     async def _refuse(self, stream: trio.SocketStream, reason: str, reply: bytes) -> None:
         """Answer a connection popguard will not serve, and close it."""
@@ -236,10 +300,18 @@ async def serve(
     settings: ServerSettings,
     audit: AuditLog,
     *,
+    policies: PolicySet | None = None,
+    policy_loader: PolicyLoader | None = None,
     task_status: trio.TaskStatus[ProxyServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the proxy until SIGTERM or SIGINT (a second signal skips the grace)."""
-    server = ProxyServer(settings, audit)
+    """Run the proxy until SIGTERM or SIGINT (a second signal skips the grace).
+
+    SIGHUP and SIGUSR1 reopen the audit file and reload the policies.
+    """
+    shared = None
+    if policies is not None:
+        shared = PolicyShared(PolicyHolder(policies), trio.current_time)
+    server = ProxyServer(settings, audit, policies=shared, policy_loader=policy_loader)
     await server.open_listeners()  # a bind error surfaces here, not in a group
     with trio.open_signal_receiver(*_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
@@ -258,6 +330,7 @@ async def _on_signals(signals: AsyncIterator[int], server: ProxyServer, audit: A
         audit.event("popguard.signal", signal=signal.Signals(signum).name)
         if signum in _REOPEN_SIGNALS:
             audit.reopen()
+            server.reload_policies()
             continue
         count += 1
         server.request_shutdown(immediate=count > 1)

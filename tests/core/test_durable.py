@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from popguard.core.records import EndReason
 from popguard.core.session import REPLY_AUDIT_UNAVAILABLE
 
-from .transcript import C, ClientEof, Durable, Expect, S, play, run_all_modes
+from .transcript import C, ClientEof, Durable, End, Expect, S, play, run_all_modes
 
 GREETING = b"+OK ready\r\n"
 LOGIN = [S(GREETING), C(b"USER alice\r\n"), S(b"+OK\r\n"), C(b"PASS pw\r\n"), S(b"+OK\r\n")]
@@ -62,8 +63,24 @@ def test_dele_refused_when_the_record_cannot_be_written() -> None:
     assert not out.session.marked_for_deletion
 
 
-def test_client_gone_while_waiting_means_the_dele_is_never_sent() -> None:
+def test_half_closed_client_still_gets_its_dele_answered() -> None:
+    # A client that half-closes after DELE still reads replies: the DELE
+    # waits for its durable record, is answered, and the mark is then
+    # discarded (no QUIT ever came).
     out = play([*LOGIN, C(b"DELE 1\r\n"), ClientEof()], durable_deletions=True)
+    assert not out.session.finished
+    assert out.session.pending_durable is not None
+    out.session.durable_result(True)
+    assert out.session.take_upstream_output() == b"DELE 1\r\n"
+    out.session.receive_server(b"+OK marked\r\n")
+    assert out.session.take_client_output() == b"+OK marked\r\n"
+    assert out.session.finished
+    events = [r.event.value for r in out.session.take_records()]
+    assert events[-2:] == ["deletions.discarded", "session.closed"]
+
+
+def test_session_ended_while_waiting_means_the_dele_is_never_sent() -> None:
+    out = play([*LOGIN, C(b"DELE 1\r\n"), End(EndReason.CLIENT_ERROR)], durable_deletions=True)
     assert out.session.finished
     assert out.session.pending_durable is None
     out.session.durable_result(True)  # a late answer changes nothing

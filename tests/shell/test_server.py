@@ -22,6 +22,8 @@ import trio
 
 from popguard.audit import AuditLog
 from popguard.core.limits import Limits
+from popguard.policy.model import Match, PolicySet, Rule
+from popguard.policy.session import PolicyHolder, PolicyShared
 from popguard.shell.server import (
     Endpoint,
     ListenerSpec,
@@ -68,6 +70,8 @@ async def stack(
     upstream_port: int | None = None,
     audit: AuditLog | None = None,
     sink: ListSink | None = None,
+    policies: Any = None,
+    policy_loader: Any = None,
     **settings: Any,
 ) -> AsyncIterator[Stack]:
     demo = DemoUpstream(sample_store(), faults)
@@ -83,7 +87,10 @@ async def stack(
             upstream=Endpoint(host, port),
             **settings,
         )
-        proxy = ProxyServer(config, audit)
+        shared = None
+        if policies is not None:
+            shared = PolicyShared(PolicyHolder(policies), trio.current_time)
+        proxy = ProxyServer(config, audit, policies=shared, policy_loader=policy_loader)
         await nursery.start(proxy.run)
         yield Stack(proxy, demo, proxy.bound["test"][0].port, sink, host)
         proxy.request_shutdown(immediate=True)
@@ -406,3 +413,118 @@ async def test_upstream_by_name_and_by_address_literal() -> None:
         nursery.cancel_scope.cancel()
     with pytest.raises(ConnectionRefusedError):
         await connect_tcp("127.0.0.1", 1)  # nothing listens on port 1
+
+
+def policy_rule(
+    name: str, mode: str = "enforce", match: Match | None = None, **settings: Any
+) -> Rule:
+    return Rule(name, "policies/test.yaml", 3, match or Match(), mode, settings)  # type: ignore[arg-type]
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data
+
+
+async def test_policy_denies_dele_through_the_proxy() -> None:
+    rules = PolicySet(
+        (policy_rule("read-only", match=Match(users=("demo",)), deny_commands=("DELE",)),)
+    )
+    async with stack(policies=rules) as s:
+        out = await in_thread(
+            raw_session, s.port, b"USER demo\r\nPASS demo\r\nDELE 1\r\nSTAT\r\nQUIT\r\n"
+        )
+    assert b"-ERR [SYS/PERM] DELE is not permitted by policy\r\n" in out
+    assert not any(line.startswith(b"DELE") for line in s.demo.received_commands)
+    assert len(s.demo.store.messages("demo")) == 5
+    (denied,) = s.sink.named("policy.denied")
+    assert (denied["rule"], denied["user"], denied["command"]) == ("read-only", "demo", "DELE")
+
+
+async def test_policy_refuses_connections_before_the_upstream() -> None:
+    rules = PolicySet((policy_rule("cap", max_sessions_total=1),))
+    async with stack(policies=rules) as s:
+        held = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        assert (await in_thread(held.recv, 100)).startswith(b"+OK")
+        second = await in_thread(raw_session, s.port, b"")
+        held.close()
+        assert second == b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
+        # Once the first has gone, a new session is served again.
+        await trio.sleep(0.2)
+        third = await in_thread(raw_session, s.port, b"QUIT\r\n")
+    assert third.startswith(b"+OK")
+    assert s.sink.named("policy.denied")[0]["setting"] == "max_sessions_total"
+    assert s.sink.named("session.refused")[0]["reason"] == "policy"
+
+
+async def test_policy_idle_timeout_applies_after_login() -> None:
+    rules = PolicySet((policy_rule("short", match=Match(users=("demo",)), idle_timeout=0.3),))
+    async with stack(policies=rules, idle_timeout=30) as s:
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        sock.sendall(b"USER demo\r\nPASS demo\r\nDELE 1\r\n")
+        started = trio.current_time()
+        with trio.fail_after(10):
+            out = await in_thread(read_until_closed, sock)
+        sock.close()
+    assert out.endswith(b"-ERR Disconnected for inactivity.\r\n")
+    assert trio.current_time() - started < 10  # the policy's timer, not the server's 30 s
+    assert no_quit_upstream(s.demo)
+    assert len(s.demo.store.messages("demo")) == 5
+    assert s.sink.named("policy.denied")[0]["setting"] == "idle_timeout"
+    assert s.sink.named("deletions.discarded")[0]["reason"] == "idle_timeout"
+
+
+async def test_policy_max_session_and_dry_run_timer() -> None:
+    rules = PolicySet(
+        (
+            policy_rule("watch", "dry-run", Match(users=("demo",)), idle_timeout=0.2),
+            policy_rule("cap", max_session=0.8),
+        )
+    )
+    async with stack(policies=rules, idle_timeout=30) as s:
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        sock.sendall(b"USER demo\r\nPASS demo\r\n")
+        with trio.fail_after(10):
+            out = await in_thread(read_until_closed, sock)
+        sock.close()
+    assert out.endswith(b"-ERR Session time limit reached, disconnecting.\r\n")
+    (dry,) = s.sink.named("policy.dry_run")
+    assert (dry["setting"], dry["rule"]) == ("idle_timeout", "watch")
+    (denied,) = s.sink.named("policy.denied")
+    assert (denied["setting"], denied["rule"]) == ("max_session", "cap")
+    assert s.sink.named("session.closed")[0]["reason"] == "max_session"
+
+
+async def test_policy_reload_applies_to_open_sessions_and_keeps_old_set_on_error() -> None:
+    loads: list[Any] = []
+
+    def loader() -> PolicySet:
+        item = loads.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async with stack(policies=PolicySet(), policy_loader=loader) as s:
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        sock.sendall(b"USER demo\r\nPASS demo\r\n")
+        got = b""
+        with trio.fail_after(5):
+            while got.count(b"\r\n") < 3:
+                got += await in_thread(sock.recv, 4096)
+        loads.append(PolicySet((policy_rule("no-dele", deny_commands=("DELE",)),)))
+        assert s.proxy.reload_policies()
+        sock.sendall(b"DELE 1\r\n")
+        denied = await in_thread(sock.recv, 4096)
+        loads.append(ValueError("policies/bad.yaml:2:3: unknown key"))
+        assert not s.proxy.reload_policies()
+        sock.sendall(b"DELE 1\r\n")
+        still = await in_thread(sock.recv, 4096)
+        sock.close()
+    assert denied.startswith(b"-ERR [SYS/PERM]")
+    assert still.startswith(b"-ERR [SYS/PERM]")  # the old (valid) set stayed
+    assert s.sink.named("policy.reloaded")[0]["rules"] == 1
+    assert s.sink.named("policy.reload_failed")[0]["errors"] == [
+        "policies/bad.yaml:2:3: unknown key"
+    ]

@@ -1,0 +1,1 @@
+"""Policies: YAML rules in ``policies/``, matched per session (sans-I/O)."""

@@ -1,0 +1,213 @@
+"""Policies as data: rules, what they match, what they set.
+
+A policy set is an ordered list of rules: the files of the policy directory
+in name order (``00-defaults.yaml`` before ``50-alice.yaml``), and the rules
+of each file in the order written.  **For each setting, the first matching
+rule that sets it wins.**  A later rule can therefore only fill in settings
+that no earlier matching rule set; put the specific rules first and the
+broad ones (a rule without ``match``) last.  ``popguard policy explain``
+shows, for a given user and client, which rule and file set each value.
+
+Rules are matched against a :class:`Context`, which grows during a session:
+at connect time only the client address, listener and TLS are known; once
+the client names a user (USER, APOP, or a SASL initial response) the
+*claimed* user is known; after the server accepts the login, the *user*.  A
+rule that matches on ``user`` does not match before login, and one that
+matches on ``claimed_user`` not before a name was claimed.  So every
+setting is decided with what is known at the moment it is needed.
+
+Pure data and pure functions: no I/O, no clock (``popguard.policy`` is part
+of the sans-I/O core).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+Mode = Literal["enforce", "dry-run"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: Authentication mechanisms a rule can allow: USER means USER/PASS.
+MECHANISMS: Final = frozenset(
+    {"USER", "APOP", "PLAIN", "LOGIN", "CRAM-MD5", "DIGEST-MD5", "SCRAM-SHA-1",
+     "SCRAM-SHA-256", "GSSAPI", "NTLM", "XOAUTH2", "OAUTHBEARER", "EXTERNAL", "ANONYMOUS"}
+)  # fmt: skip
+
+#: Commands a rule may deny.  Login commands are governed by ``auth_mechanisms``;
+#: QUIT can never be denied (a client must always be able to end a session).
+DENIABLE: Final = frozenset(
+    {"STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL", "CAPA", "LAST", "XTND"}
+)
+
+#: Every setting a rule can carry, in the order ``explain`` prints them.
+SETTINGS: Final = (
+    "access",
+    "deny_commands",
+    "deny_reply",
+    "auth_mechanisms",
+    "require_tls",
+    "idle_timeout",
+    "max_session",
+    "max_sessions_total",
+    "max_sessions_per_client",
+    "max_sessions_per_user",
+    "login_throttle",
+)
+
+#: Settings decided when a connection arrives (before any user is known).
+CONNECT_SETTINGS: Final = ("access", "max_sessions_total", "max_sessions_per_client")
+
+
+@dataclass(frozen=True, slots=True)
+class Throttle:
+    """After ``failures`` failed logins within ``window`` s, block for ``block`` s.
+
+    ``by`` says what is counted and blocked: the client address, the user
+    name, or each of them separately.
+    """
+
+    failures: int
+    window: float
+    block: float
+    by: tuple[Literal["client", "user"], ...] = ("client", "user")
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """What a rule applies to; every field given must match (AND).
+
+    Within a field, any entry may match (OR).  ``None`` means "any".
+    """
+
+    users: tuple[str, ...] | None = None
+    claimed_users: tuple[str, ...] | None = None
+    clients: tuple[IPNetwork, ...] | None = None
+    listeners: tuple[str, ...] | None = None
+    tls: bool | None = None
+
+    def matches(self, context: Context) -> bool:
+        if self.users is not None and (
+            context.user is None or not _user_matches(self.users, context.user)
+        ):
+            return False
+        if self.claimed_users is not None:
+            claimed = context.user or context.claimed_user
+            if claimed is None or not _user_matches(self.claimed_users, claimed):
+                return False
+        if self.clients is not None and (
+            context.client is None or not any(context.client in network for network in self.clients)
+        ):
+            return False
+        if self.listeners is not None and context.listener not in self.listeners:
+            return False
+        return self.tls is None or context.tls == self.tls
+
+
+def _user_matches(patterns: tuple[str, ...], user: str) -> bool:
+    """Exact name, glob (``*``, ``?``, ``[...]``), or ``@domain`` (the part after @).
+
+    User names compare case-sensitively, as POP3 servers do by default; a
+    domain compares case-insensitively (RFC 5321 §2.4).
+    """
+    for pattern in patterns:
+        if pattern.startswith("@"):
+            _, at, domain = user.rpartition("@")
+            if at and domain.lower() == pattern[1:].lower():
+                return True
+        elif any(ch in pattern for ch in "*?["):
+            if fnmatch.fnmatchcase(user, pattern):
+                return True
+        elif user == pattern:
+            return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    file: str
+    line: int
+    match: Match = field(default_factory=Match)
+    mode: Mode = "enforce"
+    #: Setting name (one of :data:`SETTINGS`) to its value.
+    settings: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySet:
+    rules: tuple[Rule, ...] = ()
+    #: Where it was loaded from, for records and ``explain``.
+    source: str = ""
+
+    def resolve(self, context: Context) -> Effective:
+        """Each setting from the first matching rule that sets it."""
+        chosen: dict[str, Setting] = {}
+        for rule in self.rules:
+            if not rule.match.matches(context):
+                continue
+            for name, value in rule.settings.items():
+                if name not in chosen:
+                    chosen[name] = Setting(value, rule)
+        return Effective(chosen)
+
+
+#: The empty policy: changes nothing.
+NO_POLICY: Final = PolicySet()
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What is known about a session when a setting is needed."""
+
+    client: IPAddress | None
+    listener: str = ""
+    tls: bool = False
+    claimed_user: str | None = None
+    user: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    value: object
+    rule: Rule
+
+    @property
+    def enforced(self) -> bool:
+        return self.rule.mode == "enforce"
+
+
+@dataclass(frozen=True, slots=True)
+class Effective:
+    """The settings in force for one context, each with the rule that set it."""
+
+    settings: Mapping[str, Setting] = field(default_factory=dict)
+
+    def get(self, name: str) -> Setting | None:
+        return self.settings.get(name)
+
+    def value(self, name: str) -> object:
+        setting = self.settings.get(name)
+        return None if setting is None else setting.value
+
+
+def client_address(peer: str) -> IPAddress | None:
+    """The IP address in ``host:port`` or ``[v6]:port`` (as records write it)."""
+    host = peer
+    if peer.startswith("["):
+        host = peer[1 : peer.find("]")]
+    elif peer.count(":") == 1:
+        host = peer.partition(":")[0]
+    host = host.partition("%")[0]
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None

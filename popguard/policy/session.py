@@ -1,0 +1,287 @@
+"""One session's view of the policies: verdicts for the core to act on.
+
+:class:`SessionPolicy` is what :class:`popguard.core.session.ProxySession`
+asks before it forwards a command, and what the shell asks when a
+connection arrives and for the session's timers.  It answers with a
+:class:`Verdict` (deny, and how to say so) or ``None`` (go on).  A verdict
+from a ``dry-run`` rule has ``enforced = False``: the core records what
+would have happened and forwards the command anyway.
+
+The policy set is read from a :class:`PolicyHolder` at every decision, so a
+reload applies to the next command of every open session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from popguard.policy.model import (
+    NO_POLICY,
+    Context,
+    Effective,
+    IPAddress,
+    PolicySet,
+    Rule,
+    Setting,
+    Throttle,
+)
+from popguard.policy.state import FailedLogins, SessionCounts
+
+Scalar = str | int | bool | None
+
+REPLY_ACCESS_DENIED = b"-ERR [SYS/PERM] Access denied by policy\r\n"
+REPLY_TOO_MANY_CONNECTIONS = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
+REPLY_TOO_MANY_SESSIONS = b"-ERR [IN-USE] Too many sessions for this user\r\n"
+REPLY_LOGIN_DELAY = b"-ERR [LOGIN-DELAY] Too many failed logins, try again later\r\n"
+
+
+class PolicyHolder:
+    """The policy set in force; :meth:`replace` swaps it in one step (reload)."""
+
+    def __init__(self, policies: PolicySet = NO_POLICY) -> None:
+        self.current = policies
+        self.version = 0
+
+    def replace(self, policies: PolicySet) -> None:
+        self.current = policies
+        self.version += 1
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A policy decision that changes what the client sees (or would, in dry-run)."""
+
+    setting: str
+    rule: Rule
+    reply: bytes
+    reason: str
+
+    @property
+    def enforced(self) -> bool:
+        return self.rule.mode == "enforce"
+
+    def fields(self) -> dict[str, Scalar]:
+        return {
+            "rule": self.rule.name,
+            "policy_file": self.rule.where,
+            "setting": self.setting,
+            "mode": self.rule.mode,
+            "reason": self.reason,
+        }
+
+
+class PolicyShared:
+    """What every session of one popguard process shares: policies, counters, clock."""
+
+    def __init__(self, holder: PolicyHolder, clock: Callable[[], float]) -> None:
+        self.holder = holder
+        self.clock = clock
+        self.counts = SessionCounts()
+        self.failures = FailedLogins()
+
+
+class SessionPolicy:
+    def __init__(
+        self, shared: PolicyShared, *, peer: str, client: IPAddress | None, listener: str
+    ) -> None:
+        self._shared = shared
+        self.peer = peer
+        self.context = Context(client=client, listener=listener)
+        self.started_at = shared.clock()
+        self._cache: tuple[int, Context, Effective] | None = None
+        self._counted = False
+        self._counted_user: str | None = None
+
+    # -- what is in force ----------------------------------------------------
+    @property
+    def active(self) -> bool:
+        """Whether any policy is loaded (an empty set changes nothing)."""
+        return bool(self._shared.holder.current.rules)
+
+    def effective(self) -> Effective:
+        holder = self._shared.holder
+        cached = self._cache
+        if cached is not None and cached[0] == holder.version and cached[1] == self.context:
+            return cached[2]
+        effective = holder.current.resolve(self.context)
+        self._cache = (holder.version, self.context, effective)
+        return effective
+
+    def _setting(self, name: str) -> Setting | None:
+        return self.effective().get(name)
+
+    def timer(self, name: str) -> tuple[float, Rule] | None:
+        """``idle_timeout`` or ``max_session`` in seconds, and the rule that set it."""
+        setting = self._setting(name)
+        if setting is None or not isinstance(setting.value, int | float):
+            return None
+        return float(setting.value), setting.rule
+
+    # -- connect -------------------------------------------------------------
+    def check_connect(self) -> Verdict | None:
+        """Before the upstream is contacted.  The session counts once allowed."""
+        shared = self._shared
+        verdict = self._access()
+        if verdict is None:
+            verdict = self._limit(
+                "max_sessions_total",
+                shared.counts.total,
+                REPLY_TOO_MANY_CONNECTIONS,
+                "too many sessions in total",
+            )
+        if verdict is None:
+            verdict = self._limit(
+                "max_sessions_per_client",
+                shared.counts.per_client[self.peer_host],
+                REPLY_TOO_MANY_CONNECTIONS,
+                "too many sessions from this client",
+            )
+        if verdict is None:
+            verdict = self._blocked("client")
+        if verdict is None or not verdict.enforced:
+            shared.counts.opened(self.peer_host)
+            self._counted = True
+        return verdict
+
+    @property
+    def peer_host(self) -> str:
+        client = self.context.client
+        return str(client) if client is not None else self.peer
+
+    def closed(self) -> None:
+        """The session is over: it no longer counts against any limit."""
+        if self._counted:
+            self._counted = False
+            self._shared.counts.closed(self.peer_host, self._counted_user)
+
+    # -- commands ------------------------------------------------------------
+    def check_command(self, verb: str, mechanism: str | None = None) -> Verdict | None:
+        """A command about to be forwarded (``mechanism`` for AUTH)."""
+        if verb in ("USER", "APOP", "AUTH"):
+            name = {"USER": "USER", "APOP": "APOP"}.get(verb, mechanism or "")
+            setting = self._setting("auth_mechanisms")
+            allowed = setting.value if setting is not None else None
+            if setting is not None and isinstance(allowed, tuple) and name not in allowed:
+                return Verdict(
+                    "auth_mechanisms",
+                    setting.rule,
+                    b"-ERR [AUTH] " + name.encode("ascii", "replace") + b" is not allowed here\r\n",
+                    f"{name} authentication is not allowed",
+                )
+            return None
+        setting = self._setting("deny_commands")
+        if setting is None or not isinstance(setting.value, tuple) or verb not in setting.value:
+            return None
+        text = self._setting("deny_reply")
+        message = (
+            str(text.value) if text is not None else f"{verb} is not permitted by policy"
+        ).encode("ascii", "replace")
+        return Verdict(
+            "deny_commands",
+            setting.rule,
+            b"-ERR [SYS/PERM] " + message + b"\r\n",
+            f"{verb} denied",
+        )
+
+    def claim(self, user: str) -> Verdict | None:
+        """The client named a user (USER, APOP, or SASL): may it try to log in?"""
+        self.context = replace(self.context, claimed_user=user)
+        verdict = self._access()
+        if verdict is None:
+            verdict = self._blocked("client")
+        if verdict is None:
+            verdict = self._blocked("user")
+        if verdict is None:
+            verdict = self._limit(
+                "max_sessions_per_user",
+                self._shared.counts.per_user[user],
+                REPLY_TOO_MANY_SESSIONS,
+                "too many sessions for this user",
+            )
+        return verdict
+
+    def login_succeeded(self, user: str) -> Verdict | None:
+        """The server accepted the login.  An enforced verdict ends the session.
+
+        Checked again here, now that the user is authenticated: rules that
+        match on ``user`` apply from this point, and two sessions that
+        claimed the same user at once cannot both pass a per-user limit.
+        """
+        self.context = replace(self.context, claimed_user=user, user=user)
+        verdict = self._access()
+        if verdict is None:
+            verdict = self._limit(
+                "max_sessions_per_user",
+                self._shared.counts.per_user[user],
+                REPLY_TOO_MANY_SESSIONS,
+                "too many sessions for this user",
+            )
+        if verdict is not None and verdict.enforced:
+            return verdict
+        if self._counted and self._counted_user is None:
+            self._shared.counts.logged_in(user)
+            self._counted_user = user
+        return verdict
+
+    def login_failed(self, user: str | None) -> list[tuple[str, float]]:
+        """Count a failed login; returns the keys that are now blocked, with seconds."""
+        setting = self._setting("login_throttle")
+        if setting is None or not isinstance(setting.value, Throttle):
+            return []
+        throttle = setting.value
+        now = self._shared.clock()
+        started: list[tuple[str, float]] = []
+        for key in self._keys(throttle, user):
+            if self._shared.failures.failed(
+                key, now, failures=throttle.failures, window=throttle.window, block=throttle.block
+            ):
+                started.append((key, throttle.block))
+        return started
+
+    def throttle_rule(self) -> Rule | None:
+        setting = self._setting("login_throttle")
+        return None if setting is None else setting.rule
+
+    # -- helpers -------------------------------------------------------------
+    def _keys(self, throttle: Throttle, user: str | None) -> list[str]:
+        keys = []
+        if "client" in throttle.by:
+            keys.append("client:" + self.peer_host)
+        if "user" in throttle.by and user:
+            keys.append("user:" + user)
+        return keys
+
+    def _access(self) -> Verdict | None:
+        setting = self._setting("access")
+        if setting is None or setting.value != "deny":
+            return None
+        return Verdict("access", setting.rule, REPLY_ACCESS_DENIED, "access denied")
+
+    def _limit(self, name: str, current: int, reply: bytes, reason: str) -> Verdict | None:
+        setting = self._setting(name)
+        if setting is None or not isinstance(setting.value, int) or current < setting.value:
+            return None
+        return Verdict(name, setting.rule, reply, reason)
+
+    def _blocked(self, kind: str) -> Verdict | None:
+        setting = self._setting("login_throttle")
+        if setting is None or not isinstance(setting.value, Throttle):
+            return None
+        if kind not in setting.value.by:
+            return None
+        if kind == "client":
+            key = "client:" + self.peer_host
+        elif self.context.claimed_user is not None:
+            key = "user:" + self.context.claimed_user
+        else:
+            return None
+        remaining = self._shared.failures.blocked_for(key, self._shared.clock())
+        if remaining <= 0:
+            return None
+        return Verdict(
+            "login_throttle",
+            setting.rule,
+            REPLY_LOGIN_DELAY,
+            f"{kind} blocked after failed logins ({remaining:.0f} s left)",
+        )
