@@ -10,7 +10,7 @@ from popguard.core.records import EndReason
 from popguard.policy.model import Match, Mode, PolicySet, Rule, Throttle
 from popguard.policy.session import PolicyHolder, PolicyShared, SessionPolicy
 
-from .transcript import C, Expect, S, play, run_all_modes
+from .transcript import C, ClientEof, Expect, S, play, run_all_modes
 
 GREETING = b"+OK ready <1.2@x>\r\n"
 MODES = ("whole", "bytewise", "pipelined")
@@ -311,3 +311,27 @@ def test_quit_is_never_denied() -> None:
     out = play(steps, policy=factory(shared(everything)))
     assert out.upstream == b"QUIT\r\n"
     assert out.session.end_reason is EndReason.QUIT
+
+
+def test_half_closed_client_gets_every_held_command_answered() -> None:
+    # A script that pipelines everything and half-closes: the lines held
+    # behind PASS are still answered after the login reply.
+    steps = [
+        S(GREETING),
+        C(b"USER alice\r\nPASS pw\r\nDELE 1\r\nQUIT\r\n"),
+        ClientEof(),
+        S(b"+OK\r\n+OK in\r\n"),
+        S(b"+OK bye\r\n"),
+    ]
+    out = run_all_modes(
+        steps,
+        Expect(
+            upstream=b"USER alice\r\nPASS pw\r\nQUIT\r\n",
+            client=GREETING
+            + b"+OK\r\n+OK in\r\n-ERR [SYS/PERM] DELE is not permitted by policy\r\n+OK bye\r\n",
+            end_reason=EndReason.QUIT,
+        ),
+        modes=("whole", "bytewise"),
+        policy=factory(shared(ALICE_READ_ONLY)),
+    )
+    assert out.record("policy.denied")["command"] == "DELE"
