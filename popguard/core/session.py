@@ -363,15 +363,30 @@ class ProxySession:
         notice = self._closing_notice(reason)
         if notice is not None:
             self._client_out.append(notice)
-        if self.marked_for_deletion:
-            messages = self._identities(self.marked_for_deletion)
+        # DELEs forwarded but never answered may have marked their message
+        # too: they share the fate of the marks (RFC 1939 §6).
+        unanswered = {
+            msg
+            for entry in self._pending
+            if entry.verb == "DELE" and (msg := _message_number(entry.arg)) is not None
+        }
+        if self.state is not State.TRANSACTION:
+            unanswered.clear()
+        marks = self.marked_for_deletion | unanswered
+        if marks:
+            fields: dict[str, FieldValue] = {
+                "reason": reason.value,
+                "messages": self._identities(marks),
+            }
+            if unanswered:
+                fields["unanswered"] = tuple(sorted(unanswered))
             quit_sent = any(entry.verb == "QUIT" for entry in self._pending)
             if quit_sent and self.state is State.TRANSACTION:
                 # The server may or may not have received the QUIT: popguard
                 # cannot tell whether it entered UPDATE.
-                self._record(Event.DELETIONS_UNKNOWN, reason=reason.value, messages=messages)
+                self._record(Event.DELETIONS_UNKNOWN, **fields)
             else:
-                self._record(Event.DELETIONS_DISCARDED, reason=reason.value, messages=messages)
+                self._record(Event.DELETIONS_DISCARDED, **fields)
             self.marked_for_deletion.clear()
         self._record(
             Event.SESSION_CLOSED,
@@ -746,9 +761,14 @@ class ProxySession:
 
     def _status_line(self, line: bytes) -> None:
         if not self._pending:
-            self._protocol_error(
-                "data from the server when no reply was owed: " + escape_text(line[:80])
-            )
+            text = escape_text(line.rstrip(b"\r\n")[:80])
+            if parse_status(line) is Status.ERR:
+                # A server's parting words (Dovecot: "-ERR [SYS/TEMP] Server
+                # shutting down."): it is closing.  Never relayed, since the
+                # client would take it as the answer to its next command.
+                self.end(EndReason.UPSTREAM_CLOSED, "upstream said: " + text)
+                return
+            self._protocol_error("data from the server when no reply was owed: " + text)
             return
         entry = self._pending[0]
         status = parse_status(line)

@@ -127,7 +127,10 @@ def test_every_mark_ends_in_exactly_one_fate(
             open_marks.add(record["msg"])
         elif name in fates:
             closed = {m["msg"] for m in record["messages"]}
-            assert closed == open_marks, (name, closed, open_marks)
+            # DELEs still unanswered when the session ended share the fate.
+            unanswered = set(record.fields.get("unanswered", ()))
+            assert not unanswered or name in ("deletions.discarded", "deletions.unknown")
+            assert closed == open_marks | unanswered, (name, closed, open_marks)
             open_marks.clear()
     assert not open_marks
     assert not session.marked_for_deletion
