@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 from collections.abc import Sequence
 
@@ -29,6 +30,9 @@ from popguard.config import (
     build_config,
     read_config,
 )
+from popguard.policy.cli import add_policy_commands
+from popguard.policy.load import Issue, PolicyError, load_policies
+from popguard.policy.model import PolicySet
 from popguard.shell.server import (
     Endpoint,
     ListenerSpec,
@@ -58,7 +62,7 @@ def settings_from_config(config: Config) -> ServerSettings:
     )
 
 
-def _print_issues(issues: Sequence[ConfigIssue]) -> None:
+def _print_issues(issues: Sequence[ConfigIssue | Issue]) -> None:
     for issue in issues:
         print(issue, file=sys.stderr)
 
@@ -79,6 +83,12 @@ def _add_serve_flags(parser: argparse.ArgumentParser, *, upstream: bool = True) 
         parser.add_argument("--upstream", metavar="HOST:PORT", help="the POP3 server to relay to")
     parser.add_argument(
         "--audit-file", metavar="FILE", help="append audit records to FILE as JSON lines"
+    )
+    parser.add_argument(
+        "--policies",
+        metavar="DIR",
+        help="directory of policy files (*.yaml, see docs/policies.md); default: the "
+        "config's policies: key, else ./policies if it exists, else no policies",
     )
     parser.add_argument(
         "--idle-timeout",
@@ -143,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_up.add_argument("--listen", default="127.0.0.1:21110", metavar="HOST:PORT")
 
     add_audit_commands(commands)
+    add_policy_commands(commands)
     return parser
 
 
@@ -164,8 +175,37 @@ def _resolve(args: argparse.Namespace, *, upstream: str | None) -> Config:
     return config
 
 
-async def _serve_until_signal(config: Config, audit: AuditLog) -> None:
-    await serve(settings_from_config(config), audit)
+class Policies:
+    """The policy directory in use, loaded once at startup and again on SIGHUP."""
+
+    def __init__(self, directory: str | None, config: Config) -> None:
+        self.directory = os.path.abspath(directory) if directory else None
+        self._listeners = [listener.name for listener in config.listeners]
+        self.initial: PolicySet | None = None
+        if self.directory is not None:
+            self.initial, warnings = load_policies(self.directory, listeners=self._listeners)
+            _print_issues(warnings)
+
+    def load(self) -> PolicySet:
+        assert self.directory is not None
+        return load_policies(self.directory, listeners=self._listeners)[0]
+
+
+def _policies(args: argparse.Namespace, config: Config) -> Policies:
+    """``--policies``, else the config's ``policies:``, else ./policies if present."""
+    directory = args.policies or config.policies
+    if directory is None and os.path.isdir("policies"):
+        directory = "policies"
+    return Policies(directory, config)
+
+
+async def _serve_until_signal(config: Config, audit: AuditLog, policies: Policies) -> None:
+    await serve(
+        settings_from_config(config),
+        audit,
+        policies=policies.initial,
+        policy_loader=policies.load if policies.directory else None,
+    )
 
 
 def _tune_gc() -> None:
@@ -184,10 +224,11 @@ def _tune_gc() -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _resolve(args, upstream=args.upstream)
+    policies = _policies(args, config)
     audit = open_audit_log_from_config(config.audit)
     _tune_gc()
     try:
-        trio.run(_serve_until_signal, config, audit)
+        trio.run(_serve_until_signal, config, audit, policies)
     finally:
         audit.close()
     return 0
@@ -214,12 +255,19 @@ async def _demo(args: argparse.Namespace) -> None:
         if not args.listen:
             args.listen = [DEMO_LISTEN]
         config = _resolve(args, upstream=upstream)
+        policies = _policies(args, config)
         audit = open_audit_log_from_config(config.audit)
         settings = settings_from_config(config)
 
         async def proxy(task_status: trio.TaskStatus[ProxyServer]) -> None:
             try:
-                await serve(settings, audit, task_status=task_status)
+                await serve(
+                    settings,
+                    audit,
+                    policies=policies.initial,
+                    policy_loader=policies.load if policies.directory else None,
+                    task_status=task_status,
+                )
             finally:
                 audit.close()
                 nursery.cancel_scope.cancel()  # the demo upstream goes with it
@@ -276,7 +324,7 @@ def cmd_demo_upstream(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "audit":
+    if args.command in ("audit", "policy"):
         # The trail tools report their own errors and exit codes (2: I/O).
         try:
             return int(args.func(args))
@@ -292,6 +340,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args)
     except ConfigError as exc:
         _print_issues(exc.issues)
+        return 2
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
         return 2
     except KeyFileError as exc:
         print(f"popguard: audit.hmac_key_file: {exc}", file=sys.stderr)

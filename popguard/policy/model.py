@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -147,17 +147,61 @@ class PolicySet:
     rules: tuple[Rule, ...] = ()
     #: Where it was loaded from, for records and ``explain``.
     source: str = ""
+    # An index, so that a set of many per-user rules stays cheap to resolve:
+    # a rule whose user (or claimed user) matcher lists only plain names can
+    # match only a session with one of those names, so it is looked up by
+    # name; every other rule is always a candidate.
+    _always: tuple[int, ...] = field(init=False, repr=False, compare=False, default=())
+    _by_user: Mapping[str, tuple[int, ...]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+    _by_claimed: Mapping[str, tuple[int, ...]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        always: list[int] = []
+        by_user: dict[str, list[int]] = {}
+        by_claimed: dict[str, list[int]] = {}
+        for position, rule in enumerate(self.rules):
+            match = rule.match
+            if match.users is not None and all(map(_plain_name, match.users)):
+                for name in set(match.users):
+                    by_user.setdefault(name, []).append(position)
+            elif match.claimed_users is not None and all(map(_plain_name, match.claimed_users)):
+                for name in set(match.claimed_users):
+                    by_claimed.setdefault(name, []).append(position)
+            else:
+                always.append(position)
+        object.__setattr__(self, "_always", tuple(always))
+        object.__setattr__(self, "_by_user", {k: tuple(v) for k, v in by_user.items()})
+        object.__setattr__(self, "_by_claimed", {k: tuple(v) for k, v in by_claimed.items()})
 
     def resolve(self, context: Context) -> Effective:
         """Each setting from the first matching rule that sets it."""
+        candidates: Iterable[int] = self._always
+        extra: tuple[int, ...] = ()
+        if context.user is not None:
+            extra += self._by_user.get(context.user, ())
+        claimed = context.user or context.claimed_user
+        if claimed is not None:
+            extra += self._by_claimed.get(claimed, ())
+        if extra:
+            candidates = sorted((*self._always, *extra))
         chosen: dict[str, Setting] = {}
-        for rule in self.rules:
+        rules = self.rules
+        for position in candidates:
+            rule = rules[position]
             if not rule.match.matches(context):
                 continue
             for name, value in rule.settings.items():
                 if name not in chosen:
                     chosen[name] = Setting(value, rule)
         return Effective(chosen)
+
+
+def _plain_name(pattern: str) -> bool:
+    return not pattern.startswith("@") and not any(ch in pattern for ch in "*?[")
 
 
 #: The empty policy: changes nothing.

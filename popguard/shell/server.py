@@ -160,10 +160,13 @@ class ProxyServer:
         for spec, _ in opened:
             for endpoint in self.bound[spec.name]:
                 self.audit.event("popguard.listening", listener=spec.name, address=str(endpoint))
+        policies = self.policies.holder.current if self.policies is not None else None
         self.audit.event(
             "popguard.started",
             upstream=str(settings.upstream),
             idle_timeout=settings.idle_timeout,
+            policies=policies.source if policies is not None else None,
+            policy_rules=len(policies.rules) if policies is not None else None,
         )
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as acceptors:
