@@ -39,6 +39,7 @@ class Event(enum.StrEnum):
     DELETIONS_FAILED = "deletions.failed"
     DELETIONS_DISCARDED = "deletions.discarded"
     DELETIONS_UNKNOWN = "deletions.unknown"
+    TLS_ESTABLISHED = "tls.established"
     POLICY_DENIED = "policy.denied"
     POLICY_DRY_RUN = "policy.dry_run"
     POLICY_LOGIN_BLOCKED = "policy.login_blocked"

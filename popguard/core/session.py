@@ -41,7 +41,20 @@ The server's bytes are read in one of three modes:
     reads split it.  Memory use does not depend on the message size.
 ``LISTING``
     a multi-line reply popguard reads line by line because it rewrites it
-    (CAPA: ``STLS`` is removed while popguard offers no TLS of its own).
+    (CAPA: the upstream's ``STLS`` is never relayed, since STLS is
+    popguard's own business; popguard lists its own ``STLS`` where it offers
+    it, and drops ``USER``/``SASL`` before TLS where a policy requires TLS).
+
+STLS (RFC 2595)
+---------------
+popguard terminates STLS itself and never forwards it.  It is accepted only
+in AUTHORIZATION, before any login, with no reply owed (so no server bytes
+from before the handshake can reach the client after it), on a listener
+that offers it and is not yet encrypted.  popguard answers ``+OK``, throws
+away anything the client pipelined behind ``STLS`` in the same plaintext
+(CVE-2011-0411: such bytes would otherwise be read as if they came over
+TLS), and sets :attr:`ProxySession.starttls_pending`; the shell then does
+the handshake and calls :meth:`ProxySession.tls_started`.
 
 SASL (RFC 5034)
 ---------------
@@ -133,6 +146,10 @@ REPLY_IDLE = b"-ERR Disconnected for inactivity.\r\n"
 REPLY_MAX_SESSION = b"-ERR Session time limit reached, disconnecting.\r\n"
 REPLY_TOO_MANY_BAD = b"-ERR Too many invalid commands, closing connection\r\n"
 REPLY_STLS_UNAVAILABLE = b"-ERR STLS is not available through this proxy\r\n"
+REPLY_STLS_BEGIN = b"+OK Begin TLS negotiation\r\n"
+REPLY_STLS_ACTIVE = b"-ERR Already using TLS\r\n"
+REPLY_STLS_STATE = b"-ERR STLS is only allowed before login\r\n"
+REPLY_STLS_PIPELINED = b"-ERR STLS must not follow commands still in progress\r\n"
 REPLY_SASL_TOO_LONG = b"-ERR SASL response line too long\r\n"
 REPLY_AUDIT_UNAVAILABLE = (
     b"-ERR [SYS/TEMP] The audit trail cannot record this deletion now, try again later\r\n"
@@ -201,8 +218,18 @@ class ProxySession:
         message_identity: bool = False,
         durable_deletions: bool = False,
         policy: SessionPolicy | None = None,
+        stls: bool = False,
+        tls: bool = False,
     ) -> None:
         self.limits = limits
+        #: Whether this listener offers STLS (RFC 2595), terminated by popguard.
+        self.stls = stls
+        #: Whether the client connection is encrypted (implicit TLS, or after STLS).
+        self.client_tls = tls
+        #: STLS was answered +OK: the shell must do the handshake, then call
+        #: :meth:`tls_started` (or end the session).
+        self.starttls_pending = False
+        self._stls_discarded = 0
         #: The policies that apply to this session (``popguard.policy``).
         self.policy = policy
         #: Bumped whenever what the policies decide may have changed (login),
@@ -289,6 +316,8 @@ class ProxySession:
     def wants_client_data(self) -> bool:
         """False while reading more from the client would only grow buffers."""
         if self.finished or self._client_input_closed or self._client_eof:
+            return False
+        if self.starttls_pending:
             return False
         if len(self._pending) >= self.limits.max_pipelined:
             return False
@@ -427,6 +456,10 @@ class ProxySession:
     def receive_client(self, data: bytes) -> None:
         if self.finished or self._client_input_closed or self._client_eof:
             return
+        if self.starttls_pending:
+            # Plaintext after STLS, before the handshake: never a command.
+            self._stls_discarded += len(data)
+            return
         self.bytes_from_client += len(data)
         self._client_buf += data
         self._process_client_lines()
@@ -503,8 +536,7 @@ class ProxySession:
             return
         verb = command.verb
         if verb == "STLS":
-            self._record(Event.COMMAND_REJECTED, reason="STLS is not offered", command=verb)
-            self._queue_local(REPLY_STLS_UNAVAILABLE)
+            self._stls()
             return
         if self.policy is not None and verb != "QUIT" and self._policy_refuses(command):
             return
@@ -525,6 +557,50 @@ class ProxySession:
             )
             return
         self._forward(command)
+
+    # ------------------------------------------------------------------
+    # STLS (RFC 2595), terminated here
+    # ------------------------------------------------------------------
+    def _stls(self) -> None:
+        if not self.stls and not self.client_tls:
+            reason, reply = "STLS is not offered", REPLY_STLS_UNAVAILABLE
+        elif self.client_tls:
+            reason, reply = "TLS is already active", REPLY_STLS_ACTIVE
+        elif self.state is not State.AUTHORIZATION or self._sasl is not None:
+            reason, reply = "STLS after login", REPLY_STLS_STATE
+        elif self._pending:
+            reason, reply = "STLS behind commands in progress", REPLY_STLS_PIPELINED
+        else:
+            self._stls_discarded = len(self._client_buf)
+            self._client_buf.clear()
+            self._discarding_line = False
+            self._client_out.append(REPLY_STLS_BEGIN)
+            self.starttls_pending = True
+            return
+        self._record(Event.COMMAND_REJECTED, reason=reason, command="STLS")
+        self._queue_local(reply)
+
+    def tls_established(self, side: str, *, stls: bool, **details: Scalar) -> None:
+        """The shell finished a TLS handshake: implicit TLS, or the upstream's."""
+        if not self.finished:
+            self._record(Event.TLS_ESTABLISHED, side=side, stls=stls, **details)
+
+    def tls_started(self, **details: Scalar) -> None:
+        """The shell finished the client's STLS handshake."""
+        if self.finished or not self.starttls_pending:
+            return
+        self.starttls_pending = False
+        self.client_tls = True
+        if self._stls_discarded:
+            discarded, self._stls_discarded = self._stls_discarded, 0
+            self._record(
+                Event.COMMAND_REJECTED,
+                command="STLS",
+                reason=f"{discarded} octets pipelined after STLS discarded (CVE-2011-0411)",
+            )
+        if self.policy is not None:
+            self.policy.tls_started()
+        self._record(Event.TLS_ESTABLISHED, side="client", stls=True, **details)
 
     # ------------------------------------------------------------------
     # Policies
@@ -843,16 +919,30 @@ class ProxySession:
                 self._protocol_error(f"multi-line reply line longer than {limit} octets")
                 return size
             if line == b".\r\n":
+                if self.stls and not self.client_tls and self.state is State.AUTHORIZATION:
+                    self._client_out.append(b"STLS\r\n")  # popguard's own (RFC 2595 §4)
+                    self._reply_bytes += 6
                 self._client_out.append(line)
                 self._reply_bytes += len(line)
                 self._reader = _Reader.STATUS
                 self._complete(Status.OK, b"")
                 return pos
-            if self._pending[0].verb == "CAPA" and line[:4].upper() == b"STLS":
-                continue  # popguard offers no STLS of its own yet (RFC 2595 §4)
+            if not self._capa_keeps(line):
+                continue
             self._client_out.append(line)
             self._reply_bytes += len(line)
         return pos
+
+    def _capa_keeps(self, line: bytes) -> bool:
+        """Whether a CAPA line reaches the client (RFC 2449 §6)."""
+        keyword = line.split(None, 1)[0].upper() if line.strip() else b""
+        if keyword == b"STLS":
+            return False  # STLS is popguard's, never the upstream's
+        if keyword in (b"USER", b"SASL") and not self.client_tls:
+            policy = self.policy
+            # Like Dovecot's disable_plaintext_auth: no login offered before TLS.
+            return policy is None or not policy.requires_tls()
+        return True
 
     def _protocol_error(self, detail: str) -> None:
         self._record(Event.UPSTREAM_PROTOCOL_ERROR, detail=detail)

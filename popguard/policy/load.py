@@ -23,7 +23,7 @@ Setting values, as stored in :attr:`Rule.settings`:
 * ``deny_commands``: ``tuple[str, ...]`` of :data:`~model.DENIABLE`, upper case
 * ``deny_reply``: ``str``, printable ASCII, at most 200 characters
 * ``auth_mechanisms``: ``tuple[str, ...]`` of :data:`~model.MECHANISMS`, or ``None``
-* ``require_tls``: ``False`` only (``true`` is refused until TLS exists)
+* ``require_tls``: a boolean (USER, PASS, APOP and AUTH refused before TLS)
 * ``idle_timeout``, ``max_session``: ``float`` seconds, or ``None``
 * ``max_sessions_total``, ``_per_client``, ``_per_user``: ``int`` >= 1, or ``None``
 * ``login_throttle``: :class:`~model.Throttle`, or ``None``
@@ -163,8 +163,6 @@ _UNDENIABLE: Final[Mapping[str, str]] = {
     "STLS": "STLS is not decided by policy: popguard answers it itself (it does not "
     "terminate TLS yet, issue: TLS)",
 }
-
-_TLS_MISSING: Final = "popguard does not terminate TLS yet (issue: TLS)"
 
 
 # --------------------------------------------------------------------------
@@ -601,12 +599,6 @@ class _FileWalker:
             listeners = self.listener_names(value, f"{label}: match.listener")
         if (value := given("tls")) is not None:
             tls = self.boolean(value, f"{label}: match.tls")
-            if tls:
-                self.warn(
-                    value,
-                    f"{label}: match.tls: true never matches: {_TLS_MISSING}, so every "
-                    "session has tls: false; this rule can never apply",
-                )
         match = Match(
             users=users, claimed_users=claimed, clients=clients, listeners=listeners, tls=tls
         )
@@ -730,13 +722,6 @@ class _FileWalker:
             value = self.mechanisms(node, where)
         elif name == "require_tls":
             value = self.boolean(node, where)
-            if value:
-                self.report(
-                    node,
-                    f"{where}: {_TLS_MISSING}; require_tls cannot be enforced "
-                    "(remove it, or set it to false)",
-                )
-                value = None
         elif name in ("idle_timeout", "max_session"):
             value = self.seconds(node, where)
             if name == "idle_timeout" and value is not None and value < RFC1939_MIN_IDLE_TIMEOUT:

@@ -33,6 +33,9 @@ Scalar = str | int | bool | None
 REPLY_ACCESS_DENIED = b"-ERR [SYS/PERM] Access denied by policy\r\n"
 REPLY_TOO_MANY_CONNECTIONS = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
 REPLY_TOO_MANY_SESSIONS = b"-ERR [IN-USE] Too many sessions for this user\r\n"
+REPLY_TLS_REQUIRED = (
+    b"-ERR [AUTH] Plaintext authentication disallowed on non-secure connections, use STLS\r\n"
+)
 REPLY_LOGIN_DELAY = b"-ERR [LOGIN-DELAY] Too many failed logins, try again later\r\n"
 
 
@@ -83,11 +86,17 @@ class PolicyShared:
 
 class SessionPolicy:
     def __init__(
-        self, shared: PolicyShared, *, peer: str, client: IPAddress | None, listener: str
+        self,
+        shared: PolicyShared,
+        *,
+        peer: str,
+        client: IPAddress | None,
+        listener: str,
+        tls: bool = False,
     ) -> None:
         self._shared = shared
         self.peer = peer
-        self.context = Context(client=client, listener=listener)
+        self.context = Context(client=client, listener=listener, tls=tls)
         self.started_at = shared.clock()
         self._cache: tuple[int, Context, Effective] | None = None
         self._counted = False
@@ -117,6 +126,17 @@ class SessionPolicy:
         if setting is None or not isinstance(setting.value, int | float):
             return None
         return float(setting.value), setting.rule
+
+    def tls_started(self) -> None:
+        """The client connection is now encrypted (after STLS)."""
+        self.context = replace(self.context, tls=True)
+
+    def requires_tls(self) -> bool:
+        """Whether an enforced rule requires TLS before credentials, on plaintext."""
+        if self.context.tls or not self.active:
+            return False
+        setting = self._setting("require_tls")
+        return setting is not None and setting.value is True and setting.enforced
 
     # -- connect -------------------------------------------------------------
     def check_connect(self) -> Verdict | None:
@@ -160,6 +180,14 @@ class SessionPolicy:
         """A command about to be forwarded (``mechanism`` for AUTH)."""
         if verb in ("USER", "APOP", "AUTH"):
             name = {"USER": "USER", "APOP": "APOP"}.get(verb, mechanism or "")
+            needs_tls = self._setting("require_tls")
+            if needs_tls is not None and needs_tls.value is True and not self.context.tls:
+                return Verdict(
+                    "require_tls",
+                    needs_tls.rule,
+                    REPLY_TLS_REQUIRED,
+                    f"{name} before TLS",
+                )
             setting = self._setting("auth_mechanisms")
             allowed = setting.value if setting is not None else None
             if setting is not None and isinstance(allowed, tuple) and name not in allowed:

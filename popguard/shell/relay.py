@@ -26,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import math
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Final
 
 import trio
@@ -36,6 +38,7 @@ from popguard.core.session import ProxySession
 from popguard.policy.model import Rule
 from popguard.policy.session import SessionPolicy
 from popguard.shell.tcp import TCPStream
+from popguard.shell.tls import HANDSHAKE_TIMEOUT, describe
 
 #: One read from either peer.  Large enough that bulk RETR costs few trips
 #: through Python; the core forwards each read as one chunk.
@@ -50,6 +53,24 @@ FINAL_FLUSH_TIMEOUT: Final = 2.0
 #: that destroys that reply (the reason nginx has ``lingering_close``).
 LINGER_TIMEOUT: Final = 1.0
 LINGER_MAX_BYTES: Final = 1024 * 1024
+
+#: The longest line popguard reads from the upstream before TLS (greeting,
+#: the reply to STLS): RFC 1939 says 512, legacy servers say more.
+MAX_PRE_TLS_LINE: Final = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSecurity:
+    """How to secure the upstream connection."""
+
+    mode: str  # "implicit" or "starttls"
+    context: ssl.SSLContext
+    server_name: str
+
+
+class UpstreamTLSError(Exception):
+    """The upstream's TLS could not be set up; the session gets SYS/TEMP."""
+
 
 RecordSink = Callable[[AuditRecord], None]
 #: Writes a record and reports whether it is durably stored (fail-closed).
@@ -86,9 +107,16 @@ class Relay:
         emit: RecordSink,
         emit_durable: DurableSink | None = None,
         policy: SessionPolicy | None = None,
+        client_tls: ssl.SSLContext | None = None,
+        implicit_tls: bool = False,
+        upstream_tls: UpstreamSecurity | None = None,
     ) -> None:
         self.session = session
         self.policy = policy
+        #: The context for the client's TLS: POP3S (``implicit_tls``) or STLS.
+        self._client_tls = client_tls
+        self._implicit_tls = implicit_tls
+        self._upstream_tls = upstream_tls
         self.client = client
         self.upstream: trio.abc.Stream | None = None
         self._connect_upstream = connect_upstream
@@ -195,7 +223,9 @@ class Relay:
         try:
             with self._scope:
                 self._touch()
-                if await self._connect():
+                if self._implicit_tls and not await self._client_handshake(stls=False):
+                    pass  # the session has ended; nothing was sent upstream
+                elif await self._connect():
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._idle_watchdog)
                         async with trio.open_nursery() as pumps:
@@ -212,18 +242,33 @@ class Relay:
 
     async def _connect(self) -> bool:
         session = self.session
+        greeting = b""
+        upstream: trio.abc.Stream | None = None
         try:
             with trio.fail_after(self._connect_timeout):
                 upstream = await self._connect_upstream()
-        except trio.TooSlowError:
-            session.upstream_failed(self._upstream_label, "connect timed out")
+                set_nodelay(upstream)
+                if self._upstream_tls is not None:
+                    upstream, greeting = await self._secure_upstream(upstream, self._upstream_tls)
+        except (trio.TooSlowError, OSError, UpstreamTLSError, trio.BrokenResourceError) as exc:
+            if upstream is not None:
+                await trio.aclose_forcefully(upstream)
+            if isinstance(exc, trio.TooSlowError):
+                error = "connect timed out"
+            elif isinstance(exc, OSError):
+                error = exc.strerror or str(exc)
+            else:
+                error = str(exc) or type(exc).__name__
+            session.upstream_failed(self._upstream_label, error)
             return False
-        except OSError as exc:
-            session.upstream_failed(self._upstream_label, exc.strerror or str(exc))
-            return False
-        set_nodelay(upstream)
         self.upstream = upstream
         session.upstream_connected(self._upstream_label)
+        if isinstance(upstream, trio.SSLStream):
+            assert self._upstream_tls is not None
+            stls = self._upstream_tls.mode == "starttls"
+            session.tls_established("upstream", stls=stls, **describe(upstream))
+        if greeting:
+            session.receive_server(greeting)  # read before STLS; relayed unchanged
         self._emit_records()
         # Commands the client sent before the upstream answered may wait.
         await self._flush_upstream()
@@ -255,7 +300,68 @@ class Relay:
             self._touch()
             session.receive_client(bytes(data) if isinstance(data, bytearray) else data)
             await self._flush_both()
+            if session.starttls_pending and not session.finished:
+                await self._client_handshake(stls=True)
         self._stop_receiving()
+
+    async def _client_handshake(self, *, stls: bool) -> bool:
+        """TLS with the client: POP3S at connect, or after popguard's +OK to STLS.
+
+        Nothing else writes to the client meanwhile.  On failure the session
+        ends (before any upstream connection for POP3S).
+        """
+        session = self.session
+        context = self._client_tls
+        assert context is not None
+        tls = trio.SSLStream(self.client, context, server_side=True)
+        self._client_sending = True
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await tls.do_handshake()
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            cause = exc.__cause__ or exc
+            detail = "timed out" if isinstance(exc, trio.TooSlowError) else str(cause)
+            session.end(EndReason.CLIENT_ERROR, f"TLS handshake failed: {detail}"[:200])
+            self._emit_records()
+            return False
+        finally:
+            self._client_sending = False
+        self.client = tls
+        if stls:
+            session.tls_started(**describe(tls))
+        else:
+            session.tls_established("client", stls=False, **describe(tls))
+        self._emit_records()
+        return True
+
+    async def _secure_upstream(
+        self, stream: trio.abc.Stream, security: UpstreamSecurity
+    ) -> tuple[trio.SSLStream[trio.abc.Stream], bytes]:
+        """Implicit TLS, or STLS after the greeting (which is kept for the client)."""
+        greeting = b""
+        if security.mode == "starttls":
+            greeting, rest = await _read_line(stream, b"")
+            if rest:
+                raise UpstreamTLSError("upstream sent data after its greeting, before STLS")
+            if not greeting.startswith(b"+OK"):
+                # popguard was told to encrypt: it never goes on in plaintext.
+                raise UpstreamTLSError("upstream greeting was not +OK")
+            await stream.send_all(b"STLS\r\n")
+            reply, rest = await _read_line(stream, b"")
+            if rest:
+                # Bytes injected before the handshake must never reach anyone.
+                raise UpstreamTLSError("upstream sent data after +OK to STLS, before TLS")
+            if not reply.startswith(b"+OK"):
+                raise UpstreamTLSError(
+                    "upstream refused STLS: " + reply[:80].decode("ascii", "replace").strip()
+                )
+        tls = trio.SSLStream(stream, security.context, server_hostname=security.server_name)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await tls.do_handshake()
+        except trio.BrokenResourceError as exc:
+            raise UpstreamTLSError(f"TLS handshake failed: {exc.__cause__ or exc}"[:200]) from exc
+        return tls, greeting
 
     async def _pump_upstream(self) -> None:
         session = self.session
@@ -419,6 +525,19 @@ class Relay:
                 fields["duration_ms"] = math.floor(duration * 1000)
                 record = AuditRecord(record.event, fields)
             self._emit(record)
+
+
+async def _read_line(stream: trio.abc.Stream, buffered: bytes) -> tuple[bytes, bytes]:
+    """One line (with its CRLF), and whatever came after it in the same reads."""
+    data = buffered
+    while (end := data.find(b"\n")) == -1:
+        if len(data) > MAX_PRE_TLS_LINE:
+            raise UpstreamTLSError(f"upstream line longer than {MAX_PRE_TLS_LINE} octets")
+        chunk = await stream.receive_some(MAX_PRE_TLS_LINE)
+        if not chunk:
+            raise UpstreamTLSError("upstream closed the connection before TLS")
+        data += chunk
+    return data[: end + 1], data[end + 1 :]
 
 
 def _describe(exc: BaseException) -> str:

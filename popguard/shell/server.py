@@ -34,8 +34,9 @@ from popguard.core.records import EndReason
 from popguard.core.session import REPLY_AUDIT_DOWN, ProxySession
 from popguard.policy.model import PolicySet, client_address
 from popguard.policy.session import PolicyHolder, PolicyShared, SessionPolicy
-from popguard.shell.relay import Relay
+from popguard.shell.relay import Relay, UpstreamSecurity
 from popguard.shell.tcp import TCPStream
+from popguard.shell.tls import ListenerTLS, TLSContexts, UpstreamTLS, legacy_warnings
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,8 @@ class Endpoint:
 class ListenerSpec:
     name: str
     endpoint: Endpoint
+    #: TLS toward clients: none, implicit (POP3S) or starttls (STLS offered).
+    tls: ListenerTLS = field(default_factory=ListenerTLS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,8 @@ class ServerSettings:
     limits: Limits = field(default_factory=Limits)
     #: Look up UIDL and size upstream so records name messages durably.
     message_identity: bool = True
+    #: TLS toward the upstream: none, implicit or starttls.
+    upstream_tls: UpstreamTLS = field(default_factory=UpstreamTLS)
 
 
 def format_peer(sockaddr: object) -> str:
@@ -91,6 +96,11 @@ class ProxyServer:
         #: Policies shared by every session (None: no policy engine at all).
         self.policies = policies
         self._policy_loader = policy_loader
+        #: SSL contexts, built here so a bad certificate fails at startup.
+        self.tls = TLSContexts(
+            {spec.name: spec.tls for spec in settings.listeners}, settings.upstream_tls
+        )
+        self._listener_tls = {spec.name: spec.tls.mode for spec in settings.listeners}
         self._relays: set[Relay] = set()
         self._all_closed = trio.Event()
         self._all_closed.set()
@@ -123,6 +133,17 @@ class ProxyServer:
         self.audit.event("policy.reloaded", rules=len(policies.rules), source=policies.source)
         for relay in self._relays:
             relay.rearm()
+        return True
+
+    def reload_tls(self) -> bool:
+        """Read certificates and keys again; keep the old ones on error."""
+        try:
+            self.tls.reload()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            self.audit.error("tls.reload_failed", error=str(exc)[:300], kept="previous contexts")
+            return False
+        if self.tls.listeners or self.tls.upstream is not None:
+            self.audit.event("tls.reloaded", listeners=sorted(self.tls.listeners))
         return True
 
     def request_shutdown(self, *, immediate: bool = False) -> None:
@@ -161,6 +182,8 @@ class ProxyServer:
             for endpoint in self.bound[spec.name]:
                 self.audit.event("popguard.listening", listener=spec.name, address=str(endpoint))
         policies = self.policies.holder.current if self.policies is not None else None
+        for warning in legacy_warnings(settings.upstream_tls):
+            self.audit.warning("popguard.tls_warning", warning=warning)
         self.audit.event(
             "popguard.started",
             upstream=str(settings.upstream),
@@ -205,7 +228,11 @@ class ProxyServer:
             policy: SessionPolicy | None = None
             if self.policies is not None:
                 policy = SessionPolicy(
-                    self.policies, peer=client, client=client_address(client), listener=listener
+                    self.policies,
+                    peer=client,
+                    client=client_address(client),
+                    listener=listener,
+                    tls=self._listener_tls.get(listener) == "implicit",
                 )
                 verdict = policy.check_connect()
                 if verdict is not None:
@@ -228,7 +255,10 @@ class ProxyServer:
         policy: SessionPolicy | None,
     ) -> None:
         settings = self.settings
+        mode = self._listener_tls.get(listener, "none")
         session = ProxySession(
+            stls=mode == "starttls",
+            tls=mode == "implicit",
             client=client,
             listener=listener,
             limits=settings.limits,
@@ -248,6 +278,9 @@ class ProxyServer:
             emit=self.audit.emit,
             emit_durable=self.audit.emit_durable,
             policy=policy,
+            client_tls=self.tls.listeners.get(listener),
+            implicit_tls=mode == "implicit",
+            upstream_tls=self._upstream_security(),
         )
         self._relays.add(relay)
         self._all_closed = trio.Event() if len(self._relays) == 1 else self._all_closed
@@ -259,6 +292,14 @@ class ProxyServer:
             self._relays.discard(relay)
             if not self._relays:
                 self._all_closed.set()
+
+    def _upstream_security(self) -> UpstreamSecurity | None:
+        tls = self.settings.upstream_tls
+        context = self.tls.upstream
+        if context is None or tls.mode == "none":
+            return None
+        name = tls.server_name or self.settings.upstream.host
+        return UpstreamSecurity(tls.mode, context, name)
 
     async def _refuse(self, stream: trio.SocketStream, reason: str, reply: bytes) -> None:
         """Answer a connection popguard will not serve, and close it."""
@@ -334,6 +375,7 @@ async def _on_signals(signals: AsyncIterator[int], server: ProxyServer, audit: A
         if signum in _REOPEN_SIGNALS:
             audit.reopen()
             server.reload_policies()
+            server.reload_tls()
             continue
         count += 1
         server.request_shutdown(immediate=count > 1)

@@ -286,8 +286,7 @@ EXAMPLES = sorted(SHIPPED.glob("*.yaml.example"))
 def test_examples_exist_for_every_setting() -> None:
     text = "\n".join(path.read_text(encoding="utf-8") for path in EXAMPLES)
     for name in SETTINGS:
-        if name != "require_tls":  # refused until popguard terminates TLS
-            assert f"{name}:" in text, name
+        assert f"{name}:" in text, name
     assert "mode: dry-run" in text
 
 
@@ -524,12 +523,6 @@ ERRORS = [
         1,
         43,
         "unknown mechanism 'SCRAM-SHA-512' (did you mean",
-    ),
-    (
-        "rules: [{name: r, set: {require_tls: true}}]",
-        1,
-        38,
-        "popguard does not terminate TLS yet (issue: TLS); require_tls cannot be enforced",
     ),
     (
         "rules: [{name: r, set: {require_tls: null}}]",
@@ -780,12 +773,15 @@ def test_settings_decided_once_the_user_is_known(
     assert load(tmp_path)[1] == []
 
 
-def test_tls_true_never_matches_yet(tmp_path: Path) -> None:
-    write(tmp_path, "rules: [{name: r, match: {tls: true}, set: {access: deny}}]")
-    warning = only_warning(tmp_path)
-    assert warning.column == 32
-    assert "popguard does not terminate TLS yet" in warning.message
-    assert "can never apply" in warning.message
+def test_require_tls_and_match_tls_load(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "rules: [{name: r, match: {tls: false}, set: {require_tls: true}}]",
+    )
+    policies, issues = load(tmp_path)
+    assert issues == []
+    assert policies.rules[0].settings["require_tls"] is True
+    assert policies.rules[0].match.tls is False
 
 
 def test_unknown_listeners_are_warned_about_when_listeners_are_given(tmp_path: Path) -> None:

@@ -1,0 +1,162 @@
+"""TLS settings and SSL contexts, for clients (POP3S, STLS) and the upstream.
+
+Defaults follow Python's ``ssl.create_default_context`` (the "secure
+default": no SSLv3, no compression, forward-secret AEAD ciphers first) with
+TLS 1.2 as the minimum on both sides.  Toward clients, ALPN offers only
+``pop3`` (RFC 8314 §7, the ALPACA cross-protocol attack).
+
+Python's ``ssl`` module cannot see the protocols a client offers, so a
+client that offers ALPN without ``pop3`` is not refused (OpenSSL then
+simply selects no protocol); the audit record shows ``alpn: null``.
+
+Contexts are built from files once, and again by :meth:`TLSContexts.reload`
+(SIGHUP): a session keeps the context it started its handshake with, new
+handshakes use the new one.  A reload that fails keeps the old contexts.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+ListenerTLSMode = Literal["none", "implicit", "starttls"]
+UpstreamTLSMode = Literal["none", "implicit", "starttls"]
+TLSVersionName = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
+
+VERSIONS: Final[Mapping[str, ssl.TLSVersion]] = {
+    "TLSv1": ssl.TLSVersion.TLSv1,
+    "TLSv1.1": ssl.TLSVersion.TLSv1_1,
+    "TLSv1.2": ssl.TLSVersion.TLSv1_2,
+    "TLSv1.3": ssl.TLSVersion.TLSv1_3,
+}
+
+#: How long a TLS handshake may take, on either side.
+HANDSHAKE_TIMEOUT: Final = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class CertKey:
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTLS:
+    """TLS toward clients on one listener."""
+
+    mode: ListenerTLSMode = "none"
+    #: The default certificate and key (PEM files).
+    cert: CertKey | None = None
+    #: Other certificates by server name (SNI), e.g. ``mail.example.org``.
+    sni: Mapping[str, CertKey] = field(default_factory=dict)
+    min_version: TLSVersionName = "TLSv1.2"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTLS:
+    """TLS toward the upstream server."""
+
+    mode: UpstreamTLSMode = "none"
+    #: CA bundle to verify the server with; None: the system's store.
+    ca_file: str | None = None
+    #: The name to verify and send as SNI; None: the upstream host.
+    server_name: str | None = None
+    #: False skips certificate and name checks (an explicit, logged opt-in).
+    verify: bool = True
+    #: TLSv1 or TLSv1.1 only for legacy servers (an explicit, logged opt-in).
+    min_version: TLSVersionName = "TLSv1.2"
+
+
+def server_context(tls: ListenerTLS) -> ssl.SSLContext:
+    """The context for a listener: its certificate, SNI, ALPN ``pop3``."""
+    assert tls.cert is not None
+    context = _server_base(tls, tls.cert)
+    by_name = {name.lower(): _server_base(tls, pair) for name, pair in tls.sni.items()}
+
+    def choose(sock: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+        if name:
+            sock._popguard_sni = name  # type: ignore[attr-defined]  # for the record
+            chosen = by_name.get(name.lower())
+            if chosen is not None:
+                sock.context = chosen
+
+    context.sni_callback = choose
+    return context
+
+
+def _server_base(tls: ListenerTLS, pair: CertKey) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = VERSIONS[tls.min_version]
+    context.load_cert_chain(pair.cert, pair.key)
+    context.set_alpn_protocols(["pop3"])
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    return context
+
+
+def client_context(tls: UpstreamTLS) -> ssl.SSLContext:
+    """The context for connections to the upstream."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+    context.minimum_version = VERSIONS[tls.min_version]
+    if tls.min_version in ("TLSv1", "TLSv1.1"):
+        # OpenSSL's default security level 2 refuses the SHA-1 MACs that
+        # TLS 1.0/1.1 need; the operator asked for a legacy server.
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    if not tls.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.options |= ssl.OP_NO_COMPRESSION
+    return context
+
+
+def legacy_warnings(tls: UpstreamTLS) -> list[str]:
+    """What an operator opted into that weakens the upstream link."""
+    warnings = []
+    if tls.mode != "none" and not tls.verify:
+        warnings.append("upstream TLS certificate verification is OFF (upstream.tls_verify)")
+    if tls.mode != "none" and tls.min_version in ("TLSv1", "TLSv1.1"):
+        warnings.append(f"upstream TLS allows {tls.min_version} (upstream.tls_min_version)")
+    return warnings
+
+
+def describe(stream: object) -> dict[str, str | None]:
+    """Version, cipher, SNI and ALPN of an established ``trio.SSLStream``."""
+    cipher = stream.cipher()  # type: ignore[attr-defined]
+    ssl_object = getattr(stream, "_ssl_object", None)
+    if stream.server_side:  # type: ignore[attr-defined]
+        sni = getattr(ssl_object, "_popguard_sni", None)
+    else:
+        sni = stream.server_hostname  # type: ignore[attr-defined]
+    return {
+        "tls_version": stream.version(),  # type: ignore[attr-defined]
+        "cipher": cipher[0] if cipher else None,
+        "sni": sni if isinstance(sni, str) else None,
+        "alpn": stream.selected_alpn_protocol(),  # type: ignore[attr-defined]
+    }
+
+
+class TLSContexts:
+    """The SSL contexts in use, rebuilt from their files on reload."""
+
+    def __init__(self, listeners: Mapping[str, ListenerTLS], upstream: UpstreamTLS | None) -> None:
+        self._listener_settings = dict(listeners)
+        self._upstream_settings = upstream
+        self.listeners: dict[str, ssl.SSLContext] = {}
+        self.upstream: ssl.SSLContext | None = None
+        self._build()
+
+    def _build(self) -> None:
+        listeners = {
+            name: server_context(tls)
+            for name, tls in self._listener_settings.items()
+            if tls.mode != "none"
+        }
+        upstream = None
+        if self._upstream_settings is not None and self._upstream_settings.mode != "none":
+            upstream = client_context(self._upstream_settings)
+        self.listeners, self.upstream = listeners, upstream
+
+    def reload(self) -> None:
+        """Read the certificates and keys again; raises (keeping the old) on error."""
+        self._build()
