@@ -4,12 +4,21 @@ Every case returns a plain dict (JSON-ready).  Repetitions are interleaved
 as pairs, direct first, then popguard (D P D P D P) after a warm-up of
 each, so that slow drift of a shared machine hits both sides alike; the
 report takes the median of each side.
+
+With ``--audit-compare`` the bulk, concurrency and DELE cases measure three
+*sides* instead of two: DIRECT, popguard with auditing off and popguard
+with full auditing (two popguard processes side by side).  Each repetition
+runs all three, in an order rotated from one repetition to the next
+(D OFF FULL, OFF FULL D, FULL D OFF), so every side takes every position
+once in three repetitions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import os
 import random
 import socket
 import time
@@ -18,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import procs
+from bench import auditlog, procs
 from bench.procs import BenchError, PopguardProcess
 from bench.swarm import SwarmPool, release, run_swarm, session_script
 from bench.wire import PopClient, bulk_retr, ping_pong
@@ -42,6 +51,9 @@ class Params:
     pool_users: int = 200
     small_size: int = 4_000
     small_messages: int = 3
+    dele_sessions: int = 1000
+    dele_parallel: int = 200
+    dele_size: int = 2_000
     held: int = 1000
     hold_parallel: int = 100
     noop_while_held: int = 2_000
@@ -59,12 +71,95 @@ class Params:
             sessions=200,
             parallel=40,
             pool_users=40,
+            dele_sessions=200,
+            dele_parallel=40,
             held=100,
             hold_parallel=50,
             noop_while_held=200,
             client_procs=1,
             time_limit=60.0,
         )
+
+
+def dele_messages_per_user(params: Params, sides: int) -> int:
+    """Messages each DELE user needs: one per run (warm-up and repetitions, every side).
+
+    The DELE case gives every session a user of its own, so each run takes
+    one message from every user; one more is left over at the end.
+    """
+    return (1 + params.reps) * sides + 1
+
+
+# -- popguard configurations ------------------------------------------------------
+
+#: The popguard sides of a case: the default run, and the --audit-compare run.
+DEFAULT_SIDES = ("popguard",)
+AUDIT_SIDES = ("off", "full")
+#: --audit-breakdown: also each half of full auditing on its own.
+BREAKDOWN_SIDES = ("off", "identity", "file", "full")
+#: The cases that measure AUDIT_SIDES under --audit-compare.
+AUDIT_CASES = ("bulk", "concurrency", "dele")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running popguard: its extra arguments and its audit file, if any."""
+
+    name: str
+    label: str
+    args: tuple[str, ...] = ()
+    audit_file: str | None = None
+
+
+def make_variants(
+    workdir: Path, audit_file: str | None, popguard_args: Sequence[str]
+) -> dict[str, Variant]:
+    """The popguard configurations, their config files written under ``workdir``.
+
+    * ``popguard``: as deployed by default (``--no-console``, message identity
+      on), plus ``--audit-file`` when given.
+    * ``off``: auditing off: no audit file and ``audit.message_identity: false``
+      (popguard asks the server nothing of its own).
+    * ``full``: full auditing: the audit file (hash chain, always on for the
+      file sink) in the work directory, the default ``fsync: interval``, and
+      message identity (UIDL and size) on.
+    * ``identity`` and ``file`` (``--audit-breakdown``): one half of ``full``
+      each: message identity without a file, and the file without identity.
+
+    ``popguard_args`` (``--popguard-arg``) go to every variant.
+    """
+    extra = tuple(popguard_args)
+    default_args = ("--audit-file", audit_file) if audit_file else ()
+    off_conf = workdir / "popguard-audit-off.yaml"
+    off_conf.write_text(
+        "# bench --audit-compare: auditing off\naudit:\n  console: false\n"
+        "  file: null\n  message_identity: false\n"
+    )
+    full_file = workdir / "audit-full.jsonl"
+    full_conf = workdir / "popguard-audit-full.yaml"
+    full_conf.write_text(
+        "# bench --audit-compare: full auditing\naudit:\n  console: false\n"
+        f"  file: {json.dumps(str(full_file))}\n  fsync: interval\n  message_identity: true\n"
+    )
+    identity_conf = workdir / "popguard-audit-identity.yaml"
+    identity_conf.write_text(
+        "# bench --audit-breakdown: message identity, no file\naudit:\n  console: false\n"
+        "  file: null\n  message_identity: true\n"
+    )
+    file_file = workdir / "audit-file-only.jsonl"
+    file_conf = workdir / "popguard-audit-file.yaml"
+    file_conf.write_text(
+        "# bench --audit-breakdown: the audit file, no message identity\naudit:\n"
+        f"  console: false\n  file: {json.dumps(str(file_file))}\n  fsync: interval\n"
+        "  message_identity: false\n"
+    )
+    return {
+        "popguard": Variant("popguard", "popguard", default_args + extra, audit_file),
+        "identity": Variant("identity", "identity only", ("--config", str(identity_conf), *extra)),
+        "file": Variant("file", "file only", ("--config", str(file_conf), *extra), str(file_file)),
+        "off": Variant("off", "audit off", ("--config", str(off_conf), *extra)),
+        "full": Variant("full", "audit full", ("--config", str(full_conf), *extra), str(full_file)),
+    }
 
 
 @dataclass
@@ -79,20 +174,44 @@ class Env:
     params: Params
     workdir: Path
     log: Log
-    audit_file: str | None = None
-    popguard_args: tuple[str, ...] = ()
+    variants: dict[str, Variant] = field(default_factory=dict)
+    #: The popguard sides of AUDIT_CASES (AUDIT_SIDES or BREAKDOWN_SIDES);
+    #: empty: no audit comparison, one popguard side as usual.
+    audit_sides: tuple[str, ...] = ()
+    dele_pool: list[tuple[str, str]] = field(default_factory=list)
+    dele_maildirs: list[Path] = field(default_factory=list)
     _seq: int = field(default=0)
 
-    def popguard(self) -> PopguardProcess:
+    def popguard(self, side: str = "popguard") -> PopguardProcess:
         """A fresh popguard in front of Dovecot (start it with ``with``)."""
         self._seq += 1
+        variant = self.variants.get(side) or Variant(side, side)
         return PopguardProcess(
             self.upstream,
-            self.workdir / f"popguard-{self._seq}.log",
+            self.workdir / f"popguard-{self._seq}-{side}.log",
             idle_timeout=3600,
-            audit_file=self.audit_file,
-            extra_args=self.popguard_args,
+            extra_args=variant.args,
         )
+
+    def sides(self, case: str) -> tuple[str, ...]:
+        """The popguard sides ``case`` measures (besides DIRECT)."""
+        return self.audit_sides if self.audit_sides and case in AUDIT_CASES else DEFAULT_SIDES
+
+    def main_side(self, case: str) -> str:
+        """The side shown as THROUGH popguard in the main table."""
+        return self.sides(case)[-1]
+
+    def order(self, case: str, rep: int) -> list[str]:
+        """Sides in the order repetition ``rep`` runs them."""
+        sides = ["direct", *self.sides(case)]
+        if len(sides) <= 2:
+            return sides  # D P, as always
+        k = rep % len(sides)
+        return sides[k:] + sides[:k]
+
+    def audit_file(self, side: str) -> str | None:
+        variant = self.variants.get(side)
+        return variant.audit_file if variant else None
 
 
 # -- statistics ------------------------------------------------------------------
@@ -128,6 +247,113 @@ def compare(direct: Sequence[float], proxied: Sequence[float]) -> dict[str, Any]
     }
 
 
+# -- running one side of one repetition ---------------------------------------------
+
+
+def measure(
+    env: Env,
+    side: str,
+    pgs: dict[str, PopguardProcess],
+    run: Callable[[Address], dict[str, Any]],
+    *,
+    sessions: int,
+    dovecot_cpu: bool = False,
+) -> dict[str, Any]:
+    """Run ``run`` against one side and add what it cost around it.
+
+    Adds ``popguard_cpu_s`` (popguard's utime + stime over the run and the
+    wait for its audit records), ``dovecot_cpu_s`` (when asked: Dovecot's
+    whole process tree over the run) and, for a side with an audit file,
+    ``audit``: the records the run added (:func:`bench.auditlog.tally`) and
+    ``flush_wait_s``, how long after the run the last of them arrived.
+    """
+    pg = pgs.get(side)
+    address = env.upstream if pg is None else pg.address
+    audit = env.audit_file(side) if pg is not None else None
+    offset = auditlog.size(audit) if audit else 0
+    dv0 = procs.tree_cpu_seconds(env.dovecot_pid) if dovecot_cpu else 0.0
+    cpu0 = procs.cpu_seconds(pg.pid) if pg is not None else 0.0
+    result = run(address)
+    if dovecot_cpu:
+        result["dovecot_cpu_s"] = procs.tree_cpu_seconds(env.dovecot_pid) - dv0
+    if audit:
+        segment, waited = auditlog.wait_segment(audit, offset, sessions)
+        result["audit"] = auditlog.tally(segment)
+        result["audit"]["flush_wait_s"] = waited
+    if pg is not None:
+        result["popguard_cpu_s"] = procs.cpu_seconds(pg.pid) - cpu0
+    return result
+
+
+def _values(runs: dict[str, list[dict[str, Any]]], key: Callable[[dict[str, Any]], float]) -> Any:
+    return {side: [key(r) for r in rs] for side, rs in runs.items()}
+
+
+def assemble(
+    env: Env,
+    case: str,
+    runs: dict[str, list[dict[str, Any]]],
+    key: Callable[[dict[str, Any]], float],
+) -> dict[str, Any]:
+    """compare() of DIRECT and the main side for the figure ``key``; with
+    --audit-compare also ``audit``: full/off (medians and per repetition) and
+    each against DIRECT."""
+    vals = _values(runs, key)
+    res = compare(vals["direct"], vals[env.main_side(case)])
+    res["side"] = env.main_side(case)
+    if "off" in vals and "full" in vals:
+        off, full = vals["off"], vals["full"]
+        cost = compare(off, full)  # here "direct" is OFF and "popguard" is FULL
+        res["audit"] = {
+            "off": cost["direct"],
+            "full": cost["popguard"],
+            "ratio": cost["ratio"],
+            "pair_ratios": cost["pair_ratios"],
+            "off_vs_direct": compare(vals["direct"], off)["ratio"],
+            "full_vs_direct": compare(vals["direct"], full)["ratio"],
+            # --audit-breakdown: each half on its own, against OFF.
+            "parts": {
+                side: {
+                    **compare(off, vals[side]),
+                    "vs_direct": compare(vals["direct"], vals[side])["ratio"],
+                }
+                for side in vals
+                if side not in ("direct", "off", "full")
+            },
+        }
+    return res
+
+
+def side_summary(
+    runs: dict[str, list[dict[str, Any]]], key: Callable[[dict[str, Any]], float]
+) -> dict[str, Any]:
+    """summary() of a figure for every side that has it."""
+    out = {}
+    for side, rs in runs.items():
+        with contextlib.suppress(KeyError, ZeroDivisionError):
+            out[side] = summary([key(r) for r in rs])
+    return out
+
+
+def audit_summary(runs: dict[str, list[dict[str, Any]]], per: str) -> dict[str, Any]:
+    """For each side with an audit file: bytes and records per ``per``, flush wait."""
+    out: dict[str, Any] = {}
+    for side, rs in runs.items():
+        if not rs or "audit" not in rs[0]:
+            continue
+        out[side] = {
+            "bytes_per_" + per: summary([r["audit"]["bytes"] / r["units"] for r in rs]),
+            "records_per_" + per: summary([r["audit"]["records"] / r["units"] for r in rs]),
+            "flush_wait_s": summary([r["audit"]["flush_wait_s"] for r in rs]),
+            "bad_lines": sum(r["audit"]["bad_lines"] for r in rs),
+        }
+    return out
+
+
+def _fmt_sides(runs_now: dict[str, dict[str, Any]], fmt: Callable[[dict[str, Any]], str]) -> str:
+    return ", ".join(f"{side} {fmt(r)}" for side, r in runs_now.items())
+
+
 # -- (a) bulk ------------------------------------------------------------------------
 
 
@@ -135,17 +361,27 @@ def case_bulk(env: Env) -> dict[str, Any]:
     prm = env.params
     user, password = env.bulk_user
     limit = prm.time_limit
+    sides = env.sides("bulk")
     out: dict[str, Any] = {}
-    with env.popguard() as pg:
+    with contextlib.ExitStack() as stack:
+        pgs = {side: stack.enter_context(env.popguard(side)) for side in sides}
         # Warm-up: one whole pass each way (Dovecot builds its index and
         # reads the files into the page cache), hashing every byte, which
         # also checks that popguard relays exactly what Dovecot sends.
-        digests = []
-        for target in (env.upstream, pg.address):
+        digests = {}
+        # (Warm-ups go through measure() too, which waits for their audit
+        # records, so none of them lands in a measured run's share of the file.)
+        for side in ("direct", *sides):
             digest = hashlib.blake2b()
-            bulk_retr(target, user, password, prm.bulk_messages, digest=digest, time_limit=limit)
-            digests.append(digest.hexdigest())
-        out["identical_bytes"] = digests[0] == digests[1]
+
+            def hashed(address: Address, digest: Any = digest) -> dict[str, Any]:
+                return bulk_retr(
+                    address, user, password, prm.bulk_messages, digest=digest, time_limit=limit
+                )
+
+            measure(env, side, pgs, hashed, sessions=1)
+            digests[side] = digest.hexdigest()
+        out["identical_bytes"] = all(d == digests["direct"] for d in digests.values())
         if not out["identical_bytes"]:
             env.log("  WARNING: popguard's RETR bytes differ from Dovecot's")
 
@@ -155,66 +391,85 @@ def case_bulk(env: Env) -> dict[str, Any]:
         }
         for name, v in variants.items():
             count = int(v["count"])
-            direct: list[dict[str, float]] = []
-            proxied: list[dict[str, float]] = []
-            pg_cpu: list[float] = []
+            nodelay, fast = bool(v["nodelay"]), bool(v["fast"])
+            runs: dict[str, list[dict[str, Any]]] = {s: [] for s in ("direct", *sides)}
             if name != "bulk":  # short warm-up of this client flavour
-                for target in (env.upstream, pg.address):
-                    bulk_retr(
-                        target,
-                        user,
-                        password,
-                        min(count, 100),
-                        nodelay=bool(v["nodelay"]),
-                        fast=bool(v["fast"]),
-                        time_limit=limit,
-                    )
+                for side in ("direct", *sides):
+
+                    def warm(
+                        address: Address,
+                        count: int = count,
+                        nodelay: bool = nodelay,
+                        fast: bool = fast,
+                    ) -> dict[str, Any]:
+                        return bulk_retr(
+                            address,
+                            user,
+                            password,
+                            min(count, 100),
+                            nodelay=nodelay,
+                            fast=fast,
+                            time_limit=limit,
+                        )
+
+                    measure(env, side, pgs, warm, sessions=1)
+
+            def go(
+                address: Address, count: int = count, nodelay: bool = nodelay, fast: bool = fast
+            ) -> dict[str, Any]:
+                return bulk_retr(
+                    address, user, password, count, nodelay=nodelay, fast=fast, time_limit=limit
+                )
+
             for rep in range(prm.reps):
-                d = bulk_retr(
-                    env.upstream,
-                    user,
-                    password,
-                    count,
-                    nodelay=bool(v["nodelay"]),
-                    fast=bool(v["fast"]),
-                    time_limit=limit,
-                )
-                cpu0 = procs.cpu_seconds(pg.pid)
-                p = bulk_retr(
-                    pg.address,
-                    user,
-                    password,
-                    count,
-                    nodelay=bool(v["nodelay"]),
-                    fast=bool(v["fast"]),
-                    time_limit=limit,
-                )
-                cpu = procs.cpu_seconds(pg.pid) - cpu0
-                direct.append(d)
-                proxied.append(p)
-                pg_cpu.append(cpu / p["seconds"])
+                now = {}
+                for side in env.order("bulk", rep):
+                    r = measure(env, side, pgs, go, sessions=1)
+                    r["units"] = count  # audit figures per RETR
+                    runs[side].append(r)
+                    now[side] = r
                 env.log(
-                    f"  {name} rep {rep + 1}/{prm.reps}: direct {d['mb_per_s']:.0f} MB/s, "
-                    f"popguard {p['mb_per_s']:.0f} MB/s (popguard CPU {cpu / p['seconds']:.0%}, "
-                    f"stalls>20ms {d['stalls_over_20ms']:.0f}/{p['stalls_over_20ms']:.0f})"
+                    f"  {name} rep {rep + 1}/{prm.reps}: "
+                    + _fmt_sides(
+                        now,
+                        lambda r: (
+                            f"{r['mb_per_s']:.0f} MB/s"
+                            + (
+                                f" (popguard CPU {r['popguard_cpu_s'] / r['seconds']:.0%})"
+                                if "popguard_cpu_s" in r
+                                else ""
+                            )
+                        ),
+                    )
+                    + "; stalls>20ms "
+                    + "/".join(f"{r['stalls_over_20ms']:.0f}" for r in now.values())
                 )
-            res = compare([d["mb_per_s"] for d in direct], [p["mb_per_s"] for p in proxied])
+            main = env.main_side("bulk")
+            res = assemble(env, "bulk", runs, lambda r: r["mb_per_s"])
             res["unit"] = "MB/s"
-            res["bytes_per_session"] = direct[0]["bytes"]
+            res["bytes_per_session"] = runs["direct"][0]["bytes"]
             res["messages"] = count
             res["msg_p50_ms"] = compare(
-                [d["msg_p50_ms"] for d in direct], [p["msg_p50_ms"] for p in proxied]
+                [r["msg_p50_ms"] for r in runs["direct"]], [r["msg_p50_ms"] for r in runs[main]]
             )
             res["stalls_over_20ms"] = {
-                "direct": max(d["stalls_over_20ms"] for d in direct),
-                "popguard": max(p["stalls_over_20ms"] for p in proxied),
+                "direct": max(r["stalls_over_20ms"] for r in runs["direct"]),
+                "popguard": max(r["stalls_over_20ms"] for r in runs[main]),
             }
             res["msg_max_ms"] = {
-                "direct": max(d["msg_max_ms"] for d in direct),
-                "popguard": max(p["msg_max_ms"] for p in proxied),
+                "direct": max(r["msg_max_ms"] for r in runs["direct"]),
+                "popguard": max(r["msg_max_ms"] for r in runs[main]),
             }
-            res["popguard_cpu_util"] = summary(pg_cpu)
-            res["runs"] = {"direct": direct, "popguard": proxied}
+            util = side_summary(
+                {s: runs[s] for s in sides}, lambda r: r["popguard_cpu_s"] / r["seconds"]
+            )
+            res["popguard_cpu_util"] = util[main]
+            res["popguard_cpu_util_by_side"] = util
+            res["cpu_per_retr_us_by_side"] = side_summary(
+                {s: runs[s] for s in sides}, lambda r: r["popguard_cpu_s"] / r["messages"] * 1e6
+            )
+            res["audit_file"] = audit_summary(runs, "retr")
+            res["runs"] = runs
             out[name] = res
     return out
 
@@ -253,54 +508,94 @@ def case_pingpong(env: Env) -> dict[str, Any]:
     return res
 
 
-# -- (c) concurrency and (e) CPU per session ----------------------------------------
+# -- (c) concurrency, (e) CPU per session and (f) DELE-heavy ------------------------
 
 
-def case_concurrency(env: Env) -> dict[str, Any]:
+def _count_messages(maildirs: Sequence[Path]) -> int:
+    """Messages now in these Maildirs (cur and new)."""
+    total = 0
+    for maildir in maildirs:
+        for sub in ("cur", "new"):
+            with contextlib.suppress(FileNotFoundError):
+                total += len(os.listdir(maildir / sub))
+    return total
+
+
+def _swarm_case(
+    env: Env,
+    case: str,
+    *,
+    kind: str,
+    users: Sequence[tuple[str, str]],
+    sessions: int,
+    parallel: int,
+    warmup_sessions: int,
+    maildirs: Sequence[Path] = (),
+) -> dict[str, Any]:
+    """Many sessions, ``parallel`` at a time, against every side of ``case``.
+
+    ``kind`` is the swarm script (``retr`` or ``dele``).  With ``maildirs``,
+    the messages in them are counted before and after each run (outside the
+    timed part) to confirm each session really deleted one.
+    """
     prm = env.params
     limit = prm.time_limit
-    pool_users = env.pool
-    with SwarmPool(prm.client_procs) as swarm, env.popguard() as pg:
+    sides = env.sides(case)
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in ("direct", *sides)}
+    with SwarmPool(prm.client_procs) as swarm, contextlib.ExitStack() as stack:
+        pgs = {side: stack.enter_context(env.popguard(side)) for side in sides}
 
-        def go(target: Address, sessions: int, parallel: int) -> dict[str, Any]:
-            r = swarm.run(target, pool_users, sessions, parallel, time_limit=limit)
+        def go(target: Address, count: int = sessions) -> dict[str, Any]:
+            before = _count_messages(maildirs) if maildirs else 0
+            r = swarm.run(target, users, count, parallel, time_limit=limit, kind=kind)
             if r["failed"]:
                 raise BenchError(f"{r['failed']} sessions failed, e.g. {r['errors'][:3]}")
+            if maildirs:
+                r["expunged"] = before - _count_messages(maildirs)
             return r
 
-        # Warm-up: every pool user once each way (Dovecot creates their indexes).
-        for target in (env.upstream, pg.address):
-            go(target, max(len(pool_users), prm.parallel), prm.parallel)
-        direct, proxied = [], []
-        pg_cpu_ms, dovecot_cpu_direct_ms, dovecot_cpu_proxied_ms = [], [], []
+        # Warm-up, each side: every user at least once (Dovecot creates their
+        # indexes; a DELE warm-up deletes a message from every user too).
+        for side in ("direct", *sides):
+
+            def warm(address: Address) -> dict[str, Any]:
+                return go(address, warmup_sessions)
+
+            measure(env, side, pgs, warm, sessions=warmup_sessions)
         for rep in range(prm.reps):
-            dv0 = procs.tree_cpu_seconds(env.dovecot_pid)
-            d = go(env.upstream, prm.sessions, prm.parallel)
-            dv1 = procs.tree_cpu_seconds(env.dovecot_pid)
-            cpu0 = procs.cpu_seconds(pg.pid)
-            p = go(pg.address, prm.sessions, prm.parallel)
-            cpu1 = procs.cpu_seconds(pg.pid)
-            dv2 = procs.tree_cpu_seconds(env.dovecot_pid)
-            d["dovecot_cpu_ms_per_session"] = (dv1 - dv0) / d["ok"] * 1e3
-            p["dovecot_cpu_ms_per_session"] = (dv2 - dv1) / p["ok"] * 1e3
-            p["popguard_cpu_ms_per_session"] = (cpu1 - cpu0) / p["ok"] * 1e3
-            p["popguard_cpu_util"] = (cpu1 - cpu0) / p["wall"]
-            direct.append(d)
-            proxied.append(p)
-            pg_cpu_ms.append(p["popguard_cpu_ms_per_session"])
-            dovecot_cpu_direct_ms.append(d["dovecot_cpu_ms_per_session"])
-            dovecot_cpu_proxied_ms.append(p["dovecot_cpu_ms_per_session"])
+            now = {}
+            for side in env.order(case, rep):
+                r = measure(env, side, pgs, go, sessions=sessions, dovecot_cpu=True)
+                r["units"] = r["ok"]
+                r["dovecot_cpu_ms_per_session"] = r["dovecot_cpu_s"] / r["ok"] * 1e3
+                if "popguard_cpu_s" in r:
+                    r["popguard_cpu_ms_per_session"] = r["popguard_cpu_s"] / r["ok"] * 1e3
+                    r["popguard_cpu_util"] = r["popguard_cpu_s"] / r["wall"]
+                runs[side].append(r)
+                now[side] = r
             env.log(
-                f"  concurrency rep {rep + 1}/{prm.reps}: direct {d['sessions_per_s']:.0f}/s, "
-                f"popguard {p['sessions_per_s']:.0f}/s; popguard CPU "
-                f"{p['popguard_cpu_ms_per_session']:.2f} ms/session "
-                f"({p['popguard_cpu_util']:.0%} of a core); busiest client process "
-                f"{max(d['client_cpu_max_util'], p['client_cpu_max_util']):.0%} of a core"
+                f"  {case} rep {rep + 1}/{prm.reps}: "
+                + _fmt_sides(
+                    now,
+                    lambda r: (
+                        f"{r['sessions_per_s']:.0f}/s"
+                        + (
+                            f" (popguard {r['popguard_cpu_ms_per_session']:.2f} ms/session, "
+                            f"{r['popguard_cpu_util']:.0%} of a core)"
+                            if "popguard_cpu_s" in r
+                            else ""
+                        )
+                    ),
+                )
+                + "; busiest client process "
+                + f"{max(r['client_cpu_max_util'] for r in now.values()):.0%} of a core"
             )
-    res = compare([d["sessions_per_s"] for d in direct], [p["sessions_per_s"] for p in proxied])
+    main = env.main_side(case)
+    direct, proxied = runs["direct"], runs[main]
+    res = assemble(env, case, runs, lambda r: r["sessions_per_s"])
     res["unit"] = "sessions/s"
-    res["sessions"] = prm.sessions
-    res["parallel"] = prm.parallel
+    res["sessions"] = sessions
+    res["parallel"] = parallel
     res["client_procs"] = prm.client_procs
     res["latency_p50_ms"] = compare(
         [d["latency_p50_ms"] for d in direct], [p["latency_p50_ms"] for p in proxied]
@@ -316,9 +611,81 @@ def case_concurrency(env: Env) -> dict[str, Any]:
         [sum(p["client_cpu_s"]) / p["ok"] * 1e3 for p in proxied],
     )
     res["popguard_cpu_util"] = summary([p["popguard_cpu_util"] for p in proxied])
-    res["dovecot_cpu_ms_per_session"] = compare(dovecot_cpu_direct_ms, dovecot_cpu_proxied_ms)
-    res["cpu_per_session_ms"] = summary(pg_cpu_ms)
-    res["runs"] = {"direct": direct, "popguard": proxied}
+    res["dovecot_cpu_ms_per_session"] = compare(
+        [d["dovecot_cpu_ms_per_session"] for d in direct],
+        [p["dovecot_cpu_ms_per_session"] for p in proxied],
+    )
+    res["cpu_per_session_ms"] = summary([p["popguard_cpu_ms_per_session"] for p in proxied])
+    pg_runs = {s: runs[s] for s in sides}
+    res["cpu_per_session_ms_by_side"] = side_summary(
+        pg_runs, lambda r: r["popguard_cpu_ms_per_session"]
+    )
+    res["popguard_cpu_util_by_side"] = side_summary(pg_runs, lambda r: r["popguard_cpu_util"])
+    res["dovecot_cpu_ms_per_session_by_side"] = side_summary(
+        runs, lambda r: r["dovecot_cpu_ms_per_session"]
+    )
+    res["audit_file"] = audit_summary(runs, "session")
+    if maildirs:
+        res["expunged"] = {
+            side: {"expunged": sum(r["expunged"] for r in rs), "sessions": sum(r["ok"] for r in rs)}
+            for side, rs in runs.items()
+        }
+    res["runs"] = runs
+    return res
+
+
+def case_concurrency(env: Env) -> dict[str, Any]:
+    prm = env.params
+    return _swarm_case(
+        env,
+        "concurrency",
+        kind="retr",
+        users=env.pool,
+        sessions=prm.sessions,
+        parallel=prm.parallel,
+        warmup_sessions=max(len(env.pool), prm.parallel),
+    )
+
+
+def case_dele(env: Env) -> dict[str, Any]:
+    """(f) DELE-heavy: every session logs in, DELEs message 1 and QUITs.
+
+    Each session has a user of its own (``dele_sessions`` users), so every
+    run deletes exactly one message per user and no two sessions touch the
+    same mailbox; the users hold a message for every run of every side.
+    Through a popguard with an audit file, each session must have left one
+    ``deletions.committed`` record.
+    """
+    prm = env.params
+    if len(env.dele_pool) < prm.dele_sessions:
+        raise BenchError(
+            f"the DELE case needs {prm.dele_sessions} users, set up {len(env.dele_pool)}"
+        )
+    res = _swarm_case(
+        env,
+        "dele",
+        kind="dele",
+        users=env.dele_pool,
+        sessions=prm.dele_sessions,
+        parallel=prm.dele_parallel,
+        warmup_sessions=prm.dele_sessions,
+        maildirs=env.dele_maildirs,
+    )
+    deletions = {}
+    for side, rs in res["runs"].items():
+        if rs and "audit" in rs[0]:
+            deletions[side] = {
+                "recorded": sum(r["audit"]["deletions_committed"] for r in rs),
+                "messages": sum(r["audit"]["deleted_messages"] for r in rs),
+                "with_uidl": sum(r["audit"]["deleted_with_uidl"] for r in rs),
+                "sessions": sum(r["ok"] for r in rs),
+            }
+            d = deletions[side]
+            env.log(
+                f"  dele, {side}: deletions recorded {d['recorded']}/{d['sessions']} "
+                f"({d['with_uidl']} named by UIDL)"
+            )
+    res["deletions_recorded"] = deletions
     return res
 
 
@@ -471,6 +838,7 @@ CASES: dict[str, Callable[[Env], dict[str, Any]]] = {
     "bulk": case_bulk,
     "pingpong": case_pingpong,
     "concurrency": case_concurrency,
+    "dele": case_dele,
     "memory": case_memory,
 }
 

@@ -19,13 +19,29 @@ from pathlib import Path
 from typing import Any
 
 from bench import procs
-from bench.cases import CASES, Env, Params, params_dict
+from bench.cases import (
+    AUDIT_SIDES,
+    BREAKDOWN_SIDES,
+    CASES,
+    DEFAULT_SIDES,
+    Env,
+    Params,
+    dele_messages_per_user,
+    make_variants,
+    params_dict,
+)
 from bench.mail import MailFactory
 from bench.procs import BenchError
 from bench.report import render
 
-ORDER = ("bulk", "pingpong", "concurrency", "memory")
-ALIASES = {"cpu": "concurrency", "ping-pong": "pingpong", "mem": "memory", "conc": "concurrency"}
+ORDER = ("bulk", "pingpong", "concurrency", "dele", "memory")
+ALIASES = {
+    "cpu": "concurrency",
+    "ping-pong": "pingpong",
+    "mem": "memory",
+    "conc": "concurrency",
+    "delete": "dele",
+}
 PASSWORD = "bench-secret"
 
 
@@ -41,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only",
         metavar="CASES",
-        help="comma-separated subset of: bulk, pingpong, concurrency, cpu (= concurrency), memory",
+        help="comma-separated subset of: bulk, pingpong, concurrency, cpu (= concurrency), dele, "
+        "memory",
     )
     parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE as JSON")
     parser.add_argument("--reps", type=int, metavar="N", help="repetitions per figure (default 3)")
@@ -61,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--audit-file",
         metavar="FILE",
         help="let popguard write its audit log to FILE (default: no audit file)",
+    )
+    parser.add_argument(
+        "--audit-compare",
+        action="store_true",
+        help="measure bulk, concurrency and dele through two popguards, auditing off and "
+        "full auditing (file, hash chain, UIDL identity), and report full/off",
+    )
+    parser.add_argument(
+        "--audit-breakdown",
+        action="store_true",
+        help="like --audit-compare, plus two more popguards with each half of full auditing "
+        "alone: message identity without a file, and the file without identity",
     )
     parser.add_argument(
         "--popguard-arg",
@@ -143,25 +172,51 @@ def _log(started: float) -> Any:
 def _notes(results: dict[str, Any]) -> list[str]:
     notes = []
     cases = results["cases"]
-    cc = cases.get("concurrency", {})
-    if "client_cpu_max_util" in cc:
-        busiest = max(
-            cc["client_cpu_max_util"]["direct"]["max"], cc["client_cpu_max_util"]["popguard"]["max"]
-        )
+    for name, tag in (("concurrency", "(c)"), ("dele", "(f)")):
+        cc = cases.get(name, {})
+        if "runs" not in cc:
+            continue
+        all_runs = [r for rs in cc["runs"].values() for r in rs]
+        busiest = max(r["client_cpu_max_util"] for r in all_runs)
         if busiest > 0.85:
             notes.append(
-                f"a client process reached {busiest:.0%} of a core in (c): the client may "
+                f"a client process reached {busiest:.0%} of a core in {tag}: the client may "
                 "limit the rate; try --client-procs"
             )
         else:
             notes.append(
-                f"(c) client not saturated: busiest client process at most {busiest:.0%} of a core"
+                f"{tag} client not saturated: busiest client process at most {busiest:.0%} "
+                "of a core"
             )
-        pg = cc["popguard_cpu_util"]["max"]
+        pg = max(r.get("popguard_cpu_util", 0.0) for r in all_runs)
         if pg > 0.9:
             notes.append(
-                f"popguard used {pg:.0%} of a core in (c): its single trio thread is the limit"
+                f"popguard used {pg:.0%} of a core in {tag}: its single trio thread is the limit"
             )
+        for side, ex in cc.get("expunged", {}).items():
+            if ex["expunged"] != ex["sessions"]:
+                notes.append(
+                    f"{tag} {side}: {ex['expunged']} messages expunged for {ex['sessions']} "
+                    "DELE sessions"
+                )
+        for side, d in cc.get("deletions_recorded", {}).items():
+            if d["recorded"] != d["sessions"]:
+                notes.append(
+                    f"{tag} {side}: {d['recorded']} deletions.committed records for "
+                    f"{d['sessions']} DELE sessions"
+                )
+    for name, res in cases.items():
+        parts = [res] if name != "bulk" else [res.get("bulk", {}), res.get("bulk_plain", {})]
+        for part in parts:
+            for side, au in part.get("audit_file", {}).items():
+                wait = au["flush_wait_s"]["max"]
+                if wait > 1.0:
+                    notes.append(
+                        f"{name}, {side}: the last audit records reached the file {wait:.1f} s "
+                        "after the run ended (the writer thread was behind)"
+                    )
+                if au["bad_lines"]:
+                    notes.append(f"{name}, {side}: {au['bad_lines']} audit lines were not JSON")
     mem = cases.get("memory", {})
     if "held_alive" in mem:
         alive = mem["held_alive"]
@@ -180,8 +235,9 @@ def _notes(results: dict[str, Any]) -> list[str]:
 
 
 def _setup_users(
-    dovecot: Any, cases: Sequence[str], params: Params, log: Any
-) -> tuple[tuple[str, str], tuple[str, str], list[tuple[str, str]]]:
+    dovecot: Any, cases: Sequence[str], params: Params, log: Any, *, dele_sides: int = 2
+) -> dict[str, Any]:
+    """Create the users and their mail; ``dele_sides``: sides the DELE case runs."""
     mail = MailFactory()
     bulk_user = ("bulk", PASSWORD)
     ping_user = ("ping", PASSWORD)
@@ -199,7 +255,27 @@ def _setup_users(
                 name, PASSWORD, mail.messages(params.small_messages, params.small_size, name)
             )
             pool.append((name, PASSWORD))
-    return bulk_user, ping_user, pool
+    dele_pool: list[tuple[str, str]] = []
+    dele_maildirs = []
+    if "dele" in cases:
+        per_user = dele_messages_per_user(params, dele_sides)
+        log(
+            f"creating {params.dele_sessions} users with {per_user} messages of "
+            f"{params.dele_size:,} bytes for the DELE case"
+        )
+        # The same few bodies for every user: building them is not the point.
+        messages = mail.messages(per_user, params.dele_size, "dele")
+        for i in range(params.dele_sessions):
+            name = f"d{i:04d}"
+            dele_maildirs.append(dovecot.add_user(name, PASSWORD, messages))
+            dele_pool.append((name, PASSWORD))
+    return {
+        "bulk_user": bulk_user,
+        "ping_user": ping_user,
+        "pool": pool,
+        "dele_pool": dele_pool,
+        "dele_maildirs": dele_maildirs,
+    }
 
 
 def run(
@@ -211,6 +287,7 @@ def run(
     audit_file: str | None = None,
     popguard_args: Sequence[str] = (),
     login_processes: int | None = None,
+    audit_sides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Start Dovecot under ``workdir``, run ``cases``, stop everything; return the results."""
     from popguard import __version__ as popguard_version
@@ -234,6 +311,9 @@ def run(
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "audit_file": audit_file,
             "popguard_args": list(popguard_args),
+            "audit_compare": bool(audit_sides),
+            "audit_sides": list(audit_sides),
+            "workdir_fs": procs.filesystem_of(workdir),
         },
         "params": params_dict(params),
         "cases": {},
@@ -243,22 +323,31 @@ def run(
         workdir / "dovecot", login_processes=login_processes or max(1, min(4, cpus))
     )
     try:
-        bulk_user, ping_user, pool = _setup_users(dovecot, cases, params, log)
+        sides = tuple(audit_sides) or DEFAULT_SIDES
+        users = _setup_users(dovecot, cases, params, log, dele_sides=1 + len(sides))
         dovecot.start()
         assert dovecot.pid is not None
         log(f"Dovecot {results['meta']['dovecot_version']} on {dovecot.host}:{dovecot.port}")
         env = Env(
             upstream=dovecot.address,
             dovecot_pid=dovecot.pid,
-            bulk_user=bulk_user,
-            ping_user=ping_user,
-            pool=pool,
+            bulk_user=users["bulk_user"],
+            ping_user=users["ping_user"],
+            pool=users["pool"],
             params=params,
             workdir=workdir,
             log=log,
-            audit_file=audit_file,
-            popguard_args=tuple(popguard_args),
+            variants=make_variants(workdir, audit_file, popguard_args),
+            audit_sides=tuple(audit_sides),
+            dele_pool=users["dele_pool"],
+            dele_maildirs=users["dele_maildirs"],
         )
+        if audit_sides:
+            log(
+                "audit comparison: bulk, concurrency and dele run DIRECT and popguard as "
+                + ", ".join(env.variants[s].label for s in audit_sides)
+                + f" (full auditing's file: {env.variants['full'].audit_file})"
+            )
         for name in cases:
             log(f"case {name}")
             case_started = time.monotonic()
@@ -290,11 +379,12 @@ def _jsonable(value: Any) -> Any:
 def write_json(results: dict[str, Any], path: str) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Per-session latencies of the concurrency runs are bulky; keep summaries.
+    # Per-session latencies of the swarm runs are bulky; keep summaries.
     trimmed = json.loads(json.dumps(_jsonable(results)))
-    for run in trimmed.get("cases", {}).get("concurrency", {}).get("runs", {}).values():
-        for r in run:
-            r.pop("latencies", None)
+    for case in ("concurrency", "dele"):
+        for run in trimmed.get("cases", {}).get(case, {}).get("runs", {}).values():
+            for r in run:
+                r.pop("latencies", None)
     target.write_text(json.dumps(trimmed, indent=2) + "\n")
 
 
@@ -320,6 +410,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             audit_file=audit_file,
             popguard_args=args.popguard_arg,
             login_processes=args.login_processes,
+            audit_sides=(
+                BREAKDOWN_SIDES
+                if args.audit_breakdown
+                else AUDIT_SIDES
+                if args.audit_compare
+                else ()
+            ),
         )
     except KeyboardInterrupt:
         print("\ninterrupted: popguard and Dovecot stopped", file=sys.stderr)

@@ -150,6 +150,25 @@ def tree_pss_kib(root: int) -> tuple[int, int]:
     return total, count
 
 
+def filesystem_of(path: str | os.PathLike[str]) -> str:
+    """'type on device' of the mount holding ``path`` (from /proc/mounts), or '?'."""
+    target = os.path.realpath(path)
+    best = ("", "?")
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return "?"
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        device, mount, fstype = fields[0], fields[1].replace("\\040", " "), fields[2]
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best[0]):
+            best = (mount, f"{fstype} on {device}")
+    return best[1]
+
+
 def own_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime

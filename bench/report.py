@@ -13,6 +13,9 @@ GOAL_PINGPONG = 0.60
 GOAL_CONCURRENCY = 0.85
 GOAL_CPU_MS = 1.0
 GOAL_IDLE_KB = 20.0
+#: Full auditing (audit file, hash chain, UIDL identity) against auditing
+#: off: at most 10 % of throughput, in each of bulk, concurrency and dele.
+GOAL_AUDIT = 0.90
 
 #: The same figures measured for nginx's mail proxy on this kind of machine.
 REFERENCE = {
@@ -78,11 +81,65 @@ def _ratio_row(label: str, res: dict[str, Any], unit: str, goal: float, ref: str
     )
 
 
+def _audit_off_row(res: dict[str, Any], unit: str) -> list[Row]:
+    """With --audit-compare: the audit-off side of the same run, against DIRECT."""
+    audit = res.get("audit")
+    if not audit:
+        return []
+    return [
+        Row(
+            "      popguard with auditing off (same run)",
+            "",
+            spread(audit["off"], unit),
+            ratio_text(audit["off_vs_direct"]),
+        )
+    ]
+
+
 def _pair(res: dict[str, Any], a: str, b: str, unit: str) -> tuple[str, str]:
     return (
         f"{num(res[a]['direct']['median'])} / {num(res[b]['direct']['median'])} {unit}",
         f"{num(res[a]['popguard']['median'])} / {num(res[b]['popguard']['median'])} {unit}",
     )
+
+
+def _deletions(rec: dict[str, Any]) -> str:
+    text = f"{rec['recorded']}/{rec['sessions']}"
+    if rec["with_uidl"] == rec["messages"] == rec["recorded"]:
+        return text + ", all by UIDL"
+    return text + f" ({rec['messages']} msgs, {rec['with_uidl']} by UIDL)"
+
+
+def _swarm_rows(cc: dict[str, Any]) -> list[Row]:
+    """The detail rows shared by (c) concurrency and (f) DELE-heavy."""
+    out = _audit_off_row(cc, "sess/s")
+    d, p = _pair(cc, "latency_p50_ms", "latency_p99_ms", "ms")
+    out.append(Row("      session latency p50 / p99", d, p))
+    cu = cc["client_cpu_max_util"]
+    cm = cc["client_cpu_ms_per_session"]
+    out.append(
+        Row(
+            f"      client CPU ({cc['client_procs']} procs): busiest / per session",
+            f"{cu['direct']['median']:.0%} / {num(cm['direct']['median'])} ms",
+            f"{cu['popguard']['median']:.0%} / {num(cm['popguard']['median'])} ms",
+        )
+    )
+    out.append(
+        Row(
+            "      popguard CPU during the run",
+            "",
+            f"{cc['popguard_cpu_util']['median']:.0%} of a core",
+        )
+    )
+    dv = cc["dovecot_cpu_ms_per_session"]
+    out.append(
+        Row(
+            "      Dovecot CPU per session (all processes)",
+            f"{num(dv['direct']['median'])} ms",
+            f"{num(dv['popguard']['median'])} ms",
+        )
+    )
+    return out
 
 
 def rows(results: dict[str, Any]) -> list[Row]:
@@ -103,6 +160,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 REFERENCE["bulk"],
             )
         )
+        out += _audit_off_row(fast, "MB/s")
         out.append(
             Row(
                 "      popguard CPU while relaying",
@@ -114,6 +172,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
         out.append(
             _ratio_row("    same, client Nagle on, 8 KiB reads", plain, "MB/s", GOAL_BULK, "")
         )
+        out += _audit_off_row(plain, "MB/s")
         lat = fast["msg_p50_ms"]
         added = (lat["popguard"]["median"] - lat["direct"]["median"]) * 1e3
         out.append(
@@ -178,32 +237,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 REFERENCE["concurrency"],
             )
         )
-        d, p = _pair(cc, "latency_p50_ms", "latency_p99_ms", "ms")
-        out.append(Row("      session latency p50 / p99", d, p))
-        cu = cc["client_cpu_max_util"]
-        cm = cc["client_cpu_ms_per_session"]
-        out.append(
-            Row(
-                f"      client CPU ({cc['client_procs']} procs): busiest / per session",
-                f"{cu['direct']['median']:.0%} / {num(cm['direct']['median'])} ms",
-                f"{cu['popguard']['median']:.0%} / {num(cm['popguard']['median'])} ms",
-            )
-        )
-        out.append(
-            Row(
-                "      popguard CPU during the run",
-                "",
-                f"{cc['popguard_cpu_util']['median']:.0%} of a core",
-            )
-        )
-        dv = cc["dovecot_cpu_ms_per_session"]
-        out.append(
-            Row(
-                "      Dovecot CPU per session (all processes)",
-                f"{num(dv['direct']['median'])} ms",
-                f"{num(dv['popguard']['median'])} ms",
-            )
-        )
+        out += _swarm_rows(cc)
         cpu = cc["cpu_per_session_ms"]
         ok = cpu["median"] < GOAL_CPU_MS
         out.append(
@@ -219,6 +253,42 @@ def rows(results: dict[str, Any]) -> list[Row]:
         )
     elif cc:
         out.append(Row("(c) concurrency", "ERROR: " + cc["error"]))
+
+    dl = cases.get("dele")
+    if dl and "error" not in dl:
+        r = dl["ratio"]
+        out.append(
+            Row(
+                f"(f) DELE-heavy: {dl['sessions']} sessions, {dl['parallel']} at a time",
+                spread(dl["direct"], "sess/s"),
+                spread(dl["popguard"], "sess/s"),
+                ratio_text(r) + pair_spread(dl.get("pair_ratios", [])),
+                "(none set)",
+            )
+        )
+        out += _swarm_rows(dl)
+        out.append(
+            Row(
+                "      popguard CPU per session",
+                "",
+                spread(dl["cpu_per_session_ms"], "ms"),
+            )
+        )
+        ex = dl.get("expunged", {})
+        main = dl.get("side", "popguard")
+        if "direct" in ex and main in ex:
+            out.append(
+                Row(
+                    "      messages expunged / DELE sessions",
+                    f"{ex['direct']['expunged']}/{ex['direct']['sessions']}",
+                    f"{ex[main]['expunged']}/{ex[main]['sessions']}",
+                )
+            )
+        rec = dl.get("deletions_recorded", {}).get(main)
+        if rec:
+            out.append(Row("      deletions recorded", "", _deletions(rec)))
+    elif dl:
+        out.append(Row("(f) DELE-heavy", "ERROR: " + dl["error"]))
 
     mem = cases.get("memory")
     if mem and "error" not in mem:
@@ -257,12 +327,175 @@ def rows(results: dict[str, Any]) -> list[Row]:
     return out
 
 
+_PART_LABELS = {
+    "identity": "      message identity only (no file)",
+    "file": "      audit file only (no identity)",
+}
+
+_AUDIT_LABELS = {
+    "bulk": "(a) bulk: RETR {n} x {size} kB",
+    "concurrency": "(c) concurrency: {sessions} sessions, {parallel} at a time",
+    "dele": "(f) DELE-heavy: {sessions} sessions, {parallel} at a time",
+}
+
+
+def audit_rows(results: dict[str, Any]) -> list[Row]:
+    """The --audit-compare table: full auditing against auditing off, per case."""
+    cases = results.get("cases", {})
+    out: list[Row] = []
+    for name in ("bulk", "concurrency", "dele"):
+        res = cases.get(name)
+        if not res:
+            continue
+        if "error" in res:
+            out.append(Row(f"{name}", "ERROR: " + res["error"]))
+            continue
+        main = res["bulk"] if name == "bulk" else res
+        audit = main.get("audit")
+        if not audit:
+            continue
+        unit = "MB/s" if name == "bulk" else "sess/s"
+        label = _AUDIT_LABELS[name].format(
+            n=main.get("messages"),
+            size=results["params"]["bulk_size"] // 1000,
+            sessions=main.get("sessions"),
+            parallel=main.get("parallel"),
+        )
+        r = audit["ratio"]
+        verdict = "n/a" if math.isnan(r) else ("PASS" if r >= GOAL_AUDIT else "BELOW")
+        out.append(
+            Row(
+                label,
+                spread(audit["off"], unit),
+                spread(audit["full"], unit),
+                ratio_text(r) + pair_spread(audit.get("pair_ratios", [])),
+                f">= {GOAL_AUDIT:.2f}x",
+                verdict,
+                f"{ratio_text(audit['off_vs_direct'])} / {ratio_text(audit['full_vs_direct'])}",
+            )
+        )
+        for side, part in audit.get("parts", {}).items():
+            out.append(
+                Row(
+                    _PART_LABELS.get(side, f"      {side}"),
+                    "",
+                    spread(part["popguard"], unit),
+                    ratio_text(part["ratio"]) + pair_spread(part.get("pair_ratios", [])),
+                    "",
+                    "",
+                    f"{ratio_text(part['vs_direct'])} vs direct",
+                )
+            )
+        if name == "bulk":
+            util = main.get("popguard_cpu_util_by_side", {})
+            if "off" in util and "full" in util:
+                out.append(
+                    Row(
+                        "      popguard CPU while relaying",
+                        f"{util['off']['median']:.0%} of a core",
+                        f"{util['full']['median']:.0%} of a core",
+                    )
+                )
+            cpu = main.get("cpu_per_retr_us_by_side", {})
+            if "off" in cpu and "full" in cpu:
+                added = cpu["full"]["median"] - cpu["off"]["median"]
+                out.append(
+                    Row(
+                        "      popguard CPU per RETR",
+                        spread(cpu["off"], "µs"),
+                        spread(cpu["full"], "µs"),
+                        f"{'+' if added >= 0 else ''}{num(added)} µs",
+                    )
+                )
+            parts = [s for s in ("identity", "file") if s in cpu]
+            if parts:
+                out.append(
+                    Row(
+                        "      popguard CPU per RETR, " + " / ".join(parts) + " only",
+                        "",
+                        " / ".join(f"{num(cpu[s]['median'])}" for s in parts) + " µs",
+                    )
+                )
+            per = "RETR"
+        else:
+            cpu = main.get("cpu_per_session_ms_by_side", {})
+            if "off" in cpu and "full" in cpu:
+                added = cpu["full"]["median"] - cpu["off"]["median"]
+                out.append(
+                    Row(
+                        "      popguard CPU per session",
+                        spread(cpu["off"], "ms"),
+                        spread(cpu["full"], "ms"),
+                        f"{'+' if added >= 0 else ''}{num(added)} ms",
+                    )
+                )
+                parts = [s for s in ("identity", "file") if s in cpu]
+                if parts:
+                    out.append(
+                        Row(
+                            "      popguard CPU per session, " + " / ".join(parts) + " only",
+                            "",
+                            " / ".join(f"{num(cpu[s]['median'])}" for s in parts) + " ms",
+                        )
+                    )
+            dv = main.get("dovecot_cpu_ms_per_session_by_side", {})
+            if "off" in dv and "full" in dv:
+                out.append(
+                    Row(
+                        "      Dovecot CPU per session",
+                        f"{num(dv['off']['median'])} ms",
+                        f"{num(dv['full']['median'])} ms",
+                    )
+                )
+            per = "session"
+        au = main.get("audit_file", {}).get("full")
+        if au:
+            out.append(
+                Row(
+                    f"      audit file per {per}: bytes / records",
+                    "(no file)",
+                    f"{num(au['bytes_per_' + per.lower()]['median'])} B / "
+                    f"{num(au['records_per_' + per.lower()]['median'])}",
+                )
+            )
+            out.append(
+                Row(
+                    "      last record written after the run, max",
+                    "",
+                    f"{au['flush_wait_s']['max'] * 1e3:.0f} ms",
+                )
+            )
+        if name == "dele":
+            ex = main.get("expunged", {})
+            if "off" in ex and "full" in ex:
+                out.append(
+                    Row(
+                        "      messages expunged / DELE sessions",
+                        f"{ex['off']['expunged']}/{ex['off']['sessions']}",
+                        f"{ex['full']['expunged']}/{ex['full']['sessions']}",
+                    )
+                )
+            rec = main.get("deletions_recorded", {}).get("full")
+            if rec:
+                out.append(Row("      deletions recorded", "", _deletions(rec)))
+    return out
+
+
+def _table(head: Row, body: list[Row]) -> list[str]:
+    table = [head, *body]
+    cols = ("label", "direct", "proxied", "ratio", "goal", "verdict", "ref")
+    widths = {c: max(len(getattr(r, c)) for r in table) for c in cols}
+    lines = []
+    for i, r in enumerate(table):
+        lines.append("  ".join(getattr(r, c).ljust(widths[c]) for c in cols).rstrip())
+        if i == 0:
+            lines.append("-" * len(lines[-1]))
+    return lines
+
+
 def render(results: dict[str, Any]) -> str:
     meta = results["meta"]
     head = Row("case", "DIRECT (Dovecot)", "THROUGH popguard", "ratio", "goal", "", "nginx")
-    table = [head, *rows(results)]
-    cols = ("label", "direct", "proxied", "ratio", "goal", "verdict", "ref")
-    widths = {c: max(len(getattr(r, c)) for r in table) for c in cols}
     lines = [
         f"popguard {meta['popguard_version']} ({meta.get('popguard_git', '?')}) against Dovecot "
         f"{meta['dovecot_version']} on loopback",
@@ -271,12 +504,33 @@ def render(results: dict[str, Any]) -> str:
         f"{meta['elapsed_s']:.0f} s total",
         f"figures: median of {results['params']['reps']} [min..max]; ratio = popguard / direct "
         "(median over median) [per-pair min..max]",
-        "",
     ]
-    for i, r in enumerate(table):
-        lines.append("  ".join(getattr(r, c).ljust(widths[c]) for c in cols).rstrip())
-        if i == 0:
-            lines.append("-" * len(lines[-1]))
+    compare_mode = meta.get("audit_compare")
+    if compare_mode:
+        lines.append(
+            "--audit-compare: in (a), (c) and (f) THROUGH popguard is popguard with FULL "
+            "auditing; the row below it is the same run with auditing off"
+        )
+    lines.append("")
+    lines += _table(head, rows(results))
+    body = audit_rows(results) if compare_mode else []
+    if body:
+        lines += [
+            "",
+            "Audit cost: full auditing / auditing off (goal: full auditing costs at most 10 % "
+            "of throughput)",
+            "  full = audit file (hash chain, fsync interval) + message identity (UIDL, LIST); "
+            f"audit file on {meta.get('workdir_fs', '?')}",
+            "  off  = no audit file, audit.message_identity false; all with --no-console; "
+            "each repetition runs "
+            + " ".join(s.upper() for s in ["direct", *meta.get("audit_sides", [])])
+            + ", rotated by one per repetition",
+            "",
+        ]
+        audit_head = Row(
+            "case", "audit off", "audit full", "full / off", "goal", "", "off / full vs direct"
+        )
+        lines += _table(audit_head, body)
     notes = results.get("notes", [])
     if notes:
         lines.append("")

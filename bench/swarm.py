@@ -1,7 +1,9 @@
 """Many POP3 sessions at once from one thread: a small epoll state machine.
 
 Each connection runs a *script*: read the greeting, then send each command
-and wait for its whole reply (lock step, as in :mod:`bench.wire`).  A
+and wait for its whole reply (lock step, as in :mod:`bench.wire`).  Two
+scripts: USER/PASS/STAT/RETR 1/QUIT (the concurrency case) and
+USER/PASS/DELE 1/QUIT (the DELE-heavy case).  A
 selector loop drives up to ``parallel`` connections and starts a new one
 whenever one finishes, until ``sessions`` have run.  No asyncio or trio:
 per session this costs a few recv/send calls and little else, so the
@@ -44,6 +46,29 @@ def session_script(user: str, password: str, *, quit: bool = True) -> list[Step]
     if quit:
         steps += [(b"STAT\r\n", False), (b"RETR 1\r\n", True), (b"QUIT\r\n", False)]
     return steps
+
+
+def dele_script(user: str, password: str) -> list[Step]:
+    """USER/PASS/DELE 1/QUIT: each session deletes one message.
+
+    Every reply must be +OK (the loop fails a session on anything else), so
+    a finished script means Dovecot accepted the DELE and answered QUIT
+    after its UPDATE state, i.e. after expunging the message.
+    """
+    return [
+        (None, False),
+        (f"USER {user}\r\n".encode(), False),
+        (f"PASS {password}\r\n".encode(), False),
+        (b"DELE 1\r\n", False),
+        (b"QUIT\r\n", False),
+    ]
+
+
+#: The scripts a :class:`SwarmPool` worker can run, by name.
+SCRIPTS: dict[str, Callable[[str, str], list[Step]]] = {
+    "retr": session_script,
+    "dele": dele_script,
+}
 
 
 class _Conn:
@@ -237,6 +262,7 @@ class SwarmJob:
     sessions: tuple[int, ...]
     parallel: int
     time_limit: float
+    kind: str = "retr"
 
 
 def _worker_main(conn: Connection) -> None:  # pragma: no cover - child process
@@ -247,10 +273,15 @@ def _worker_main(conn: Connection) -> None:  # pragma: no cover - child process
             if job is None:
                 return
             users = job.users
+            make = SCRIPTS[job.kind]
 
-            def script(index: int, users: tuple[tuple[str, str], ...] = users) -> Script:
+            def script(
+                index: int,
+                users: tuple[tuple[str, str], ...] = users,
+                make: Callable[[str, str], list[Step]] = make,
+            ) -> Script:
                 user, password = users[index % len(users)]
-                return session_script(user, password)
+                return make(user, password)
 
             try:
                 res = run_swarm(
@@ -285,14 +316,23 @@ class SwarmPool:
         parallel: int,
         *,
         time_limit: float = 120.0,
+        kind: str = "retr",
     ) -> dict[str, Any]:
-        """Split ``sessions`` and ``parallel`` over the workers; wall time seen from here."""
+        """Split ``sessions`` and ``parallel`` over the workers; wall time seen from here.
+
+        ``kind`` names the script (:data:`SCRIPTS`): ``retr`` (USER/PASS/STAT/
+        RETR 1/QUIT) or ``dele`` (USER/PASS/DELE 1/QUIT).  Session ``i`` logs
+        in as ``users[i % len(users)]``; with at least ``sessions`` users no
+        user has two sessions in one run.
+        """
+        if kind not in SCRIPTS:
+            raise ValueError(f"unknown swarm script {kind!r}")
         n = self.procs
         jobs = []
         for w in range(n):
             share = tuple(range(w, sessions, n))
             par = parallel // n + (1 if w < parallel % n else 0)
-            jobs.append(SwarmJob(address, tuple(users), share, max(1, par), time_limit))
+            jobs.append(SwarmJob(address, tuple(users), share, max(1, par), time_limit, kind))
         started = time.perf_counter()
         for (_proc, pipe), job in zip(self._workers, jobs, strict=True):
             pipe.send(job)
