@@ -206,6 +206,12 @@ class QueuedSink:
     #: First and longest pause between retries of a failing delivery.
     retry_initial: float = 0.05
     retry_max: float = 5.0
+    #: Once woken from idle, the writer waits this long to gather a batch
+    #: before writing, unless a record needs to be durable or a control
+    #: entry (flush, reopen, stop) arrives.  Each wake-up costs two GIL
+    #: hand-offs between the event loop and this thread; one per record
+    #: cost ~1.5 ms of CPU per session (measured in bench --audit-compare).
+    batch_delay: float = 0.005
 
     def __init__(self, name: str, *, queue_size: int = 10000) -> None:
         if queue_size < 1:
@@ -229,6 +235,9 @@ class QueuedSink:
         self._last_error: str | None = None
         self._written = 0
         self._thread: threading.Thread | None = None
+        #: Something in the queue must not wait for a batch (a durable
+        #: record, a flush, a reopen, a stop).
+        self._urgent = False
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -325,9 +334,15 @@ class QueuedSink:
                     self._last_error = f"queue full ({self.queue_size} records)"
             else:
                 accepted = True
-                self._queue.append(Entry(Kind.RECORD, event, ticket))
+                queue = self._queue
+                queue.append(Entry(Kind.RECORD, event, ticket))
                 self._records += 1
-                self._cond.notify()
+                if ticket is not None:
+                    self._urgent = True
+                    self._cond.notify()
+                elif len(queue) == 1:
+                    self._cond.notify()  # the writer may be idle: wake it
+                # else: the writer is busy or gathering a batch, and will see it
         if ticket is not None and (not accepted or self._failing):
             # A failing sink cannot promise durability now (the record stays
             # queued and is retried all the same).
@@ -343,6 +358,7 @@ class QueuedSink:
             if not self._accepting:
                 return False
             self._queue.append(Entry(kind, None, ticket))
+            self._urgent = True
             self._cond.notify()
             return True
 
@@ -369,6 +385,7 @@ class QueuedSink:
                 return
             self._queue.append(Entry(Kind.STOP))
             self._accepting = False
+            self._urgent = True
             self._cond.notify()
 
     def finish_close(self, deadline: float) -> bool:
@@ -407,7 +424,10 @@ class QueuedSink:
         try:
             while True:
                 with self._cond:
+                    woken = False
                     while not self._queue and not self._abandoned:
+                        woken = True
+                        self._urgent = False
                         deadline = self._idle_deadline()
                         if deadline is None:
                             self._cond.wait()
@@ -416,6 +436,10 @@ class QueuedSink:
                         if remaining <= 0:
                             break
                         self._cond.wait(remaining)
+                    if woken and self._queue and not self._urgent and self.batch_delay > 0:
+                        # Gather what the event loop emits next; one
+                        # wake-up then writes them all.
+                        self._cond.wait(self.batch_delay)
                     if self._abandoned:
                         return
                     entry = self._queue[0] if self._queue else None
