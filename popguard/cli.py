@@ -49,9 +49,14 @@ DEMO_LISTEN = "127.0.0.1:1110"
 def settings_from_config(config: Config) -> ServerSettings:
     return ServerSettings(
         listeners=tuple(
-            ListenerSpec(listener.name, Endpoint(listener.address.host, listener.address.port))
+            ListenerSpec(
+                listener.name,
+                Endpoint(listener.address.host, listener.address.port),
+                listener.tls,
+            )
             for listener in config.listeners
         ),
+        upstream_tls=config.upstream.tls,
         upstream=Endpoint(config.upstream.address.host, config.upstream.address.port),
         connect_timeout=config.upstream.connect_timeout,
         idle_timeout=config.session.idle_timeout,
@@ -84,6 +89,36 @@ def _add_serve_flags(parser: argparse.ArgumentParser, *, upstream: bool = True) 
     parser.add_argument(
         "--audit-file", metavar="FILE", help="append audit records to FILE as JSON lines"
     )
+    parser.add_argument(
+        "--tls",
+        choices=["none", "implicit", "starttls"],
+        help="TLS toward clients on the --listen listeners: implicit (POP3S, RFC 8314) "
+        "or starttls (STLS offered, RFC 2595); see docs/tls.md",
+    )
+    parser.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain for --tls")
+    parser.add_argument("--tls-key", metavar="FILE", help="PEM private key (unencrypted) for --tls")
+    if upstream:
+        parser.add_argument(
+            "--upstream-tls",
+            choices=["none", "implicit", "starttls"],
+            help="TLS toward the upstream (never falls back to plaintext)",
+        )
+        parser.add_argument(
+            "--upstream-ca-file",
+            metavar="FILE",
+            help="CA bundle to verify the upstream with (default: the system store)",
+        )
+        parser.add_argument(
+            "--upstream-server-name",
+            metavar="NAME",
+            help="name to verify and send as SNI (default: the upstream host)",
+        )
+        parser.add_argument(
+            "--upstream-tls-insecure",
+            action="store_true",
+            default=None,
+            help="do not verify the upstream's certificate (logged as a warning)",
+        )
     parser.add_argument(
         "--policies",
         metavar="DIR",
@@ -170,6 +205,13 @@ def _resolve(args: argparse.Namespace, *, upstream: str | None) -> Config:
         idle_timeout=args.idle_timeout,
         connect_timeout=args.connect_timeout,
         console=args.console,
+        listen_tls=args.tls,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        upstream_tls=getattr(args, "upstream_tls", None),
+        upstream_ca_file=getattr(args, "upstream_ca_file", None),
+        upstream_server_name=getattr(args, "upstream_server_name", None),
+        upstream_tls_verify=False if getattr(args, "upstream_tls_insecure", None) else None,
     )
     _print_issues([*warnings, *more])
     return config

@@ -37,9 +37,11 @@ Conventions
   file, or a command-line flag, whose issues use the file name
   ``"<command line>"``).
 * Relative paths in the file (``audit.file``, ``audit.hmac_key_file``,
-  ``policies``) are resolved against the directory of the config file; a
-  relative ``audit_file`` flag is resolved against the current directory.
-  Both come out absolute, with ``~`` expanded.
+  ``policies``, a listener's ``cert``/``key`` and its ``sni`` pairs,
+  ``upstream.ca_file``) are resolved against the directory of the config
+  file; relative path flags (``audit_file``, ``tls_cert``, ``tls_key``,
+  ``upstream_ca_file``) are resolved against the current directory.  All
+  come out absolute, with ``~`` expanded.
 * A section left empty (``session:`` with every key commented out) means
   all its defaults.  Unknown keys, duplicate keys, YAML merge keys (``<<``)
   and values of the wrong YAML type are errors; YAML 1.1 booleans
@@ -47,10 +49,24 @@ Conventions
   only for, boolean keys.
 * Messages about command-line values name the flags popguard's CLI is
   expected to use: ``--listen``, ``--upstream``, ``--audit-file``,
-  ``--idle-timeout``, ``--connect-timeout``.
+  ``--idle-timeout``, ``--connect-timeout``, ``--tls``, ``--tls-cert``,
+  ``--tls-key``, ``--upstream-tls``, ``--upstream-ca-file``,
+  ``--upstream-server-name``, ``--upstream-tls-insecure``.
 * Listeners without a ``name`` are called ``listener-<index>`` and listeners
   from ``--listen`` are called ``cli-<index>``; indexes are 0-based, like the
   ``listeners[0]`` paths in error messages.
+
+TLS
+---
+TLS settings come out as the dataclasses of :mod:`popguard.shell.tls`
+(:class:`~popguard.shell.tls.ListenerTLS` on each listener,
+:class:`~popguard.shell.tls.UpstreamTLS` on the upstream); that module
+imports only ``ssl``, never trio.  Certificate and key files are read and
+loaded into a throwaway ``ssl.SSLContext`` at load time, so a missing file,
+a non-PEM file, an encrypted key or a key that does not match its
+certificate is reported at its line rather than at the first handshake.
+Toward clients TLS 1.0 and 1.1 are refused (RFC 8996); toward the upstream
+they, and ``tls_verify: false``, are accepted with a warning.
 """
 
 from __future__ import annotations
@@ -61,7 +77,8 @@ import ipaddress
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import ssl
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Final, Literal
 
@@ -72,6 +89,14 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
 from popguard.core.limits import Limits
+from popguard.shell.tls import (
+    VERSIONS,
+    CertKey,
+    ListenerTLS,
+    ListenerTLSMode,
+    TLSVersionName,
+    UpstreamTLS,
+)
 from popguard.sinks.syslog import (
     DEFAULT_MAX_MESSAGE,
     DEFAULT_SD_ID,
@@ -158,12 +183,16 @@ class Address:
 class ListenerConfig:
     name: str
     address: Address
+    #: TLS toward this listener's clients (mode ``none``: plain POP3).
+    tls: ListenerTLS = field(default_factory=ListenerTLS)
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     address: Address
     connect_timeout: float = _DEFAULT_CONNECT_TIMEOUT
+    #: TLS toward the upstream (mode ``none``: plain POP3).
+    tls: UpstreamTLS = field(default_factory=UpstreamTLS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +285,7 @@ class PartialConfig:
     listeners: tuple[ListenerConfig, ...] = ()
     upstream_address: Address | None = None
     connect_timeout: float = _DEFAULT_CONNECT_TIMEOUT
+    upstream_tls: UpstreamTLS = field(default_factory=UpstreamTLS)
     session: SessionConfig = SessionConfig()
     limits: Limits = field(default_factory=Limits)
     shutdown_grace: float = _DEFAULT_SHUTDOWN_GRACE
@@ -406,6 +436,136 @@ def _address_key(address: Address) -> tuple[str, int]:
 
 
 # --------------------------------------------------------------------------
+# TLS files
+# --------------------------------------------------------------------------
+
+_TLS_MODES: Final[Mapping[str, ListenerTLSMode]] = {
+    "none": "none",
+    "implicit": "implicit",
+    "starttls": "starttls",
+}
+_TLS_VERSION_NAMES: Final[Mapping[str, TLSVersionName]] = {
+    "TLSv1": "TLSv1",
+    "TLSv1.1": "TLSv1.1",
+    "TLSv1.2": "TLSv1.2",
+    "TLSv1.3": "TLSv1.3",
+}
+assert set(_TLS_VERSION_NAMES) == set(VERSIONS)
+#: Versions refused toward clients and warned about toward the upstream.
+_LEGACY_VERSIONS: Final = ("TLSv1", "TLSv1.1")
+_CLIENT_VERSIONS: Final = ("TLSv1.2", "TLSv1.3")
+_DEFAULT_MIN_VERSION: Final = "TLSv1.2"
+
+#: Longest certificate, key or CA file read (a CA bundle is ~250 KiB).
+_MAX_PEM_FILE: Final = 16 << 20
+
+_PEM_CERT = b"-----BEGIN CERTIFICATE-----"
+_PEM_KEY = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
+
+_VERIFY_OFF: Final = (
+    "certificate verification is off: anyone on the path can read the mail and passwords"
+)
+_LEGACY_UPSTREAM: Final = "legacy TLS version allowed for the upstream"
+
+
+class _EncryptedKey(Exception):
+    """Raised by the password callback: the key wants a passphrase."""
+
+
+def _no_password() -> bytes:
+    raise _EncryptedKey
+
+
+def _read_file(path: str) -> tuple[bytes | None, str | None]:
+    """The file's first bytes, or why it cannot be read."""
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(_MAX_PEM_FILE), None
+    except OSError as exc:
+        return None, f"cannot read {path}: {exc.strerror or exc}"
+
+
+def _cert_key_problem(cert: str, key: str) -> tuple[Literal["cert", "key"], str] | None:
+    """Why *cert* and *key* would not load as a server's pair, and which is at fault.
+
+    Both must be readable PEM files (they may be the same file), the key not
+    encrypted, and the key must match the certificate.
+    """
+    cert_data, problem = _read_file(cert)
+    if problem is not None:
+        return ("cert", problem)
+    key_data, problem = _read_file(key)
+    if problem is not None:
+        return ("key", problem)
+    assert cert_data is not None
+    assert key_data is not None
+    if _PEM_CERT not in cert_data:
+        return ("cert", f"{cert} holds no PEM certificate ('{_PEM_CERT.decode()}')")
+    if not _PEM_KEY.search(key_data):
+        return ("key", f"{key} holds no PEM private key ('-----BEGIN ... PRIVATE KEY-----')")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key, password=_no_password)
+    except _EncryptedKey:
+        return (
+            "key",
+            f"{key} is encrypted (it needs a passphrase): popguard reads unencrypted keys; "
+            f"decrypt it with: openssl pkey -in {key} -out NEW.key",
+        )
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            return ("cert", f"the certificate {cert} does not match the key {key}")
+        return ("cert", f"cannot load the certificate {cert} with the key {key}: {exc}")
+    except OSError as exc:  # pragma: no cover - read just above
+        return ("cert", f"cannot load the certificate {cert}: {exc.strerror or exc}")
+    return None
+
+
+def _ca_file_problem(path: str) -> str | None:
+    """Why *path* is not a usable CA bundle (PEM certificates), or None."""
+    _, problem = _read_file(path)
+    if problem is not None:
+        return problem
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:
+        if exc.reason == "NO_CERTIFICATE_OR_CRL_FOUND":
+            return f"{path} holds no PEM certificate ('{_PEM_CERT.decode()}')"
+        return f"cannot load CA certificates from {path}: {exc}"
+    except OSError as exc:  # pragma: no cover - read just above
+        return f"cannot read {path}: {exc.strerror or exc}"
+    return None
+
+
+def _server_name_problem(name: str) -> str | None:
+    """Why *name* cannot be the upstream's TLS server name, or None."""
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return _check_host_name(name)
+    return None
+
+
+def _sni_name_problem(name: str) -> str | None:
+    """Why *name* can never arrive as a client's SNI host name, or None."""
+    if name.startswith("*"):
+        return (
+            f"wildcard {name!r} is not supported: SNI names are matched exactly; "
+            "list each name (a wildcard certificate may serve several)"
+        )
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    else:
+        return f"{name!r} is an IP address: SNI never carries one (RFC 6066 §3)"
+    if name.endswith("."):
+        return f"write {name!r} without the trailing dot (RFC 6066 §3)"
+    return _check_host_name(name)
+
+
+# --------------------------------------------------------------------------
 # The schema walker
 # --------------------------------------------------------------------------
 
@@ -431,7 +591,15 @@ _LIMIT_KEYS: Final = tuple(f.name for f in fields(Limits))
 
 #: Every mapping section and its keys, for "did you mean" across sections.
 _SECTIONS: Final[Mapping[str, tuple[str, ...]]] = {
-    "upstream": ("address", "connect_timeout"),
+    "upstream": (
+        "address",
+        "connect_timeout",
+        "tls",
+        "ca_file",
+        "server_name",
+        "tls_verify",
+        "tls_min_version",
+    ),
     "session": ("idle_timeout", "idle_notice"),
     "limits": _LIMIT_KEYS,
     "shutdown": ("grace_period",),
@@ -450,7 +618,10 @@ _SECTIONS: Final[Mapping[str, tuple[str, ...]]] = {
     ),
 }
 _TOP_KEYS: Final = ("listeners", "upstream", "session", "limits", "shutdown", "audit", "policies")
-_LISTENER_KEYS: Final = ("name", "listen")
+_LISTENER_KEYS: Final = ("name", "listen", "tls", "cert", "key", "sni", "tls_min_version")
+#: Listener keys that belong to no other section, for "did you mean".
+_LISTENER_ONLY_KEYS: Final = ("cert", "key", "sni")
+_SNI_KEYS: Final = ("cert", "key")
 _SYSLOG_KEYS: Final = ("address", "transport", "facility", "max_message", "sd_id")
 
 _LISTENER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
@@ -486,6 +657,10 @@ def _number_hint(node: Node) -> str:
 
 def _suggest(name: str, allowed: Sequence[str], section: str) -> str:
     """A " (did you mean ...?)" hint for an unknown key, or the valid keys."""
+    # A key of another section, spelt right, is more likely than a typo.
+    for other, keys in _SECTIONS.items():
+        if other != section and name in keys:
+            return f" (did you mean '{other}.{name}'?)"
     for candidate in (name, name.lower()):
         close = difflib.get_close_matches(candidate, allowed, n=1, cutoff=0.6)
         if close:
@@ -496,6 +671,8 @@ def _suggest(name: str, allowed: Sequence[str], section: str) -> str:
             return f" (did you mean '{other}.{name.lower()}'?)"
     if section != "" and name.lower() in _TOP_KEYS:
         return f" ('{name.lower()}' is a top-level section)"
+    if section != "listeners" and name.lower() in _LISTENER_ONLY_KEYS:
+        return f" (did you mean 'listeners[N].{name.lower()}'? it is set per listener)"
     return f" (valid keys: {', '.join(allowed)})"
 
 
@@ -630,8 +807,9 @@ class _Walker:
         value: str = node.value
         if value in allowed:
             return value
-        close = difflib.get_close_matches(value.lower(), allowed, n=1, cutoff=0.6)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        lowered = {option.lower(): option for option in allowed}
+        close = difflib.get_close_matches(value.lower(), list(lowered), n=1, cutoff=0.6)
+        hint = f" (did you mean '{lowered[close[0]]}'?)" if close else ""
         self.report(node, f"{where}: expected one of {options}, got {value!r}{hint}")
         return None
 
@@ -672,7 +850,7 @@ class _Walker:
             return entry[1] if entry is not None else None
 
         listeners = self.listeners(section("listeners"))
-        upstream_address, connect_timeout = self.upstream(section("upstream"))
+        upstream_address, connect_timeout, upstream_tls = self.upstream(section("upstream"))
         session = self.session(section("session"))
         limits = self.limits(section("limits"))
         grace = self.shutdown(section("shutdown"))
@@ -685,6 +863,7 @@ class _Walker:
             connect_timeout=_DEFAULT_CONNECT_TIMEOUT
             if connect_timeout is None
             else connect_timeout,
+            upstream_tls=upstream_tls,
             session=session,
             limits=limits,
             shutdown_grace=_DEFAULT_SHUTDOWN_GRACE if grace is None else grace,
@@ -742,6 +921,7 @@ class _Walker:
                     name = None
                 else:
                     names[name] = name_node
+            tls = self.listener_tls(entries, where)
             if "listen" not in entries:
                 self.report(
                     item,
@@ -764,15 +944,176 @@ class _Walker:
                 continue
             if name is not None:
                 addresses[key] = (name, listen_node)
-                result.append(ListenerConfig(name, address))
+                if tls is not None:
+                    result.append(ListenerConfig(name, address, tls))
         return tuple(result)
 
-    def upstream(self, node: Node | None) -> tuple[Address | None, float | None]:
+    def tls_mode(self, entries: _Entries, where: str) -> tuple[ListenerTLSMode | None, Node | None]:
+        """The ``tls`` key: the mode (None when invalid) and its node."""
+        if "tls" not in entries:
+            return ("none", None)
+        node = entries["tls"][1]
+        chosen = self.choice(node, f"{where}.tls", tuple(_TLS_MODES))
+        return (None if chosen is None else _TLS_MODES[chosen], node)
+
+    def tls_version(
+        self, node: Node, where: str, allowed: Sequence[str], refused: str = ""
+    ) -> TLSVersionName | None:
+        """A ``tls_min_version``; *refused* explains why the versions not allowed are."""
+        if (
+            refused
+            and isinstance(node, ScalarNode)
+            and node.tag == _STR
+            and node.value in _TLS_VERSION_NAMES
+            and node.value not in allowed
+        ):
+            self.report(node, f"{where}: {node.value} is not allowed {refused}")
+            return None
+        chosen = self.choice(node, where, allowed)
+        return None if chosen is None else _TLS_VERSION_NAMES[chosen]
+
+    def is_null(self, node: Node) -> bool:
+        return isinstance(node, ScalarNode) and node.tag == _NULL
+
+    def is_empty(self, node: Node) -> bool:
+        """Null, ``{}`` or ``[]``: nothing given."""
+        return self.is_null(node) or (
+            isinstance(node, MappingNode | SequenceNode) and not node.value
+        )
+
+    def cert_key(
+        self, entries: _Entries, where: str, anchor: Node | None, *, required: str, check: bool
+    ) -> CertKey | None:
+        """The ``cert`` and ``key`` of *entries*, both checked to load together.
+
+        *required* (e.g. ``"with tls: implicit"``), if not empty, makes a
+        missing one an error located at *anchor*.  Returns None when either
+        is missing or invalid (its error, if any, reported).
+        """
+        paths: dict[str, str] = {}
+        missing: list[str] = []
+        for name in _SNI_KEYS:
+            node = entries[name][1] if name in entries else None
+            if node is None or self.is_null(node):
+                missing.append(name)
+                continue
+            value = self.path(node, f"{where}.{name}")
+            if value is not None:
+                paths[name] = value
+        if missing:
+            if required:
+                needed = " and ".join(f"'{name}'" for name in missing)
+                what = "a PEM certificate file" if missing == ["cert"] else "PEM files"
+                if missing == ["key"]:
+                    what = "a PEM private key file"
+                self.report(anchor, f"{where}: missing {needed} ({what}), required {required}")
+            return None
+        if len(paths) < len(_SNI_KEYS):
+            return None
+        pair = CertKey(paths["cert"], paths["key"])
+        if check:
+            problem = _cert_key_problem(pair.cert, pair.key)
+            if problem is not None:
+                which, message = problem
+                self.report(entries[which][1], f"{where}.{which}: {message}")
+                return None
+        return pair
+
+    def sni(self, node: Node, where: str, *, check: bool) -> dict[str, CertKey] | None:
+        """A listener's ``sni`` mapping: server name -> {cert, key}."""
+        if self.is_null(node):
+            return {}
+        entries = self.mapping(node, where)
+        if entries is None:
+            return None
+        result: dict[str, CertKey] = {}
+        ok = True
+        seen: dict[str, Node] = {}
+        for name, (key_node, value) in entries.items():
+            item_where = f"{where}.{name}"
+            problem = _sni_name_problem(name)
+            if problem is not None:
+                self.report(key_node, f"{where}: {problem}")
+                ok = False
+            elif name.lower() in seen:
+                line, _ = _mark_position(seen[name.lower()].start_mark)
+                self.report(
+                    key_node,
+                    f"{where}: {name!r} is given twice (names are case-insensitive; "
+                    f"first on line {line})",
+                )
+                ok = False
+            seen.setdefault(name.lower(), key_node)
+            pair_entries = self.mapping(value, item_where)
+            if pair_entries is None:
+                ok = False
+                continue
+            self.check_keys(pair_entries, _SNI_KEYS, item_where, "listeners")
+            anchor = value if isinstance(value, MappingNode) else key_node
+            pair = self.cert_key(
+                pair_entries, item_where, anchor, required="for each SNI name", check=check
+            )
+            if pair is None:
+                ok = False
+            else:
+                result[name] = pair
+        return result if ok else None
+
+    def listener_tls(self, entries: _Entries, where: str) -> ListenerTLS | None:
+        """A listener's TLS keys; None when one of them is invalid (reported)."""
+        mode, mode_node = self.tls_mode(entries, where)
+        ok = mode is not None
+        check = mode not in (None, "none")
+
+        min_version: TLSVersionName = _DEFAULT_MIN_VERSION
+        if "tls_min_version" in entries:
+            chosen = self.tls_version(
+                entries["tls_min_version"][1],
+                f"{where}.tls_min_version",
+                _CLIENT_VERSIONS,
+                "toward clients: RFC 8996 deprecates TLS 1.0 and 1.1; use TLSv1.2 or TLSv1.3 "
+                "(only the upstream side has a legacy opt-in)",
+            )
+            ok = ok and chosen is not None
+            min_version = chosen or min_version
+
+        required = f"with tls: {mode}" if check else ""
+        pair = self.cert_key(entries, where, mode_node, required=required, check=check)
+        if check and pair is None:
+            ok = False
+
+        sni: dict[str, CertKey] | None = {}
+        if "sni" in entries:
+            sni = self.sni(entries["sni"][1], f"{where}.sni", check=check)
+            ok = ok and sni is not None
+
+        if mode == "none":
+            # Settings that do nothing (defaults are never warned about).
+            for name in ("cert", "key", "sni"):
+                if name in entries and not self.is_empty(entries[name][1]):
+                    self.report(
+                        entries[name][0],
+                        f"{where}.{name}: cert/key ignored without tls; set {where}.tls "
+                        "to implicit or starttls to use them",
+                        "warning",
+                    )
+            if "tls_min_version" in entries and min_version != _DEFAULT_MIN_VERSION:
+                self.report(
+                    entries["tls_min_version"][0],
+                    f"{where}.tls_min_version has no effect without tls",
+                    "warning",
+                )
+            return ListenerTLS() if ok else None
+        if not ok or mode is None or sni is None:
+            return None
+        return ListenerTLS(mode=mode, cert=pair, sni=sni, min_version=min_version)
+
+    def upstream(self, node: Node | None) -> tuple[Address | None, float | None, UpstreamTLS]:
         if node is None:
-            return (None, None)
+            return (None, None, UpstreamTLS())
         entries = self.mapping(node, "upstream")
         if entries is None:
-            return (None, None)
+            return (None, None, UpstreamTLS())
         self.check_keys(entries, _SECTIONS["upstream"], "upstream", "upstream")
         address: Address | None = None
         timeout: float | None = None
@@ -782,7 +1123,91 @@ class _Walker:
             timeout = self.seconds(
                 entries["connect_timeout"][1], "upstream.connect_timeout", allow_zero=False
             )
-        return (address, timeout)
+        return (address, timeout, self.upstream_tls(entries))
+
+    def upstream_tls(self, entries: _Entries) -> UpstreamTLS:
+        """The upstream's TLS keys (invalid ones fall back to their defaults)."""
+        default = UpstreamTLS()
+        mode, _ = self.tls_mode(entries, "upstream")
+        values: dict[str, object] = {}
+        if mode is not None:
+            values["mode"] = mode
+        if "ca_file" in entries:
+            node = entries["ca_file"][1]
+            ca_file = self.path(node, "upstream.ca_file")
+            if ca_file is not None:
+                problem = _ca_file_problem(ca_file)
+                if problem is not None:
+                    self.report(node, f"upstream.ca_file: {problem}")
+                else:
+                    values["ca_file"] = ca_file
+        if "server_name" in entries:
+            node = entries["server_name"][1]
+            if not self.is_null(node):
+                name = self.string(node, "upstream.server_name", '"mail.example.org"')
+                problem = None if name is None else _server_name_problem(name)
+                if problem is not None:
+                    self.report(node, f"upstream.server_name: {problem}")
+                elif name is not None:
+                    values["server_name"] = name
+        if "tls_verify" in entries:
+            verify = self.boolean(entries["tls_verify"][1], "upstream.tls_verify")
+            if verify is not None:
+                values["verify"] = verify
+        if "tls_min_version" in entries:
+            version = self.tls_version(
+                entries["tls_min_version"][1],
+                "upstream.tls_min_version",
+                tuple(_TLS_VERSION_NAMES),
+            )
+            if version is not None:
+                values["min_version"] = version
+        tls = dataclasses.replace(default, **values)  # type: ignore[arg-type]
+        self.upstream_tls_warnings(entries, tls, mode_known=mode is not None)
+        return tls
+
+    def upstream_tls_warnings(
+        self, entries: _Entries, tls: UpstreamTLS, *, mode_known: bool
+    ) -> None:
+        """Weakened security, and keys that do nothing (defaults never warn)."""
+        default = UpstreamTLS()
+        keys = {
+            "ca_file": "ca_file",
+            "server_name": "server_name",
+            "tls_verify": "verify",
+            "tls_min_version": "min_version",
+        }
+        changed = {
+            key: entries[key][0]
+            for key, attribute in keys.items()
+            if key in entries and getattr(tls, attribute) != getattr(default, attribute)
+        }
+        if not mode_known:
+            return
+        if tls.mode == "none":
+            for key, key_node in changed.items():
+                self.report(
+                    key_node,
+                    f"upstream.{key} has no effect without upstream.tls (implicit or starttls)",
+                    "warning",
+                )
+            return
+        if "tls_verify" in changed:
+            self.report(entries["tls_verify"][1], f"upstream.tls_verify: {_VERIFY_OFF}", "warning")
+            if "ca_file" in changed:
+                self.report(
+                    changed["ca_file"],
+                    "upstream.ca_file has no effect with tls_verify: false",
+                    "warning",
+                )
+        if tls.min_version in _LEGACY_VERSIONS:
+            self.report(
+                entries["tls_min_version"][1],
+                f"upstream.tls_min_version: {_LEGACY_UPSTREAM}: {tls.min_version} "
+                "(RFC 8996 deprecates TLS 1.0 and 1.1; allow it only for a server that "
+                "cannot do TLS 1.2)",
+                "warning",
+            )
 
     def session(self, node: Node | None) -> SessionConfig:
         default = SessionConfig()
@@ -1151,12 +1576,27 @@ def build_config(
     idle_timeout: float | None = None,
     connect_timeout: float | None = None,
     console: bool | None = None,
+    listen_tls: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    upstream_tls: str | None = None,
+    upstream_ca_file: str | None = None,
+    upstream_server_name: str | None = None,
+    upstream_tls_verify: bool | None = None,
 ) -> tuple[Config, list[ConfigIssue]]:
     """Apply command-line flags over *base* (a file's config, or defaults).
 
     Flags win.  ``listen`` given replaces the base's listeners, which are
     named ``cli-0``, ``cli-1``, ...  A relative ``audit_file`` is made
-    absolute against the current directory.  Returns ``(config, warnings)``
+    absolute against the current directory.
+
+    ``listen_tls`` (``none``, ``implicit`` or ``starttls``), ``tls_cert``
+    and ``tls_key`` apply to every ``listen`` listener and need ``listen``;
+    a mode other than ``none`` needs both files, and the files need a mode.
+    ``upstream_tls`` (a mode), ``upstream_ca_file``, ``upstream_server_name``
+    and ``upstream_tls_verify`` override the base's upstream TLS one by one.
+    Relative paths are made absolute against the current directory, and the
+    files are checked like the config file's.  Returns ``(config, warnings)``
     where the warnings concern the flags only (the file's come from
     :func:`read_config`).  Raises :class:`ConfigError` (file
     ``"<command line>"``, line 0) when a flag value is invalid or when no
@@ -1169,6 +1609,7 @@ def build_config(
             listeners=base.listeners,
             upstream_address=base.upstream.address,
             connect_timeout=base.upstream.connect_timeout,
+            upstream_tls=base.upstream.tls,
             session=base.session,
             limits=base.limits,
             shutdown_grace=base.shutdown_grace,
@@ -1182,6 +1623,28 @@ def build_config(
 
     def report(message: str, severity: Literal["error", "warning"] = "error") -> None:
         issues.append(ConfigIssue(COMMAND_LINE, 0, 0, message, severity))
+
+    def flag_path(flag: str, value: str) -> str | None:
+        if not value:
+            report(f"{flag}: empty path")
+            return None
+        return os.path.abspath(os.path.expanduser(value))
+
+    def flag_mode(flag: str, value: str) -> ListenerTLSMode | None:
+        if value in _TLS_MODES:
+            return _TLS_MODES[value]
+        report(f"{flag}: expected one of {', '.join(_TLS_MODES)}, got {value!r}")
+        return None
+
+    cli_tls = _listen_tls_flags(
+        report,
+        flag_path,
+        flag_mode,
+        listen=bool(listen),
+        mode=listen_tls,
+        cert=tls_cert,
+        key=tls_key,
+    )
 
     listeners = partial.listeners
     if listen:
@@ -1198,7 +1661,7 @@ def build_config(
                 report(f"--listen: {address} is given twice ({seen[key]!r} and {text!r})")
                 continue
             seen[key] = text
-            parsed.append(ListenerConfig(f"cli-{index}", address))
+            parsed.append(ListenerConfig(f"cli-{index}", address, cli_tls))
         listeners = tuple(parsed)
 
     upstream_address = partial.upstream_address
@@ -1207,6 +1670,17 @@ def build_config(
             upstream_address = parse_address(upstream)
         except ValueError as exc:
             report(f"--upstream: {exc}")
+
+    upstream_tls_config = _upstream_tls_flags(
+        partial.upstream_tls,
+        report,
+        flag_path,
+        flag_mode,
+        mode=upstream_tls,
+        ca_file=upstream_ca_file,
+        server_name=upstream_server_name,
+        verify=upstream_tls_verify,
+    )
 
     timeout = partial.connect_timeout
     if connect_timeout is not None:
@@ -1249,7 +1723,7 @@ def build_config(
     assert upstream_address is not None  # every path without one reported an error
     config = Config(
         listeners=listeners,
-        upstream=UpstreamConfig(upstream_address, timeout),
+        upstream=UpstreamConfig(upstream_address, timeout, upstream_tls_config),
         session=session,
         limits=partial.limits,
         shutdown_grace=partial.shutdown_grace,
@@ -1257,3 +1731,109 @@ def build_config(
         policies=partial.policies,
     )
     return config, issues
+
+
+def _listen_tls_flags(
+    report: Callable[[str, Literal["error", "warning"]], None],
+    flag_path: Callable[[str, str], str | None],
+    flag_mode: Callable[[str, str], ListenerTLSMode | None],
+    *,
+    listen: bool,
+    mode: str | None,
+    cert: str | None,
+    key: str | None,
+) -> ListenerTLS:
+    """The TLS of the ``--listen`` listeners (part of :func:`build_config`)."""
+    given = [
+        flag
+        for flag, value in (("--tls", mode), ("--tls-cert", cert), ("--tls-key", key))
+        if value is not None
+    ]
+    if not given:
+        return ListenerTLS()
+    if not listen:
+        report(
+            f"{', '.join(given)}: the TLS flags apply to the --listen listeners; "
+            "give --listen too, or set tls on the config file's listeners",
+            "error",
+        )
+        return ListenerTLS()
+    chosen: ListenerTLSMode | None = "none"
+    if mode is not None:
+        chosen = flag_mode("--tls", mode)
+    cert_path = None if cert is None else flag_path("--tls-cert", cert)
+    key_path = None if key is None else flag_path("--tls-key", key)
+    if chosen is None:
+        return ListenerTLS()
+    if chosen == "none":
+        if cert is not None or key is not None:
+            report("--tls-cert and --tls-key need --tls implicit or --tls starttls", "error")
+        return ListenerTLS()
+    missing = [
+        flag
+        for flag, value in (("--tls-cert FILE", cert), ("--tls-key FILE", key))
+        if value is None
+    ]
+    if missing:
+        report(f"--tls {chosen}: missing {' and '.join(missing)}", "error")
+        return ListenerTLS()
+    if cert_path is None or key_path is None:
+        return ListenerTLS()  # an empty path: reported
+    problem = _cert_key_problem(cert_path, key_path)
+    if problem is not None:
+        which, message = problem
+        report(f"--tls-{which}: {message}", "error")
+        return ListenerTLS()
+    return ListenerTLS(mode=chosen, cert=CertKey(cert_path, key_path))
+
+
+def _upstream_tls_flags(
+    base: UpstreamTLS,
+    report: Callable[[str, Literal["error", "warning"]], None],
+    flag_path: Callable[[str, str], str | None],
+    flag_mode: Callable[[str, str], ListenerTLSMode | None],
+    *,
+    mode: str | None,
+    ca_file: str | None,
+    server_name: str | None,
+    verify: bool | None,
+) -> UpstreamTLS:
+    """*base* with the upstream TLS flags applied (part of :func:`build_config`)."""
+    values: dict[str, object] = {}
+    given: list[str] = []
+    if mode is not None:
+        chosen = flag_mode("--upstream-tls", mode)
+        if chosen is not None:
+            values["mode"] = chosen
+    if ca_file is not None:
+        given.append("--upstream-ca-file")
+        path = flag_path("--upstream-ca-file", ca_file)
+        problem = None if path is None else _ca_file_problem(path)
+        if problem is not None:
+            report(f"--upstream-ca-file: {problem}", "error")
+        elif path is not None:
+            values["ca_file"] = path
+    if server_name is not None:
+        given.append("--upstream-server-name")
+        problem = _server_name_problem(server_name)
+        if problem is not None:
+            report(f"--upstream-server-name: {problem}", "error")
+        else:
+            values["server_name"] = server_name
+    if verify is not None:
+        if not verify:
+            given.append("--upstream-tls-insecure")
+        values["verify"] = verify
+    tls = dataclasses.replace(base, **values)  # type: ignore[arg-type]
+    if mode is not None and "mode" not in values:
+        return tls  # an invalid mode: reported
+    if tls.mode == "none":
+        for flag in given:
+            report(
+                f"{flag} has no effect without TLS to the upstream "
+                "(--upstream-tls implicit|starttls, or upstream.tls)",
+                "warning",
+            )
+    elif verify is False:
+        report(f"--upstream-tls-insecure: {_VERIFY_OFF}", "warning")
+    return tls

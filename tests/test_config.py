@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,14 @@ from popguard.config import (
     read_config,
 )
 from popguard.core.limits import Limits
+from popguard.shell.tls import (
+    CertKey,
+    ListenerTLS,
+    UpstreamTLS,
+    client_context,
+    legacy_warnings,
+    server_context,
+)
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "popguard.example.yaml"
 
@@ -962,3 +972,779 @@ def test_example_file_mentions_every_audit_key() -> None:
         assert f"{name}:" in text
     for name in SyslogTarget.__dataclass_fields__:
         assert f"{name}:" in text
+
+
+# --------------------------------------------------------------------------
+# TLS: listeners (toward clients) and the upstream
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PKI:
+    """Real certificates and keys (trustme), and some broken files."""
+
+    ca: Path  # the CA's certificate
+    cert: Path  # localhost's certificate chain
+    key: Path  # its key
+    other_cert: Path  # another name's certificate...
+    other_key: Path  # ...and key, which does not match ``cert``
+    combined: Path  # localhost's key and chain in one file
+    encrypted_key: Path  # ``key`` protected with a passphrase
+    junk: Path  # not PEM at all
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    trustme = pytest.importorskip("trustme")
+    serialization = pytest.importorskip("cryptography.hazmat.primitives.serialization")
+    directory = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost")
+    other = ca.issue_cert("other.example.org")
+    pki = PKI(
+        ca=directory / "ca.pem",
+        cert=directory / "localhost.crt",
+        key=directory / "localhost.key",
+        other_cert=directory / "other.crt",
+        other_key=directory / "other.key",
+        combined=directory / "localhost.pem",
+        encrypted_key=directory / "encrypted.key",
+        junk=directory / "junk.txt",
+    )
+    ca.cert_pem.write_to_path(str(pki.ca))
+    for blob in leaf.cert_chain_pems:
+        blob.write_to_path(str(pki.cert), append=True)
+    leaf.private_key_pem.write_to_path(str(pki.key))
+    for blob in other.cert_chain_pems:
+        blob.write_to_path(str(pki.other_cert), append=True)
+    other.private_key_pem.write_to_path(str(pki.other_key))
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(pki.combined))
+    private_key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), password=None)
+    pki.encrypted_key.write_bytes(
+        private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    pki.junk.write_text("hello, not a certificate\n")
+    return pki
+
+
+def locate(text: str, needle: str) -> tuple[int, int]:
+    """The 1-based line and column of *needle*'s first occurrence in *text*."""
+    index = text.index(needle)
+    return (text.count("\n", 0, index) + 1, index - (text.rfind("\n", 0, index) + 1) + 1)
+
+
+def with_listener(lines: str, upstream: str = "") -> str:
+    """A complete file whose one listener has *lines* (indented 4) added."""
+    return (
+        'listeners:\n  - listen: "127.0.0.1:1110"\n'
+        + textwrap.indent(textwrap.dedent(lines), "    ")
+        + 'upstream:\n  address: "127.0.0.1:110"\n'
+        + textwrap.indent(textwrap.dedent(upstream), "  ")
+    )
+
+
+def test_tls_defaults(tmp_path: Path) -> None:
+    config, warnings = load_config(write(tmp_path, MINIMAL))
+    assert warnings == []
+    assert config.listeners[0].tls == ListenerTLS()
+    assert config.listeners[0].tls.mode == "none"
+    assert config.upstream.tls == UpstreamTLS()
+    assert UpstreamTLS().verify is True
+    assert UpstreamTLS().min_version == ListenerTLS().min_version == "TLSv1.2"
+    assert PartialConfig().upstream_tls == UpstreamTLS()
+
+
+def test_listener_tls_keys(tmp_path: Path, pki: PKI) -> None:
+    text = f"""\
+        listeners:
+          - name: pop3s
+            listen: "127.0.0.1:1995"
+            tls: implicit
+            cert: '{pki.cert}'
+            key: '{pki.key}'
+            sni:
+              other.example.org:
+                cert: '{pki.other_cert}'
+                key: '{pki.other_key}'
+              Mail.Example.NET: {{cert: '{pki.combined}', key: '{pki.combined}'}}
+            tls_min_version: TLSv1.3
+          - name: pop3
+            listen: "127.0.0.1:1110"
+            tls: starttls
+            cert: '{pki.combined}'
+            key: '{pki.combined}'
+          - name: plain
+            listen: "127.0.0.1:1111"
+            tls: none
+        upstream:
+          address: "127.0.0.1:110"
+        """
+    config, warnings = load_config(write(tmp_path, text))
+    assert warnings == []
+    pop3s, pop3, plain = config.listeners
+    assert pop3s.tls == ListenerTLS(
+        mode="implicit",
+        cert=CertKey(str(pki.cert), str(pki.key)),
+        sni={
+            "other.example.org": CertKey(str(pki.other_cert), str(pki.other_key)),
+            "Mail.Example.NET": CertKey(str(pki.combined), str(pki.combined)),
+        },
+        min_version="TLSv1.3",
+    )
+    assert pop3.tls == ListenerTLS(
+        mode="starttls", cert=CertKey(str(pki.combined), str(pki.combined))
+    )
+    assert plain.tls == ListenerTLS()
+
+
+def test_listener_tls_paths_are_relative_to_the_config_file(
+    tmp_path: Path, pki: PKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf_dir = tmp_path / "etc"
+    (conf_dir / "tls").mkdir(parents=True)
+    for source in (pki.cert, pki.key, pki.ca):
+        (conf_dir / "tls" / source.name).write_bytes(source.read_bytes())
+    write(
+        conf_dir,
+        with_listener(
+            """\
+            tls: implicit
+            cert: tls/localhost.crt
+            key: tls/localhost.key
+            """,
+            "tls: implicit\nca_file: tls/ca.pem\n",
+        ),
+    )
+    monkeypatch.chdir(tmp_path)
+    config, _ = load_config("etc/popguard.yaml")
+    assert config.listeners[0].tls.cert == CertKey(
+        str(conf_dir / "tls" / "localhost.crt"), str(conf_dir / "tls" / "localhost.key")
+    )
+    assert config.upstream.tls.ca_file == str(conf_dir / "tls" / "ca.pem")
+
+
+def test_listener_tls_loads_into_a_server_context(tmp_path: Path, pki: PKI) -> None:
+    """What the loader accepts, popguard.shell.tls can build a context from."""
+    text = with_listener(f"tls: implicit\ncert: '{pki.cert}'\nkey: '{pki.key}'\n")
+    config, _ = load_config(write(tmp_path, text))
+    context = server_context(config.listeners[0].tls)
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def one_error(path: Path) -> ConfigIssue:
+    found = errors(path)
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.parametrize(
+    ("lines", "needle", "fragment"),
+    [
+        (
+            "tls: yes\n",
+            "yes",
+            "listeners[0].tls: expected one of none, implicit, starttls, got a boolean",
+        ),
+        ("tls: implict\n", "implict", "got 'implict' (did you mean 'implicit'?)"),
+        (
+            "tls: implicit\n",
+            "implicit",
+            "listeners[0]: missing 'cert' and 'key' (PEM files), required with tls: implicit",
+        ),
+        (
+            "tls: starttls\ncert: '{cert}'\n",
+            "starttls",
+            "missing 'key' (a PEM private key file), required with tls: starttls",
+        ),
+        ("tls: implicit\nkey: '{key}'\n", "implicit", "missing 'cert' (a PEM certificate file)"),
+        ("tls: implicit\ncert: null\nkey: '{key}'\n", "implicit", "missing 'cert'"),
+        (
+            "tls: implicit\ncert: '{missing}'\nkey: '{key}'\n",
+            "'{missing}'",
+            "listeners[0].cert: cannot read {missing}: No such file or directory",
+        ),
+        (
+            "tls: implicit\ncert: '{cert}'\nkey: '{missing}'\n",
+            "'{missing}'",
+            "listeners[0].key: cannot read {missing}: No such file",
+        ),
+        (
+            "tls: implicit\ncert: '{dir}'\nkey: '{key}'\n",
+            "'{dir}'",
+            "listeners[0].cert: cannot read {dir}: Is a directory",
+        ),
+        ("tls: implicit\ncert: ''\nkey: '{key}'\n", "''", "listeners[0].cert: empty path"),
+        ("tls: implicit\ncert: 5\nkey: '{key}'\n", "5", "listeners[0].cert: expected a string"),
+        (
+            "tls: implicit\ncert: '{junk}'\nkey: '{key}'\n",
+            "'{junk}'",
+            "listeners[0].cert: {junk} holds no PEM certificate",
+        ),
+        ("tls: implicit\ncert: '{key}'\nkey: '{key}'\n", "'{key}'", "holds no PEM certificate"),
+        (
+            "tls: implicit\ncert: '{cert}'\nkey: '{junk}'\n",
+            "'{junk}'",
+            "listeners[0].key: {junk} holds no PEM private key",
+        ),
+        ("tls: implicit\ncert: '{cert}'\nkey: '{cert}'\n", "key: ", "holds no PEM private key"),
+        (
+            "tls: implicit\ncert: '{cert}'\nkey: '{other_key}'\n",
+            "'{cert}'",
+            "listeners[0].cert: the certificate {cert} does not match the key {other_key}",
+        ),
+        (
+            "tls: implicit\ncert: '{cert}'\nkey: '{encrypted_key}'\n",
+            "'{encrypted_key}'",
+            "listeners[0].key: {encrypted_key} is encrypted (it needs a passphrase)",
+        ),
+        (
+            "tls_min_version: TLSv1.1\n",
+            "TLSv1.1",
+            "listeners[0].tls_min_version: TLSv1.1 is not allowed toward clients: RFC 8996",
+        ),
+        ("tls_min_version: TLSv1\n", "TLSv1", "TLSv1 is not allowed toward clients"),
+        ("tls_min_version: 1.2\n", "1.2", "expected one of TLSv1.2, TLSv1.3, got a float"),
+        ("tls_min_version: tlsv1.3\n", "tlsv1.3", "(did you mean 'TLSv1.3'?)"),
+        (
+            "tls_verify: false\n",
+            "tls_verify",
+            "unknown key 'tls_verify' (did you mean 'upstream.tls_verify'?)",
+        ),
+        ("sni: []\n", "[]", "listeners[0].sni: expected a mapping, got a list"),
+    ],
+)
+def test_listener_tls_errors(
+    tmp_path: Path, pki: PKI, lines: str, needle: str, fragment: str
+) -> None:
+    names = {
+        "cert": pki.cert,
+        "key": pki.key,
+        "other_key": pki.other_key,
+        "encrypted_key": pki.encrypted_key,
+        "junk": pki.junk,
+        "missing": tmp_path / "nope.pem",
+        "dir": tmp_path,
+    }
+    text = with_listener(lines.format(**names))
+    issue = one_error(write(tmp_path, text))
+    # `needle` locates the value (or key) the error must point at.
+    needle = needle.format(**names)
+    if needle.startswith("key: "):
+        line, column = locate(text, needle)
+        column += len("key: ")
+    else:
+        line, column = locate(text, needle)
+    assert (issue.line, issue.column) == (line, column), issue
+    assert fragment.format(**names) in issue.message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_unreadable_key(tmp_path: Path, pki: PKI) -> None:
+    key = tmp_path / "private.key"
+    key.write_bytes(pki.key.read_bytes())
+    key.chmod(0)
+    text = with_listener(f"tls: implicit\ncert: '{pki.cert}'\nkey: '{key}'\n")
+    issue = one_error(write(tmp_path, text))
+    assert issue.message == f"listeners[0].key: cannot read {key}: Permission denied"
+    assert (issue.line, issue.column) == locate(text, f"'{key}'")
+
+
+def test_sni_errors(tmp_path: Path, pki: PKI) -> None:
+    pair = f"{{cert: '{pki.cert}', key: '{pki.key}'}}"
+    text = f"""\
+        listeners:
+          - listen: "127.0.0.1:1995"
+            tls: implicit
+            cert: '{pki.cert}'
+            key: '{pki.key}'
+            sni:
+              "*.example.org": {pair}
+              192.0.2.1: {pair}
+              mail.example.org.: {pair}
+              a.example.org: {pair}
+              A.Example.Org: {pair}
+              b.example.org: {{cert: '{pki.cert}'}}
+              c.example.org:
+              d.example.org: {{cert: '{pki.cert}', key: '{pki.other_key}'}}
+              e.example.org: {{cert: '{pki.cert}', key: '{pki.key}', chain: x}}
+              "bad name": {pair}
+        upstream:
+          address: "127.0.0.1:110"
+        """
+    found = errors(write(tmp_path, text))
+    assert [(issue.line, issue.message) for issue in found] == [
+        (
+            7,
+            "listeners[0].sni: wildcard '*.example.org' is not supported: SNI names are "
+            "matched exactly; list each name (a wildcard certificate may serve several)",
+        ),
+        (8, "listeners[0].sni: '192.0.2.1' is an IP address: SNI never carries one (RFC 6066 §3)"),
+        (
+            9,
+            "listeners[0].sni: write 'mail.example.org.' without the trailing dot (RFC 6066 §3)",
+        ),
+        (
+            11,
+            "listeners[0].sni: 'A.Example.Org' is given twice (names are case-insensitive; "
+            "first on line 10)",
+        ),
+        (
+            12,
+            "listeners[0].sni.b.example.org: missing 'key' (a PEM private key file), "
+            "required for each SNI name",
+        ),
+        (
+            13,
+            "listeners[0].sni.c.example.org: missing 'cert' and 'key' (PEM files), "
+            "required for each SNI name",
+        ),
+        (
+            14,
+            f"listeners[0].sni.d.example.org.cert: the certificate {pki.cert} does not "
+            f"match the key {pki.other_key}",
+        ),
+        (
+            15,
+            "listeners[0].sni.e.example.org: unknown key 'chain' (valid keys: cert, key)",
+        ),
+        (16, "listeners[0].sni: invalid host name 'bad name'"),
+    ]
+
+
+def test_tls_settings_without_tls_warn(tmp_path: Path, pki: PKI) -> None:
+    text = with_listener(
+        f"""\
+        cert: '{pki.cert}'
+        key: '{pki.junk}'
+        sni: {{a.example.org: {{cert: '{pki.cert}', key: '{pki.other_key}'}}}}
+        tls_min_version: TLSv1.3
+        """
+    )
+    config, warnings = load_config(write(tmp_path, text))
+    assert config.listeners[0].tls == ListenerTLS()
+    # The files are not checked: they are not used.
+    assert [(w.line, w.column, w.severity) for w in warnings] == [
+        (3, 5, "warning"),
+        (4, 5, "warning"),
+        (5, 5, "warning"),
+        (6, 5, "warning"),
+    ]
+    assert warnings[0].message == (
+        "listeners[0].cert: cert/key ignored without tls; set listeners[0].tls "
+        "to implicit or starttls to use them"
+    )
+    assert "listeners[0].key: cert/key ignored without tls" in warnings[1].message
+    assert "listeners[0].sni: cert/key ignored without tls" in warnings[2].message
+    assert warnings[3].message == "listeners[0].tls_min_version has no effect without tls"
+    # Writing the defaults out warns about nothing.
+    plain = with_listener("tls: none\ncert: null\nsni: {}\ntls_min_version: TLSv1.2\n")
+    assert load_config(write(tmp_path, plain, "plain.yaml"))[1] == []
+
+
+def test_listener_with_tls_errors_reports_the_others_too(tmp_path: Path, pki: PKI) -> None:
+    text = f"""\
+        listeners:
+          - listen: "127.0.0.1:99999"
+            tls: implicit
+          - listen: "127.0.0.1:1110"
+            tls: starttls
+            cert: '{pki.cert}'
+            key: '{pki.other_key}'
+        upstream:
+          address: "127.0.0.1:110"
+          tls: maybe
+        """
+    found = errors(write(tmp_path, text))
+    assert [issue.line for issue in found] == [2, 3, 6, 10]
+
+
+# -- the upstream --------------------------------------------------------------
+
+
+def test_upstream_tls_keys(tmp_path: Path, pki: PKI) -> None:
+    text = with_listener(
+        "",
+        f"""\
+        tls: starttls
+        ca_file: '{pki.ca}'
+        server_name: pop.example.org
+        tls_verify: true
+        tls_min_version: TLSv1.3
+        """,
+    )
+    config, warnings = load_config(write(tmp_path, text))
+    assert warnings == []
+    assert config.upstream.tls == UpstreamTLS(
+        mode="starttls",
+        ca_file=str(pki.ca),
+        server_name="pop.example.org",
+        verify=True,
+        min_version="TLSv1.3",
+    )
+    assert legacy_warnings(config.upstream.tls) == []
+    assert client_context(config.upstream.tls).minimum_version == ssl.TLSVersion.TLSv1_3
+
+
+@pytest.mark.parametrize("name", ["192.0.2.7", "2001:db8::7", "pop3.example.org"])
+def test_upstream_server_name_may_be_an_address(tmp_path: Path, name: str) -> None:
+    text = with_listener("", f"tls: implicit\nserver_name: '{name}'\n")
+    config, _ = load_config(write(tmp_path, text))
+    assert config.upstream.tls.server_name == name
+
+
+def test_upstream_tls_verify_off_warns(tmp_path: Path) -> None:
+    text = with_listener("", "tls: implicit\ntls_verify: false\n")
+    config, warnings = load_config(write(tmp_path, text))
+    assert config.upstream.tls == UpstreamTLS(mode="implicit", verify=False)
+    assert [(w.line, w.column, w.severity) for w in warnings] == [(6, 15, "warning")]
+    assert warnings[0].message == (
+        "upstream.tls_verify: certificate verification is off: anyone on the path "
+        "can read the mail and passwords"
+    )
+    # popguard.shell.tls warns about the same at startup.
+    assert legacy_warnings(config.upstream.tls) != []
+
+
+@pytest.mark.parametrize("version", ["TLSv1", "TLSv1.1"])
+def test_upstream_legacy_tls_version_warns(tmp_path: Path, version: str) -> None:
+    text = with_listener("", f"tls: implicit\ntls_min_version: {version}\n")
+    config, warnings = load_config(write(tmp_path, text))
+    assert config.upstream.tls.min_version == version
+    assert [(w.line, w.column) for w in warnings] == [(6, 20)]
+    assert warnings[0].severity == "warning"
+    assert "upstream.tls_min_version: legacy TLS version allowed for the upstream" in (
+        warnings[0].message
+    )
+    assert version in warnings[0].message
+    assert legacy_warnings(config.upstream.tls) != []
+
+
+def test_upstream_ca_file_unused_without_verification(tmp_path: Path, pki: PKI) -> None:
+    text = with_listener("", f"tls: implicit\nca_file: '{pki.ca}'\ntls_verify: no\n")
+    _, warnings = load_config(write(tmp_path, text))
+    assert [(w.line, w.message) for w in warnings] == [
+        (6, "upstream.ca_file has no effect with tls_verify: false"),
+        (7, "upstream.tls_verify: certificate verification is off: anyone on the path "
+            "can read the mail and passwords"),
+    ]  # fmt: skip
+
+
+def test_upstream_tls_keys_without_tls_warn(tmp_path: Path, pki: PKI) -> None:
+    text = with_listener(
+        "",
+        f"""\
+        ca_file: '{pki.ca}'
+        server_name: pop.example.org
+        tls_verify: false
+        tls_min_version: TLSv1
+        """,
+    )
+    config, warnings = load_config(write(tmp_path, text))
+    assert config.upstream.tls.mode == "none"
+    assert [(w.line, w.column, w.severity) for w in warnings] == [
+        (5, 3, "warning"),
+        (6, 3, "warning"),
+        (7, 3, "warning"),
+        (8, 3, "warning"),
+    ]
+    assert warnings[0].message == (
+        "upstream.ca_file has no effect without upstream.tls (implicit or starttls)"
+    )
+    assert warnings[2].message.startswith("upstream.tls_verify has no effect")
+    # With no TLS there is nothing weakened to warn about.
+    assert not any("verification is off" in w.message for w in warnings)
+    # The defaults, written out, warn about nothing.
+    defaults = with_listener(
+        "", "tls: none\nca_file: null\nserver_name: null\ntls_verify: true\n"
+        "tls_min_version: TLSv1.2\n",
+    )  # fmt: skip
+    assert load_config(write(tmp_path, defaults, "defaults.yaml"))[1] == []
+
+
+@pytest.mark.parametrize(
+    ("lines", "needle", "fragment"),
+    [
+        (
+            "tls: STARTTLS\n",
+            "STARTTLS",
+            "upstream.tls: expected one of none, implicit, starttls, got 'STARTTLS' (did",
+        ),
+        (
+            "tls: implicit\nca_file: '{missing}'\n",
+            "'{missing}'",
+            "upstream.ca_file: cannot read {missing}: No such file or directory",
+        ),
+        (
+            "tls: implicit\nca_file: '{junk}'\n",
+            "'{junk}'",
+            "upstream.ca_file: {junk} holds no PEM certificate",
+        ),
+        (
+            "tls: implicit\nca_file: '{key}'\n",
+            "'{key}'",
+            "upstream.ca_file: {key} holds no PEM certificate",
+        ),
+        ("ca_file: '{missing}'\n", "'{missing}'", "cannot read"),  # checked even without tls
+        (
+            "tls: implicit\nserver_name: 'a b'\n",
+            "'a b'",
+            "upstream.server_name: invalid host name 'a b'",
+        ),
+        (
+            "tls: implicit\nserver_name: 12345\n",
+            "12345",
+            "upstream.server_name: expected a string, got an integer '12345'; put it in quotes",
+        ),
+        (
+            "tls: implicit\ntls_verify: 'no'\n",
+            "'no'",
+            "upstream.tls_verify: expected true or false, got a string",
+        ),
+        (
+            "tls: implicit\ntls_min_version: SSLv3\n",
+            "SSLv3",
+            "expected one of TLSv1, TLSv1.1, TLSv1.2, TLSv1.3, got 'SSLv3'",
+        ),
+        (
+            "cert: x.pem\n",
+            "cert",
+            "upstream: unknown key 'cert' (did you mean 'listeners[N].cert'? it is set per",
+        ),
+        ("tls_verfy: true\n", "tls_verfy", "(did you mean 'tls_verify'?)"),
+    ],
+)
+def test_upstream_tls_errors(
+    tmp_path: Path, pki: PKI, lines: str, needle: str, fragment: str
+) -> None:
+    names = {"missing": tmp_path / "nope.pem", "junk": pki.junk, "key": pki.key}
+    text = with_listener("", lines.format(**names))
+    issue = one_error(write(tmp_path, text))
+    assert (issue.line, issue.column) == locate(text, needle.format(**names))
+    assert fragment.format(**names) in issue.message
+
+
+def test_tls_errors_read_as_file_line_column(tmp_path: Path, pki: PKI) -> None:
+    """What ``popguard check-config`` prints (it calls read_config)."""
+    text = with_listener(f"tls: implicit\ncert: '{pki.cert}'\nkey: '{pki.other_key}'\n")
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        read_config(path)
+    assert str(info.value) == (
+        f"{path}:4:11: error: listeners[0].cert: the certificate {pki.cert} "
+        f"does not match the key {pki.other_key}"
+    )
+
+
+def test_check_config_prints_tls_errors(
+    tmp_path: Path, pki: PKI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from popguard.cli import main
+
+    text = with_listener(
+        f"tls: starttls\ncert: '{pki.junk}'\nkey: '{pki.key}'\n",
+        "tls: implicit\ntls_verify: false\n",
+    )
+    path = write(tmp_path, text)
+    assert main(["check-config", "--config", str(path)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"{path}:4:11: error: listeners[0].cert: {pki.junk} holds no PEM certificate "
+        "('-----BEGIN CERTIFICATE-----')",
+        f"{path}:9:15: warning: upstream.tls_verify: certificate verification is off: "
+        "anyone on the path can read the mail and passwords",
+    ]
+
+
+# -- command-line flags --------------------------------------------------------
+
+
+def test_listen_tls_flags(tmp_path: Path, pki: PKI, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(pki.cert.parent)
+    config, warnings = build_config(
+        base=None,
+        listen=["127.0.0.1:1995", "[::1]:1995"],
+        upstream="127.0.0.1:110",
+        listen_tls="implicit",
+        tls_cert=pki.cert.name,
+        tls_key=pki.key.name,
+    )
+    assert warnings == []
+    tls = ListenerTLS(mode="implicit", cert=CertKey(str(pki.cert), str(pki.key)))
+    assert [listener.tls for listener in config.listeners] == [tls, tls]
+    config, _ = build_config(
+        base=None, listen=["127.0.0.1:1110"], upstream="127.0.0.1:110", listen_tls="none"
+    )
+    assert config.listeners[0].tls == ListenerTLS()
+
+
+def test_listen_flags_replace_the_files_tls_listeners(tmp_path: Path, pki: PKI) -> None:
+    text = with_listener(f"tls: implicit\ncert: '{pki.cert}'\nkey: '{pki.key}'\n")
+    base, _ = load_config(write(tmp_path, text))
+    assert base.listeners[0].tls.mode == "implicit"
+    kept, _ = build_config(base=base)
+    assert kept.listeners == base.listeners
+    replaced, _ = build_config(base=base, listen=["127.0.0.1:2110"])
+    assert replaced.listeners[0].tls == ListenerTLS()
+
+
+LISTEN = ["127.0.0.1:1"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "messages"),
+    [
+        (
+            {"listen_tls": "implicit"},
+            ["--tls, --tls-cert, --tls-key: the TLS flags apply to the --listen listeners"],
+        ),
+        (
+            {"listen": LISTEN, "listen_tls": "implicit", "tls_cert": None, "tls_key": None},
+            ["--tls implicit: missing --tls-cert FILE and --tls-key FILE"],
+        ),
+        (
+            {"listen": LISTEN, "listen_tls": "starttls", "tls_key": None},
+            ["--tls starttls: missing --tls-key FILE"],
+        ),
+        (
+            {"listen": LISTEN, "listen_tls": None},
+            ["--tls-cert and --tls-key need --tls implicit or --tls starttls"],
+        ),
+        (
+            {"listen": LISTEN, "listen_tls": "none"},
+            ["--tls-cert and --tls-key need --tls implicit or --tls starttls"],
+        ),
+        (
+            {"listen": LISTEN, "listen_tls": "pop3s"},
+            ["--tls: expected one of none, implicit, starttls, got 'pop3s'"],
+        ),
+        ({"listen": LISTEN, "listen_tls": "implicit", "tls_cert": ""}, ["--tls-cert: empty path"]),
+        (
+            {"listen": LISTEN, "listen_tls": "implicit", "tls_key": "{other_key}"},
+            ["--tls-cert: the certificate {cert} does not match the key {other_key}"],
+        ),
+        (
+            {"listen": LISTEN, "listen_tls": "implicit", "tls_cert": "{junk}"},
+            ["--tls-cert: {junk} holds no PEM certificate"],
+        ),
+        (
+            {"listen": LISTEN, "listen_tls": "implicit", "tls_key": "{encrypted_key}"},
+            ["--tls-key: {encrypted_key} is encrypted"],
+        ),
+        (
+            {"upstream_tls": "tls"},
+            ["--upstream-tls: expected one of none, implicit, starttls, got 'tls'"],
+        ),
+        ({"upstream_ca_file": "{junk}"}, ["--upstream-ca-file: {junk} holds no PEM certificate"]),
+        ({"upstream_ca_file": ""}, ["--upstream-ca-file: empty path"]),
+        ({"upstream_server_name": "a..b"}, ["--upstream-server-name: invalid host name 'a..b'"]),
+    ],
+)
+def test_tls_flag_errors(pki: PKI, flags: dict[str, object], messages: list[str]) -> None:
+    names = {
+        "cert": pki.cert,
+        "other_key": pki.other_key,
+        "junk": pki.junk,
+        "encrypted_key": pki.encrypted_key,
+    }
+    arguments: dict[str, object] = {"listen": [], "upstream": "127.0.0.1:110"}
+    if "listen_tls" in flags:
+        arguments.update(tls_cert=str(pki.cert), tls_key=str(pki.key))
+    arguments.update(flags)
+    if not arguments["listen"]:
+        arguments["base"] = PartialConfig(listeners=(ListenerConfig("a", Address("127.0.0.1", 1)),))
+    else:
+        arguments["base"] = None
+    for name, value in arguments.items():
+        if isinstance(value, str):
+            arguments[name] = value.format(**names)
+    with pytest.raises(ConfigError) as info:
+        build_config(**arguments)  # type: ignore[arg-type]
+    found = [issue.message for issue in info.value.errors]
+    assert len(found) == len(messages), found
+    for message, expected in zip(found, messages, strict=True):
+        assert message.startswith(expected.format(**names)), message
+    assert all(issue.file == COMMAND_LINE for issue in info.value.issues)
+
+
+def test_upstream_tls_flags_override_the_file(
+    tmp_path: Path, pki: PKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = with_listener("", f"tls: implicit\nserver_name: file.example.org\nca_file: '{pki.ca}'\n")
+    partial, _ = read_config(write(tmp_path, text))
+    assert partial.upstream_tls.mode == "implicit"
+    config, warnings = build_config(base=partial, upstream_tls="starttls")
+    assert warnings == []
+    assert config.upstream.tls == UpstreamTLS(
+        mode="starttls", ca_file=str(pki.ca), server_name="file.example.org"
+    )
+    monkeypatch.chdir(pki.ca.parent)
+    config, warnings = build_config(
+        base=partial,
+        upstream="pop.example.net:995",
+        upstream_ca_file=pki.ca.name,
+        upstream_server_name="cli.example.org",
+        upstream_tls_verify=False,
+    )
+    assert config.upstream.tls == UpstreamTLS(
+        mode="implicit", ca_file=str(pki.ca), server_name="cli.example.org", verify=False
+    )
+    assert [(w.file, w.severity, w.message) for w in warnings] == [
+        (
+            COMMAND_LINE,
+            "warning",
+            "--upstream-tls-insecure: certificate verification is off: anyone on the "
+            "path can read the mail and passwords",
+        )
+    ]
+    # A Config as the base keeps its upstream TLS too.
+    base, _ = load_config(tmp_path / "popguard.yaml")
+    assert build_config(base=base)[0] == base
+    assert build_config(base=base, upstream_tls="none")[0].upstream.tls.mode == "none"
+
+
+def test_upstream_tls_flags_without_tls_warn(pki: PKI) -> None:
+    config, warnings = build_config(
+        base=None,
+        listen=["127.0.0.1:1110"],
+        upstream="127.0.0.1:110",
+        upstream_ca_file=str(pki.ca),
+        upstream_server_name="pop.example.org",
+        upstream_tls_verify=False,
+    )
+    assert config.upstream.tls.mode == "none"
+    assert [w.message.split(" ")[0] for w in warnings] == [
+        "--upstream-ca-file",
+        "--upstream-server-name",
+        "--upstream-tls-insecure",
+    ]
+    assert all("has no effect without TLS to the upstream" in w.message for w in warnings)
+    config, warnings = build_config(
+        base=None,
+        listen=["127.0.0.1:1110"],
+        upstream="127.0.0.1:995",
+        upstream_tls="implicit",
+        upstream_tls_verify=True,
+    )
+    assert config.upstream.tls == UpstreamTLS(mode="implicit")
+    assert warnings == []
+
+
+def test_example_file_documents_tls() -> None:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    for key in ("tls:", "cert:", "key:", "sni:", "tls_min_version:", "ca_file:"):
+        assert key in text
+    for key in ("server_name:", "tls_verify:"):
+        assert key in text
+    for reference in ("RFC 8314", "RFC 2595", "RFC 8996", "995"):
+        assert reference in text
+    for flag in ("--tls ", "--tls-cert", "--tls-key", "--upstream-tls", "--upstream-ca-file"):
+        assert flag in text
+    for flag in ("--upstream-server-name", "--upstream-tls-insecure"):
+        assert flag in text
+    config, _ = load_config(EXAMPLE)
+    assert all(listener.tls == ListenerTLS() for listener in config.listeners)
+    assert config.upstream.tls == UpstreamTLS()
