@@ -53,6 +53,8 @@ def settings_from_config(config: Config) -> ServerSettings:
                 listener.name,
                 Endpoint(listener.address.host, listener.address.port),
                 listener.tls,
+                listener.proxy_protocol,
+                listener.send_proxy,
             )
             for listener in config.listeners
         ),

@@ -80,7 +80,7 @@ import re
 import ssl
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Final, Literal
+from typing import Final, Literal, cast
 
 import yaml
 from yaml.constructor import SafeConstructor
@@ -185,6 +185,22 @@ class ListenerConfig:
     address: Address
     #: TLS toward this listener's clients (mode ``none``: plain POP3).
     tls: ListenerTLS = field(default_factory=ListenerTLS)
+    #: Accept HAProxy's PROXY header (v1/v2) from these peers, or None.
+    proxy_protocol: ProxyProtocolConfig | None = None
+    #: Send a PROXY header (``v1``/``v2``) to the upstream for this
+    #: listener's sessions, so the server sees the real client.
+    send_proxy: Literal["none", "v1", "v2"] = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyProtocolConfig:
+    """Who may put a PROXY header in front of a session, and whether they must."""
+
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    #: A trusted peer that sends no header is refused (else served as itself).
+    required: bool = True
+    #: Seconds to wait for the header (the spec says at least 3).
+    timeout: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -618,7 +634,19 @@ _SECTIONS: Final[Mapping[str, tuple[str, ...]]] = {
     ),
 }
 _TOP_KEYS: Final = ("listeners", "upstream", "session", "limits", "shutdown", "audit", "policies")
-_LISTENER_KEYS: Final = ("name", "listen", "tls", "cert", "key", "sni", "tls_min_version")
+_LISTENER_KEYS: Final = (
+    "name",
+    "listen",
+    "tls",
+    "cert",
+    "key",
+    "sni",
+    "tls_min_version",
+    "proxy_protocol",
+    "send_proxy",
+)
+_PROXY_PROTOCOL_KEYS: Final = ("trusted", "required", "timeout")
+_SEND_PROXY: Final = ("none", "v1", "v2")
 #: Listener keys that belong to no other section, for "did you mean".
 _LISTENER_ONLY_KEYS: Final = ("cert", "key", "sni")
 _SNI_KEYS: Final = ("cert", "key")
@@ -942,11 +970,73 @@ class _Walker:
                     f"{other!r} (line {line})",
                 )
                 continue
+            proxy = self.proxy_protocol(entries, where)
+            send_proxy: Literal["none", "v1", "v2"] = "none"
+            if "send_proxy" in entries:
+                chosen = self.choice(entries["send_proxy"][1], f"{where}.send_proxy", _SEND_PROXY)
+                if chosen is None:
+                    continue
+                send_proxy = cast(Literal["none", "v1", "v2"], chosen)
             if name is not None:
                 addresses[key] = (name, listen_node)
-                if tls is not None:
-                    result.append(ListenerConfig(name, address, tls))
+                if tls is not None and proxy is not False:
+                    result.append(ListenerConfig(name, address, tls, proxy or None, send_proxy))
         return tuple(result)
+
+    def proxy_protocol(
+        self, entries: _Entries, where: str
+    ) -> ProxyProtocolConfig | Literal[False] | None:
+        """``proxy_protocol:``; None when absent, False when invalid (reported)."""
+        if "proxy_protocol" not in entries:
+            return None
+        node = entries["proxy_protocol"][1]
+        label = f"{where}.proxy_protocol"
+        sub = self.mapping(node, label)
+        if sub is None:
+            return False
+        self.check_keys(sub, _PROXY_PROTOCOL_KEYS, label, "proxy_protocol")
+        if "trusted" not in sub:
+            self.report(
+                node,
+                f"{label}: missing required key 'trusted' (the load balancers allowed to "
+                'send a PROXY header, e.g. trusted: ["10.0.0.5/32"])',
+            )
+            return False
+        trusted_node = sub["trusted"][1]
+        items = trusted_node.value if isinstance(trusted_node, SequenceNode) else [trusted_node]
+        networks = []
+        for item in items:
+            text = self.string(item, f"{label}.trusted", "10.0.0.0/8")
+            if text is None:
+                return False
+            try:
+                networks.append(ipaddress.ip_network(text, strict=True))
+            except ValueError as exc:
+                self.report(item, f"{label}.trusted: {exc}")
+                return False
+        if not networks:
+            self.report(trusted_node, f"{label}.trusted: the list is empty")
+            return False
+        required = True
+        if "required" in sub:
+            value = self.boolean(sub["required"][1], f"{label}.required")
+            if value is None:
+                return False
+            required = value
+        timeout = 5.0
+        if "timeout" in sub:
+            seconds = self.seconds(sub["timeout"][1], f"{label}.timeout", allow_zero=False)
+            if seconds is None:
+                return False
+            if seconds < 3:
+                self.report(
+                    sub["timeout"][1],
+                    f"{label}.timeout: {seconds:g} s is too short; the PROXY protocol spec "
+                    "asks receivers to wait at least 3 seconds",
+                )
+                return False
+            timeout = seconds
+        return ProxyProtocolConfig(tuple(networks), required, timeout)
 
     def tls_mode(self, entries: _Entries, where: str) -> tuple[ListenerTLSMode | None, Node | None]:
         """The ``tls`` key: the mode (None when invalid) and its node."""

@@ -110,6 +110,7 @@ class Relay:
         client_tls: ssl.SSLContext | None = None,
         implicit_tls: bool = False,
         upstream_tls: UpstreamSecurity | None = None,
+        proxy_header: bytes | None = None,
     ) -> None:
         self.session = session
         self.policy = policy
@@ -117,6 +118,8 @@ class Relay:
         self._client_tls = client_tls
         self._implicit_tls = implicit_tls
         self._upstream_tls = upstream_tls
+        #: Sent to the upstream before anything else (HAProxy's PROXY protocol).
+        self._proxy_header = proxy_header
         self.client = client
         self.upstream: trio.abc.Stream | None = None
         self._connect_upstream = connect_upstream
@@ -248,6 +251,8 @@ class Relay:
             with trio.fail_after(self._connect_timeout):
                 upstream = await self._connect_upstream()
                 set_nodelay(upstream)
+                if self._proxy_header is not None:
+                    await upstream.send_all(self._proxy_header)
                 if self._upstream_tls is not None:
                     upstream, greeting = await self._secure_upstream(upstream, self._upstream_tls)
         except (trio.TooSlowError, OSError, UpstreamTLSError, trio.BrokenResourceError) as exc:
@@ -269,9 +274,9 @@ class Relay:
             session.tls_established("upstream", stls=stls, **describe(upstream))
         if greeting:
             session.receive_server(greeting)  # read before STLS; relayed unchanged
-        self._emit_records()
-        # Commands the client sent before the upstream answered may wait.
-        await self._flush_upstream()
+        # The greeting read before STLS goes to the client now, and commands
+        # the client sent before the upstream answered may be waiting.
+        await self._flush_both()
         return True
 
     async def _pump_client(self) -> None:
@@ -289,6 +294,12 @@ class Relay:
                     continue
                 else:
                     return  # QUIT sent: the upstream pump finishes the session
+            if scope.cancelled_caught and session.starttls_pending and not session.finished:
+                # An STLS that was held (behind a login) was answered from the
+                # upstream pump: the handshake is this task's to do.
+                if not await self._client_handshake(stls=True):
+                    break
+                continue
             if scope.cancelled_caught or data is None:
                 break
             if not data:
@@ -378,7 +389,9 @@ class Relay:
                 break
             session.receive_server(bytes(data) if isinstance(data, bytearray) else data)
             await self._flush_both()
-            if session.wants_client_data:
+            if session.starttls_pending:
+                self._client_receive.cancel()  # the client pump does the handshake
+            elif session.wants_client_data:
                 self._client_may_send.set()
         self._stop_receiving()
 

@@ -29,7 +29,15 @@ from functools import partial
 import trio
 
 from popguard.audit import AuditLog, session_context
+from popguard.config import ProxyProtocolConfig
 from popguard.core.limits import Limits
+from popguard.core.proxy_protocol import (
+    ProxyHeaderParser,
+    ProxyProtocolError,
+    build_v1,
+    build_v2,
+    is_trusted,
+)
 from popguard.core.records import EndReason
 from popguard.core.session import REPLY_AUDIT_DOWN, ProxySession
 from popguard.policy.model import PolicySet, client_address
@@ -54,6 +62,10 @@ class ListenerSpec:
     endpoint: Endpoint
     #: TLS toward clients: none, implicit (POP3S) or starttls (STLS offered).
     tls: ListenerTLS = field(default_factory=ListenerTLS)
+    #: Accept a PROXY header from trusted load balancers (None: never).
+    proxy_protocol: ProxyProtocolConfig | None = None
+    #: Send a PROXY header (v1/v2) to the upstream for these sessions.
+    send_proxy: str = "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +113,7 @@ class ProxyServer:
             {spec.name: spec.tls for spec in settings.listeners}, settings.upstream_tls
         )
         self._listener_tls = {spec.name: spec.tls.mode for spec in settings.listeners}
+        self._specs = {spec.name: spec for spec in settings.listeners}
         self._relays: set[Relay] = set()
         self._all_closed = trio.Event()
         self._all_closed.set()
@@ -216,14 +229,26 @@ class ProxyServer:
 
     async def _handle(self, listener: str, stream: trio.SocketStream) -> None:
         try:
-            client = format_peer(stream.socket.getpeername())
+            peername = stream.socket.getpeername()
+            sockname = stream.socket.getsockname()
         except OSError:
             await trio.aclose_forcefully(stream)  # gone before we could look
             return
+        client = format_peer(peername)
+        endpoints = ((str(peername[0]), int(peername[1])), (str(sockname[0]), int(sockname[1])))
         session_id = secrets.token_hex(8)
-        with session_context(session=session_id, client=client, listener=listener):
+        context: dict[str, str] = {"session": session_id, "client": client, "listener": listener}
+        tcp = TCPStream.adopt(stream)
+        spec = self._specs[listener]
+        if spec.proxy_protocol is not None:
+            relayed = await self._proxy_header(tcp, spec.proxy_protocol, context, endpoints)
+            if relayed is None:
+                return
+            endpoints = relayed
+            client = context["client"]
+        with session_context(**context):
             if not self.audit.accepting_sessions:
-                await self._refuse(stream, "audit_unavailable", REPLY_AUDIT_DOWN)
+                await self._refuse(tcp, "audit_unavailable", REPLY_AUDIT_DOWN)
                 return
             policy: SessionPolicy | None = None
             if self.policies is not None:
@@ -239,22 +264,28 @@ class ProxyServer:
                     name = "policy.denied" if verdict.enforced else "policy.dry_run"
                     self.audit.warning(name, **verdict.fields(), command=None)
                     if verdict.enforced:
-                        await self._refuse(stream, "policy", verdict.reply)
+                        await self._refuse(tcp, "policy", verdict.reply)
                         return
             try:
-                await self._run_session(stream, client, listener, policy)
+                await self._run_session(tcp, client, listener, policy, endpoints)
             finally:
                 if policy is not None:
                     policy.closed()
 
     async def _run_session(
         self,
-        stream: trio.SocketStream,
+        stream: TCPStream,
         client: str,
         listener: str,
         policy: SessionPolicy | None,
+        endpoints: tuple[tuple[str, int], tuple[str, int]],
     ) -> None:
         settings = self.settings
+        proxy_header = None
+        send_proxy = self._specs[listener].send_proxy
+        if send_proxy != "none":
+            build = build_v2 if send_proxy == "v2" else build_v1
+            proxy_header = build(*endpoints)
         mode = self._listener_tls.get(listener, "none")
         session = ProxySession(
             stls=mode == "starttls",
@@ -270,7 +301,7 @@ class ProxyServer:
         upstream = settings.upstream
         relay = Relay(
             session,
-            TCPStream.adopt(stream),
+            stream,
             connect_upstream=partial(connect_tcp, upstream.host, upstream.port),
             upstream_label=str(upstream),
             connect_timeout=settings.connect_timeout,
@@ -281,6 +312,7 @@ class ProxyServer:
             client_tls=self.tls.listeners.get(listener),
             implicit_tls=mode == "implicit",
             upstream_tls=self._upstream_security(),
+            proxy_header=proxy_header,
         )
         self._relays.add(relay)
         self._all_closed = trio.Event() if len(self._relays) == 1 else self._all_closed
@@ -301,12 +333,61 @@ class ProxyServer:
         name = tls.server_name or self.settings.upstream.host
         return UpstreamSecurity(tls.mode, context, name)
 
-    async def _refuse(self, stream: trio.SocketStream, reason: str, reply: bytes) -> None:
+    async def _proxy_header(
+        self,
+        stream: TCPStream,
+        config: ProxyProtocolConfig,
+        context: dict[str, str],
+        endpoints: tuple[tuple[str, int], tuple[str, int]],
+    ) -> tuple[tuple[str, int], tuple[str, int]] | None:
+        """Read a PROXY header from a trusted peer; None if the connection is refused.
+
+        Updates ``context`` (client, proxy) and returns the session's real
+        (client, destination) endpoints.
+        """
+        peer = endpoints[0][0]
+        trusted = is_trusted(peer, config.trusted)
+        reason: str | None = None
+        if not trusted:
+            if not config.required:
+                return endpoints  # served as itself; a PROXY line is just a bad command
+            reason = "PROXY header required, but the peer is not a trusted network"
+        else:
+            parser = ProxyHeaderParser()
+            result = None
+            with trio.move_on_after(config.timeout):
+                try:
+                    while result is None:
+                        data = await stream.receive_some(4096)
+                        if not data:
+                            parser.eof()
+                        result = parser.feed(data)
+                except ProxyProtocolError as exc:
+                    reason = exc.reason
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    reason = "connection lost while reading the PROXY header"
+            if result is None and reason is None:
+                if not config.required and parser.buffered == 0:
+                    return endpoints  # no header from a trusted peer: it speaks for itself
+                reason = f"no PROXY header within {config.timeout:g} s"
+            if result is not None:
+                stream.unread(result.remainder)
+                if result.source is None or result.destination is None:
+                    return endpoints  # LOCAL / UNKNOWN: the connection's own addresses
+                context["proxy"] = context["client"]
+                context["client"] = format_peer(result.source)
+                return (result.source, result.destination)
+        with session_context(**context):
+            self.audit.warning("proxy_protocol.rejected", reason=reason)
+        stream.close_now()
+        return None
+
+    async def _refuse(self, stream: TCPStream, reason: str, reply: bytes) -> None:
         """Answer a connection popguard will not serve, and close it."""
         self.audit.warning("session.refused", reason=reason)
         with trio.move_on_after(1), suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.send_all(reply)
-        await trio.aclose_forcefully(stream)
+        stream.close_now()
 
 
 async def connect_tcp(host: str, port: int) -> TCPStream:

@@ -38,12 +38,18 @@ class TCPStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._receiving = False
         self._sending = False
+        #: Bytes read ahead of the session (after a PROXY header), served first.
+        self._pushback = b""
 
     @classmethod
     def adopt(cls, stream: trio.SocketStream) -> TCPStream:
         """Take over the connection of a ``trio.SocketStream``."""
         fd = stream.socket.detach()
         return cls(socket.socket(fileno=fd))
+
+    def unread(self, data: bytes) -> None:
+        """Have the next receives return ``data`` first (bytes read too early)."""
+        self._pushback = data + self._pushback
 
     def setsockopt(self, level: int, option: int, value: int | bool) -> None:
         self.socket.setsockopt(level, option, value)
@@ -59,6 +65,13 @@ class TCPStream(trio.abc.HalfCloseableStream):
         self._receiving = True
         sock = self.socket
         size = max_bytes or DEFAULT_RECEIVE_SIZE
+        if self._pushback:
+            data, self._pushback = self._pushback[:size], self._pushback[size:]
+            try:
+                await trio.lowlevel.checkpoint()
+            finally:
+                self._receiving = False
+            return data
         try:
             try:
                 data = sock.recv(size)

@@ -16,6 +16,7 @@ handshakes use the new one.  A reload that fails keeps the old contexts.
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -128,12 +129,22 @@ def describe(stream: object) -> dict[str, str | None]:
         sni = getattr(ssl_object, "_popguard_sni", None)
     else:
         sni = stream.server_hostname  # type: ignore[attr-defined]
+        if isinstance(sni, str) and _is_ip(sni):
+            sni = None  # no SNI is sent for an address (RFC 6066 §3)
     return {
         "tls_version": stream.version(),  # type: ignore[attr-defined]
         "cipher": cipher[0] if cipher else None,
         "sni": sni if isinstance(sni, str) else None,
         "alpn": stream.selected_alpn_protocol(),  # type: ignore[attr-defined]
     }
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 class TLSContexts:
