@@ -207,6 +207,11 @@ class AuditLog:
         """False in fail-closed mode while a durable sink is unhealthy."""
         return not self.fail_closed or self.healthy
 
+    def observe_writes(self, callback: Callable[[float], None]) -> None:
+        """Call ``callback(seconds)`` after each record a durable sink writes."""
+        for sink in self._durable:
+            sink.on_write = callback
+
     def status(self) -> list[dict[str, Any]]:
         """Each queued sink's health: name, healthy, lost, backlog, last_error."""
         return [sink.status() for sink in self._queued]
@@ -374,7 +379,9 @@ def _close_at_exit(ref: weakref.ref[AuditLog]) -> None:
         log.close()
 
 
-def open_audit_log_from_config(config: AuditConfig, *, instance: str = "popguard") -> AuditLog:
+def open_audit_log_from_config(
+    config: AuditConfig, *, instance: str = "popguard", extra_sinks: Sequence[Sink] = ()
+) -> AuditLog:
     """The sinks ``config`` (the ``audit:`` section) asks for, in one log.
 
     Opens the audit file (raises ``OSError`` if it cannot) and loads the
@@ -417,7 +424,7 @@ def open_audit_log_from_config(config: AuditConfig, *, instance: str = "popguard
             sink.close(timeout=1.0)
         raise
     return AuditLog(
-        sinks,
+        [*sinks, *extra_sinks],
         instance=instance,
         on_failure=config.on_failure,
         durable_timeout=config.durable_timeout_ms / 1000,

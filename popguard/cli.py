@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+import prometheus_client
 import trio
 
 from popguard import __version__
@@ -30,6 +31,7 @@ from popguard.config import (
     build_config,
     read_config,
 )
+from popguard.metrics import Metrics
 from popguard.policy.cli import add_policy_commands
 from popguard.policy.load import Issue, PolicyError, load_policies
 from popguard.policy.model import PolicySet
@@ -140,6 +142,11 @@ def _add_serve_flags(parser: argparse.ArgumentParser, *, upstream: bool = True) 
         help="give up connecting to the upstream after this long (default 10)",
     )
     parser.add_argument(
+        "--admin-listen",
+        metavar="HOST:PORT",
+        help="serve /metrics, /healthz and /readyz here (e.g. 127.0.0.1:9110); default: off",
+    )
+    parser.add_argument(
         "--console",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -243,12 +250,20 @@ def _policies(args: argparse.Namespace, config: Config) -> Policies:
     return Policies(directory, config)
 
 
-async def _serve_until_signal(config: Config, audit: AuditLog, policies: Policies) -> None:
+async def _serve_until_signal(
+    config: Config,
+    audit: AuditLog,
+    policies: Policies,
+    metrics: Metrics | None,
+    admin: tuple[str, int] | None,
+) -> None:
     await serve(
         settings_from_config(config),
         audit,
         policies=policies.initial,
         policy_loader=policies.load if policies.directory else None,
+        metrics=metrics,
+        admin=admin,
     )
 
 
@@ -269,13 +284,35 @@ def _tune_gc() -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _resolve(args, upstream=args.upstream)
     policies = _policies(args, config)
-    audit = open_audit_log_from_config(config.audit)
+    admin = _admin_address(args)
+    metrics = None
+    if admin is not None:
+        prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+        metrics = Metrics()
+    audit = open_audit_log_from_config(
+        config.audit, extra_sinks=[metrics.sink] if metrics is not None else ()
+    )
+    if metrics is not None:
+        audit.observe_writes(metrics.observe_audit_write)
     _tune_gc()
     try:
-        trio.run(_serve_until_signal, config, audit, policies)
+        trio.run(_serve_until_signal, config, audit, policies, metrics, admin)
     finally:
         audit.close()
     return 0
+
+
+def _admin_address(args: argparse.Namespace) -> tuple[str, int] | None:
+    from popguard.config import parse_listen_address
+
+    if not args.admin_listen:
+        return None
+    try:
+        address = parse_listen_address(args.admin_listen)
+    except ValueError as exc:
+        print(f"popguard: --admin-listen: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    return (address.host, address.port)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -1748,3 +1748,52 @@ def test_example_file_documents_tls() -> None:
     config, _ = load_config(EXAMPLE)
     assert all(listener.tls == ListenerTLS() for listener in config.listeners)
     assert config.upstream.tls == UpstreamTLS()
+
+
+# --------------------------------------------------------------------------
+# PROXY protocol on listeners
+# --------------------------------------------------------------------------
+
+
+def test_proxy_protocol_keys(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        listeners:
+          - name: lb
+            listen: "127.0.0.1:1110"
+            proxy_protocol: {trusted: ["10.0.0.5/32", "2001:db8::/32"], required: false, timeout: 3}
+            send_proxy: v2
+        upstream: {address: "127.0.0.1:110"}
+        """,
+    )
+    config, _ = read_config(str(path))
+    (listener,) = config.listeners
+    assert listener.send_proxy == "v2"
+    proxy = listener.proxy_protocol
+    assert proxy is not None
+    assert [str(n) for n in proxy.trusted] == ["10.0.0.5/32", "2001:db8::/32"]
+    assert (proxy.required, proxy.timeout) == (False, 3.0)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("{required: true}", "missing required key 'trusted'"),
+        ('{trusted: ["10.0.0.5/24"]}', "has host bits set"),
+        ('{trusted: ["10.0.0.5/32"], timeout: 1}', "at least 3 seconds"),
+        ('{trusted: ["10.0.0.5/32"], trused: 1}', "trused"),
+    ],
+)
+def test_proxy_protocol_errors(tmp_path: Path, value: str, message: str) -> None:
+    path = write(
+        tmp_path,
+        f"""
+        listeners:
+          - listen: "127.0.0.1:1110"
+            proxy_protocol: {value}
+        upstream: {{address: "127.0.0.1:110"}}
+        """,
+    )
+    found = errors(path)
+    assert any(message in issue.message and issue.line == 4 for issue in found), found

@@ -104,6 +104,7 @@ import enum
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from popguard.core.grammar import (
     MULTILINE_TERMINATOR,
@@ -205,6 +206,14 @@ _LOGIN_VERBS = frozenset({"PASS", "APOP", "AUTH"})
 _KEEP_ARG = frozenset({"USER", "APOP", "RETR", "TOP", "DELE"})
 
 
+class CommandObserver(Protocol):
+    """Told about commands as they pass (metrics); it owns the clock, the core does not."""
+
+    def command(self, verb: str) -> None: ...
+    def forwarded(self, verb: str) -> None: ...
+    def answered(self, verb: str) -> None: ...
+
+
 class ProxySession:
     """One proxied POP3 session, as a pure state machine."""
 
@@ -220,8 +229,11 @@ class ProxySession:
         policy: SessionPolicy | None = None,
         stls: bool = False,
         tls: bool = False,
+        observer: CommandObserver | None = None,
     ) -> None:
         self.limits = limits
+        #: Told about each command (popguard.metrics.CommandTimer); None: nobody.
+        self.observer = observer
         #: Whether this listener offers STLS (RFC 2595), terminated by popguard.
         self.stls = stls
         #: Whether the client connection is encrypted (implicit TLS, or after STLS).
@@ -535,6 +547,8 @@ class ProxySession:
             self._reject(str(exc))
             return
         verb = command.verb
+        if self.observer is not None:
+            self.observer.command(verb)
         if verb == "STLS":
             self._stls()
             return
@@ -671,6 +685,8 @@ class ProxySession:
             self._request_identity(_message_number(arg))
         self._pending.append(_Pending(command.verb, arg, is_multiline(command)))
         self._upstream_out.append(command.line)
+        if self.observer is not None:
+            self.observer.forwarded(command.verb)
 
     def _request_identity(self, msg: int | None) -> None:
         """Ask the server for a message's UIDL and size, invisibly to the client."""
@@ -955,6 +971,8 @@ class ProxySession:
         entry = self._pending.popleft()
         ok = status is Status.OK
         verb = entry.verb
+        if self.observer is not None and verb != "GREETING":
+            self.observer.answered(verb)
         if verb == "GREETING":
             if not ok:
                 self.end(EndReason.UPSTREAM_REFUSED, "upstream greeting was -ERR")

@@ -40,8 +40,10 @@ from popguard.core.proxy_protocol import (
 )
 from popguard.core.records import EndReason
 from popguard.core.session import REPLY_AUDIT_DOWN, ProxySession
+from popguard.metrics import Metrics
 from popguard.policy.model import PolicySet, client_address
 from popguard.policy.session import PolicyHolder, PolicyShared, SessionPolicy
+from popguard.shell.admin import AdminServer, Readiness
 from popguard.shell.relay import Relay, UpstreamSecurity
 from popguard.shell.tcp import TCPStream
 from popguard.shell.tls import ListenerTLS, TLSContexts, UpstreamTLS, legacy_warnings
@@ -102,9 +104,11 @@ class ProxyServer:
         *,
         policies: PolicyShared | None = None,
         policy_loader: PolicyLoader | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.audit = audit
+        self.metrics = metrics
         #: Policies shared by every session (None: no policy engine at all).
         self.policies = policies
         self._policy_loader = policy_loader
@@ -126,6 +130,11 @@ class ProxyServer:
     @property
     def active_sessions(self) -> int:
         return len(self._relays)
+
+    @property
+    def accepting(self) -> bool:
+        """Listeners are bound and not draining (for /readyz)."""
+        return bool(self.bound) and not self._shutdown.is_set()
 
     def reload_policies(self) -> bool:
         """Load the policies again; keep the old set if the new one is invalid.
@@ -297,12 +306,18 @@ class ProxyServer:
             message_identity=settings.message_identity,
             durable_deletions=self.audit.fail_closed,
             policy=policy,
+            observer=self.metrics.command_timer(trio.current_time) if self.metrics else None,
         )
         upstream = settings.upstream
+        connect = partial(connect_tcp, upstream.host, upstream.port)
         relay = Relay(
             session,
             stream,
-            connect_upstream=partial(connect_tcp, upstream.host, upstream.port),
+            connect_upstream=(
+                self.metrics.timed_connector(connect, trio.current_time)
+                if self.metrics is not None
+                else connect
+            ),
             upstream_label=str(upstream),
             connect_timeout=settings.connect_timeout,
             idle_timeout=settings.idle_timeout,
@@ -427,6 +442,8 @@ async def serve(
     *,
     policies: PolicySet | None = None,
     policy_loader: PolicyLoader | None = None,
+    metrics: Metrics | None = None,
+    admin: tuple[str, int] | None = None,
     task_status: trio.TaskStatus[ProxyServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the proxy until SIGTERM or SIGINT (a second signal skips the grace).
@@ -436,11 +453,27 @@ async def serve(
     shared = None
     if policies is not None:
         shared = PolicyShared(PolicyHolder(policies), trio.current_time)
-    server = ProxyServer(settings, audit, policies=shared, policy_loader=policy_loader)
+    server = ProxyServer(
+        settings, audit, policies=shared, policy_loader=policy_loader, metrics=metrics
+    )
     await server.open_listeners()  # a bind error surfaces here, not in a group
+    admin_server: AdminServer | None = None
+    if metrics is not None:
+        metrics.bind_active(lambda: server.active_sessions)
+        metrics.watch_audit(audit)
+        if admin is not None:
+            readiness = Readiness(
+                listeners_up=lambda: server.accepting,
+                upstream=(settings.upstream.host, settings.upstream.port),
+                audit_healthy=lambda: audit.healthy,
+            )
+            admin_server = AdminServer(metrics, readiness)
+            await admin_server.open(admin)  # likewise a plain OSError
     with trio.open_signal_receiver(*_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_on_signals, signals, server, audit)
+            if admin_server is not None:
+                await nursery.start(admin_server.run)
             await server.run(task_status=task_status)
             nursery.cancel_scope.cancel()
 

@@ -234,6 +234,8 @@ class QueuedSink:
         self._overflowing = False
         self._last_error: str | None = None
         self._written = 0
+        #: Called with the seconds each record took to write (metrics), on the writer thread.
+        self.on_write: Callable[[float], None] | None = None
         self._thread: threading.Thread | None = None
         #: Something in the queue must not wait for a batch (a durable
         #: record, a flush, a reopen, a stop).
@@ -449,6 +451,10 @@ class QueuedSink:
                 try:
                     if entry is None:
                         self._idle()
+                    elif entry.kind is Kind.RECORD and self.on_write is not None:
+                        started = time.perf_counter()
+                        self._process(entry)
+                        self.on_write(time.perf_counter() - started)
                     else:
                         self._process(entry)
                 except OSError as exc:

@@ -1,0 +1,440 @@
+"""The admin listener: ``/metrics``, ``/healthz`` and ``/readyz`` over HTTP/1.1.
+
+A deliberately tiny server, apart from the POP3 listeners and bound to
+loopback by default.  One request per connection, answered with
+``Connection: close``; no keep-alive, no request bodies, no chunked encoding.
+Robust by construction:
+
+* the request head (request line and headers) is at most
+  :data:`MAX_REQUEST_HEAD` octets (414 if the request line alone is longer,
+  431 otherwise) and :data:`MAX_HEADERS` lines;
+* the whole head must arrive within ``request_timeout`` seconds (slowloris),
+  else 408; sending the answer is bounded by the same timeout;
+* at most ``max_connections`` connections at once; more are closed at once;
+* malformed requests get 400, a method other than GET or HEAD 405, an HTTP
+  version other than 1.0 or 1.1 505, an unknown path 404;
+* a failing handler answers 500 and never takes the proxy down.
+
+``/healthz`` says the process is alive (its event loop answers).
+``/readyz`` asks a ``ready`` callable for named checks (:class:`Readiness`
+makes one: listeners up, upstream reachable, audit sink healthy) and answers
+200 when all pass, else 503, with a short JSON body.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Final
+
+import trio
+
+from popguard.metrics import Metrics
+
+__all__ = [
+    "DEFAULT_ADMIN_ADDRESS",
+    "AdminServer",
+    "Readiness",
+    "ReadyCheck",
+    "serve_admin",
+]
+
+#: Where the admin listener binds unless told otherwise: loopback only.
+DEFAULT_ADMIN_ADDRESS: Final = ("127.0.0.1", 9110)
+
+#: Longest request head (request line, headers, blank line) in octets.
+MAX_REQUEST_HEAD: Final = 8192
+#: Most header lines in one request.
+MAX_HEADERS: Final = 64
+#: Seconds a client has to send its request head (and to take the answer).
+REQUEST_TIMEOUT: Final = 5.0
+#: Connections served at once; more are closed without an answer.
+MAX_CONNECTIONS: Final = 64
+#: Seconds ``/readyz`` waits for the checks before answering 503.
+READY_TIMEOUT: Final = 3.0
+#: After the answer, how long and how much to drain from the client before
+#: closing, so that unread input does not turn the close into an RST.
+LINGER_TIMEOUT: Final = 0.5
+LINGER_MAX_BYTES: Final = 64 * 1024
+
+ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_VERSION = re.compile(r"HTTP/(\d)\.(\d)\Z")
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*\Z")
+_TARGET = re.compile(r"/[\x21-\x7e]*\Z")
+
+_REASONS: Final = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+
+_TEXT: Final = "text/plain; charset=utf-8"
+_JSON: Final = "application/json"
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _Request:
+    __slots__ = ("headers", "method", "path")
+
+    def __init__(self, method: str, path: str, headers: dict[str, str]) -> None:
+        self.method = method
+        self.path = path
+        self.headers = headers
+
+
+def parse_head(head: bytes) -> _Request:
+    """Parse a request head (without its final blank line).  Raises _BadRequest."""
+    text = head.decode("latin-1")
+    lines = text.split("\n")
+    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+    request_line = lines[0]
+    parts = request_line.split(" ")
+    if len(parts) != 3:
+        raise _BadRequest(400, "malformed request line")
+    method, target, version = parts
+    if not _TOKEN.match(method):
+        raise _BadRequest(400, "malformed method")
+    match = _VERSION.match(version)
+    if match is None:
+        raise _BadRequest(400, "malformed HTTP version")
+    if match.group(1) != "1":
+        raise _BadRequest(505, "only HTTP/1.0 and HTTP/1.1 are served")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise _BadRequest(431, f"more than {MAX_HEADERS} header fields")
+    headers: dict[str, str] = {}
+    hosts = 0
+    for line in lines[1:]:
+        if not line:
+            raise _BadRequest(400, "empty header line")
+        if line[0] in " \t":
+            raise _BadRequest(400, "obsolete line folding")  # RFC 9112 §5.2
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN.match(name):
+            raise _BadRequest(400, "malformed header field")  # RFC 9112 §5.1: no space
+        value = value.strip(" \t")
+        if not _FIELD_VALUE.match(value):
+            raise _BadRequest(400, "control character in a header field")
+        key = name.lower()
+        if key == "host":
+            hosts += 1
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    if (match.group(2) != "0" and hosts != 1) or hosts > 1:
+        raise _BadRequest(400, "HTTP/1.1 needs exactly one Host header")  # RFC 9112 §3.2
+    if method not in ("GET", "HEAD"):
+        raise _BadRequest(405, "only GET and HEAD")
+    if target == "*" or not _TARGET.match(target):
+        raise _BadRequest(400, "malformed request target")
+    path = target.split("?", 1)[0].split("#", 1)[0]
+    return _Request(method, path, headers)
+
+
+class Readiness:
+    """The checks behind ``/readyz``: listeners up, upstream reachable, audit healthy.
+
+    The upstream is probed with a plain TCP connect (closed at once) of at
+    most ``probe_timeout`` seconds; the result is kept ``cache_seconds``, and
+    concurrent scrapes share one probe, so scrapes never hammer the server.
+    Every check that raises counts as failed.
+    """
+
+    def __init__(
+        self,
+        *,
+        listeners_up: Callable[[], bool],
+        audit_healthy: Callable[[], bool],
+        upstream: tuple[str, int] | None = None,
+        probe_timeout: float = 2.0,
+        cache_seconds: float = 5.0,
+        connect: Callable[[str, int], Awaitable[trio.abc.Stream]] | None = None,
+    ) -> None:
+        self._listeners_up = listeners_up
+        self._audit_healthy = audit_healthy
+        self._upstream = upstream
+        self._probe_timeout = probe_timeout
+        self._cache_seconds = cache_seconds
+        self._connect = connect if connect is not None else _open_tcp
+        self._lock = trio.Lock()
+        self._cached: tuple[float, bool] | None = None
+        #: Upstream probes made so far (for tests and diagnostics).
+        self.probes = 0
+
+    async def __call__(self) -> dict[str, bool]:
+        return {
+            "listeners": _safely(self._listeners_up),
+            "upstream": await self.upstream_reachable(),
+            "audit": _safely(self._audit_healthy),
+        }
+
+    async def upstream_reachable(self) -> bool:
+        if self._upstream is None:
+            return True
+        async with self._lock:
+            now = trio.current_time()
+            cached = self._cached
+            if cached is not None and now - cached[0] < self._cache_seconds:
+                return cached[1]
+            ok = await self._probe(*self._upstream)
+            self._cached = (trio.current_time(), ok)
+            return ok
+
+    async def _probe(self, host: str, port: int) -> bool:
+        self.probes += 1
+        stream: trio.abc.Stream | None = None
+        try:
+            with trio.move_on_after(self._probe_timeout):
+                stream = await self._connect(host, port)
+        except (OSError, trio.BrokenResourceError):
+            return False
+        finally:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+        return stream is not None
+
+
+async def _open_tcp(host: str, port: int) -> trio.abc.Stream:
+    return await trio.open_tcp_stream(host, port)
+
+
+def _safely(check: Callable[[], bool]) -> bool:
+    try:
+        return bool(check())
+    except Exception:
+        return False
+
+
+class AdminServer:
+    """Serves ``/metrics``, ``/healthz`` and ``/readyz`` on its own listeners."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        ready: ReadyCheck,
+        *,
+        request_timeout: float = REQUEST_TIMEOUT,
+        ready_timeout: float = READY_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+        max_head: int = MAX_REQUEST_HEAD,
+    ) -> None:
+        self.metrics = metrics
+        self.ready = ready
+        self.request_timeout = request_timeout
+        self.ready_timeout = ready_timeout
+        self.max_connections = max_connections
+        self.max_head = max_head
+        self.listeners: list[trio.SocketListener] = []
+        #: The bound (host, port) of each listener, once open (port 0 resolved).
+        self.bound: list[tuple[str, int]] = []
+        self._connections = 0
+        #: Connections that ended in an unexpected error (a popguard bug).
+        self.errors = 0
+
+    async def open(self, address: tuple[str, int] = DEFAULT_ADMIN_ADDRESS) -> list[tuple[str, int]]:
+        """Bind the admin address (port 0 is resolved).  Raises OSError."""
+        host, port = address
+        try:
+            self.listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise OSError(
+                exc.errno, f"cannot listen on {where} (admin): {exc.strerror or exc}"
+            ) from exc
+        self.bound = [
+            (str(sockname[0]), int(sockname[1]))
+            for sockname in (listener.socket.getsockname() for listener in self.listeners)
+        ]
+        return self.bound
+
+    async def run(
+        self,
+        *,
+        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled; :meth:`open` first (or it binds the default)."""
+        if not self.listeners:
+            await self.open()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(trio.serve_listeners, self.handle, self.listeners))
+            task_status.started(self.bound)
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """One connection: one request, one answer, close."""
+        if self._connections >= self.max_connections:
+            await trio.aclose_forcefully(stream)
+            return
+        self._connections += 1
+        try:
+            await self._serve_one(stream)
+        except Exception:
+            self.errors += 1  # an admin connection must never take anything else down
+        finally:
+            self._connections -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_one(self, stream: trio.abc.Stream) -> None:
+        head: bytes | None = None
+        status_error: _BadRequest | None = None
+        with trio.move_on_after(self.request_timeout) as scope:
+            try:
+                head = await self._read_head(stream)
+            except _BadRequest as exc:
+                status_error = exc
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
+        if scope.cancelled_caught:
+            await self._answer(stream, 408, b"request timeout\n", _TEXT, head_only=False)
+            return
+        if status_error is not None:
+            body = status_error.message.encode("ascii", "replace") + b"\n"
+            await self._answer(stream, status_error.status, body, _TEXT, head_only=False)
+            return
+        if head is None:
+            return  # the client closed before a complete request
+        try:
+            request = parse_head(head)
+        except _BadRequest as exc:
+            extra = [("Allow", "GET, HEAD")] if exc.status == 405 else []
+            body = exc.message.encode("ascii", "replace") + b"\n"
+            await self._answer(stream, exc.status, body, _TEXT, head_only=False, extra=extra)
+            return
+        try:
+            status, body, content_type = await self._route(request)
+        except Exception:
+            status, body, content_type = 500, b"internal error\n", _TEXT
+        await self._answer(stream, status, body, content_type, head_only=request.method == "HEAD")
+
+    async def _read_head(self, stream: trio.abc.Stream) -> bytes | None:
+        """The request head without its blank line; None on EOF before it."""
+        buffer = bytearray()
+        scanned = 0
+        limit = self.max_head
+        while True:
+            data = await stream.receive_some(4096)
+            if not data:
+                return None
+            buffer += data
+            # A head ends at an empty line (CRLF CRLF, or bare LF LF).
+            start = max(scanned - 3, 0)
+            ends = [
+                (end, len(terminator))
+                for terminator in (b"\r\n\r\n", b"\n\n")
+                if (end := buffer.find(terminator, start)) != -1
+            ]
+            if ends:
+                end, size = min(ends)
+                if end + size <= limit:
+                    return bytes(buffer[:end])
+            scanned = len(buffer)
+            if len(buffer) >= limit:
+                if b"\n" not in buffer[:limit]:
+                    raise _BadRequest(414, "request line too long")
+                raise _BadRequest(431, f"request head longer than {limit} octets")
+
+    async def _route(self, request: _Request) -> tuple[int, bytes, str]:
+        path = request.path
+        if path == "/metrics":
+            body, content_type = self.metrics.exposition(request.headers.get("accept"))
+            return 200, body, content_type
+        if path == "/healthz":
+            return 200, b"ok\n", _TEXT
+        if path == "/readyz":
+            return await self._readyz()
+        if path == "/":
+            return 200, b"popguard admin: /metrics /healthz /readyz\n", _TEXT
+        return 404, b"not found\n", _TEXT
+
+    async def _readyz(self) -> tuple[int, bytes, str]:
+        checks: dict[str, bool] = {}
+        with trio.move_on_after(self.ready_timeout) as scope:
+            checks = await self.ready()
+        if scope.cancelled_caught:
+            checks = {"checks_timed_out": False}
+        ok = bool(checks) and all(checks.values())
+        document = {"status": "ready" if ok else "not ready", "checks": checks}
+        body = json.dumps(document, sort_keys=True).encode() + b"\n"
+        return (200 if ok else 503), body, _JSON
+
+    async def _answer(
+        self,
+        stream: trio.abc.Stream,
+        status: int,
+        body: bytes,
+        content_type: str,
+        *,
+        head_only: bool,
+        extra: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        lines = [
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
+            f"Content-Type: {content_type}",
+            f"Content-Length: {len(body)}",
+            "Cache-Control: no-store",
+            "Connection: close",
+            *(f"{name}: {value}" for name, value in extra),
+        ]
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if not head_only:
+            data += body
+        with trio.move_on_after(self.request_timeout):
+            try:
+                await stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
+            await _linger(stream)
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Half-close, then drain briefly, so the answer is not destroyed by an RST."""
+    if not isinstance(stream, trio.abc.HalfCloseableStream):
+        return
+    with trio.move_on_after(LINGER_TIMEOUT):
+        try:
+            await stream.send_eof()
+            drained = 0
+            while drained < LINGER_MAX_BYTES:
+                data = await stream.receive_some(4096)
+                if not data:
+                    return
+                drained += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+            return
+        except OSError:
+            return
+
+
+async def serve_admin(
+    address: tuple[str, int],
+    metrics: Metrics,
+    ready: ReadyCheck,
+    *,
+    request_timeout: float = REQUEST_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Bind ``address`` and serve the admin endpoints until cancelled.
+
+    ``task_status.started`` gets the bound ``(host, port)`` list.  To see a
+    bind error as a plain ``OSError`` (not inside a nursery's exception
+    group), use :class:`AdminServer` and ``await server.open(address)`` first.
+    """
+    server = AdminServer(
+        metrics, ready, request_timeout=request_timeout, max_connections=max_connections
+    )
+    await server.open(address)
+    await server.run(task_status=task_status)
