@@ -16,7 +16,7 @@ import argparse
 import gc
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import prometheus_client
 import trio
@@ -142,6 +142,15 @@ def _add_serve_flags(parser: argparse.ArgumentParser, *, upstream: bool = True) 
         help="give up connecting to the upstream after this long (default 10)",
     )
     parser.add_argument(
+        "--user",
+        metavar="NAME",
+        help="after binding the listeners, run as this user (start as root to use "
+        "ports 110/995); the audit file is opened before, as the starting user",
+    )
+    parser.add_argument(
+        "--group", metavar="NAME", help="with --user: run as this group (default: the user's)"
+    )
+    parser.add_argument(
         "--admin-listen",
         metavar="HOST:PORT",
         help="serve /metrics, /healthz and /readyz here (e.g. 127.0.0.1:9110); default: off",
@@ -256,6 +265,7 @@ async def _serve_until_signal(
     policies: Policies,
     metrics: Metrics | None,
     admin: tuple[str, int] | None,
+    dropper: Callable[[], None] | None = None,
 ) -> None:
     await serve(
         settings_from_config(config),
@@ -264,6 +274,7 @@ async def _serve_until_signal(
         policy_loader=policies.load if policies.directory else None,
         metrics=metrics,
         admin=admin,
+        after_bind=dropper,
     )
 
 
@@ -296,10 +307,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
         audit.observe_writes(metrics.observe_audit_write)
     _tune_gc()
     try:
-        trio.run(_serve_until_signal, config, audit, policies, metrics, admin)
+        dropper = _privilege_dropper(args.user, args.group)
+        trio.run(_serve_until_signal, config, audit, policies, metrics, admin, dropper)
     finally:
         audit.close()
     return 0
+
+
+def _privilege_dropper(user: str | None, group: str | None) -> Callable[[], None] | None:
+    """What serve calls once every socket is bound: become ``user``:``group``."""
+    if user is None:
+        if group is not None:
+            raise SystemExit("popguard: --group needs --user")
+        return None
+    import grp
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(user)
+        gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
+    except KeyError as exc:
+        raise SystemExit(f"popguard: no such user or group: {exc.args[0]}") from exc
+    uid = entry.pw_uid
+
+    def drop() -> None:
+        if os.getuid() == uid and os.getgid() == gid:
+            return
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+        if os.getuid() != uid or os.geteuid() != uid:
+            raise SystemExit("popguard: could not drop privileges")
+
+    return drop
 
 
 def _admin_address(args: argparse.Namespace) -> tuple[str, int] | None:

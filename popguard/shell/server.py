@@ -444,6 +444,7 @@ async def serve(
     policy_loader: PolicyLoader | None = None,
     metrics: Metrics | None = None,
     admin: tuple[str, int] | None = None,
+    after_bind: Callable[[], None] | None = None,
     task_status: trio.TaskStatus[ProxyServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the proxy until SIGTERM or SIGINT (a second signal skips the grace).
@@ -469,6 +470,8 @@ async def serve(
             )
             admin_server = AdminServer(metrics, readiness)
             await admin_server.open(admin)  # likewise a plain OSError
+    if after_bind is not None:
+        after_bind()  # e.g. drop root once ports 110/995 are bound
     with trio.open_signal_receiver(*_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_on_signals, signals, server, audit)

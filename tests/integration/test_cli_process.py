@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -421,3 +422,23 @@ def test_sighup_reopens_the_audit_file_after_rotation(
     assert (old[-1]["event"], old[-1]["next_file"]) == ("audit.chain.rotate", str(proxy.audit_path))
     verified = run_cli("audit", "verify", str(rotated), str(proxy.audit_path))
     assert verified.returncode == 0, verified
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_user_flag_drops_root_after_binding(dovecot, mailbox, make_messages, popguard_process):
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    user, password, _ = mailbox(make_messages(1, seed=21))
+    proxy = popguard_process("--user", "nobody")
+    status = Path(f"/proc/{proxy.pid}/status").read_text()
+    uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+    gids = next(line for line in status.splitlines() if line.startswith("Gid:")).split()[1:]
+    assert set(map(int, uids)) == {nobody.pw_uid}  # real, effective, saved, fs
+    assert set(map(int, gids)) == {nobody.pw_gid}
+    with socket.create_connection(proxy.address, timeout=30) as sock:
+        login(sock, user, password)
+        sock.sendall(b"QUIT\r\n")
+        assert read_line(sock).startswith(b"+OK")
+    proxy.wait_for("session.closed")  # the audit file, opened as root, is still written
+    assert proxy.terminate() == 0
