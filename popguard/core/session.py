@@ -634,11 +634,19 @@ class ProxySession:
             self._queue_local(self._refused_user)
             return True
         verdict = policy.check_command(verb, mechanism)
-        if verdict is None and self.state is State.AUTHORIZATION:
+        if (verdict is None or not verdict.enforced) and self.state is State.AUTHORIZATION:
+            claimed = None
             if verb == "USER" and command.rest:
-                verdict = policy.claim(escape_text(command.rest))
+                claimed = escape_text(command.rest)
             elif verb == "APOP" and command.args:
-                verdict = policy.claim(escape_text(command.args[0]))
+                claimed = escape_text(command.args[0])
+            if claimed is not None:
+                self.policy_epoch += 1  # claimed_user rules may set timers
+                on_claim = policy.claim(claimed)
+                if on_claim is not None and (verdict is None or on_claim.enforced):
+                    if verdict is not None:
+                        self._apply_verdict(verdict, verb)  # the dry run, recorded
+                    verdict = on_claim
         refused = self._apply_verdict(verdict, verb)
         if verb == "USER":
             self._refused_user = verdict.reply if refused and verdict is not None else None
@@ -649,6 +657,7 @@ class ProxySession:
         policy = self.policy
         if policy is None or not policy.active or sasl.user is None:
             return False
+        self.policy_epoch += 1
         return self._apply_verdict(policy.claim(sasl.user), "AUTH")
 
     def _apply_verdict(self, verdict: Verdict | None, verb: str, *, reply: bool = True) -> bool:
@@ -761,6 +770,7 @@ class ProxySession:
         policy = self.policy
         if policy is None or not policy.active or sasl.user is None:
             return False
+        self.policy_epoch += 1
         verdict = policy.claim(sasl.user)
         if self._apply_verdict(verdict, "AUTH", reply=False):
             assert verdict is not None

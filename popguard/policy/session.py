@@ -142,23 +142,22 @@ class SessionPolicy:
     def check_connect(self) -> Verdict | None:
         """Before the upstream is contacted.  The session counts once allowed."""
         shared = self._shared
-        verdict = self._access()
-        if verdict is None:
-            verdict = self._limit(
+        verdict = _decide(
+            self._access,
+            lambda: self._limit(
                 "max_sessions_total",
                 shared.counts.total,
                 REPLY_TOO_MANY_CONNECTIONS,
                 "too many sessions in total",
-            )
-        if verdict is None:
-            verdict = self._limit(
+            ),
+            lambda: self._limit(
                 "max_sessions_per_client",
                 shared.counts.per_client[self.peer_host],
                 REPLY_TOO_MANY_CONNECTIONS,
                 "too many sessions from this client",
-            )
-        if verdict is None:
-            verdict = self._blocked("client")
+            ),
+            lambda: self._blocked("client"),
+        )
         if verdict is None or not verdict.enforced:
             shared.counts.opened(self.peer_host)
             self._counted = True
@@ -215,19 +214,17 @@ class SessionPolicy:
     def claim(self, user: str) -> Verdict | None:
         """The client named a user (USER, APOP, or SASL): may it try to log in?"""
         self.context = replace(self.context, claimed_user=user)
-        verdict = self._access()
-        if verdict is None:
-            verdict = self._blocked("client")
-        if verdict is None:
-            verdict = self._blocked("user")
-        if verdict is None:
-            verdict = self._limit(
+        return _decide(
+            self._access,
+            lambda: self._blocked("client"),
+            lambda: self._blocked("user"),
+            lambda: self._limit(
                 "max_sessions_per_user",
                 self._shared.counts.per_user[user],
                 REPLY_TOO_MANY_SESSIONS,
                 "too many sessions for this user",
-            )
-        return verdict
+            ),
+        )
 
     def login_succeeded(self, user: str) -> Verdict | None:
         """The server accepted the login.  An enforced verdict ends the session.
@@ -237,14 +234,15 @@ class SessionPolicy:
         claimed the same user at once cannot both pass a per-user limit.
         """
         self.context = replace(self.context, claimed_user=user, user=user)
-        verdict = self._access()
-        if verdict is None:
-            verdict = self._limit(
+        verdict = _decide(
+            self._access,
+            lambda: self._limit(
                 "max_sessions_per_user",
                 self._shared.counts.per_user[user],
                 REPLY_TOO_MANY_SESSIONS,
                 "too many sessions for this user",
-            )
+            ),
+        )
         if verdict is not None and verdict.enforced:
             return verdict
         if self._counted and self._counted_user is None:
@@ -313,3 +311,21 @@ class SessionPolicy:
             REPLY_LOGIN_DELAY,
             f"{kind} blocked after failed logins ({remaining:.0f} s left)",
         )
+
+
+def _decide(*checks: Callable[[], Verdict | None]) -> Verdict | None:
+    """The first enforced verdict of ``checks``; else the first dry-run one.
+
+    A dry-run rule only records what it would do: it must never stop an
+    enforced setting that comes after it from being checked.
+    """
+    dry_run: Verdict | None = None
+    for check in checks:
+        verdict = check()
+        if verdict is None:
+            continue
+        if verdict.enforced:
+            return verdict
+        if dry_run is None:
+            dry_run = verdict
+    return dry_run

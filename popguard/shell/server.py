@@ -147,7 +147,7 @@ class ProxyServer:
         try:
             policies = self._policy_loader()
         except Exception as exc:
-            issues = getattr(exc, "issues", None)
+            issues = getattr(exc, "errors", None) or getattr(exc, "issues", None)
             errors = [str(issue) for issue in issues][:20] if issues else [str(exc)]
             self.audit.error("policy.reload_failed", errors=errors, kept="previous policy set")
             return False
