@@ -11,6 +11,12 @@ with full auditing (two popguard processes side by side).  Each repetition
 runs all three, in an order rotated from one repetition to the next
 (D OFF FULL, OFF FULL D, FULL D OFF), so every side takes every position
 once in three repetitions.
+
+``--policy-compare`` and ``--tls-compare`` work the same way with other
+popguard sides (see :class:`Comparison`): popguard without policies and
+with a tree of 1000 rules; popguard terminating TLS on both sides and TLS
+offload (TLS to popguard, plaintext to Dovecot), where DIRECT is then
+Dovecot's own POP3S port.
 """
 
 from __future__ import annotations
@@ -30,9 +36,9 @@ from typing import Any
 from bench import auditlog, procs
 from bench.procs import BenchError, PopguardProcess
 from bench.swarm import SwarmPool, release, run_swarm, session_script
+from bench.target import Address, Target, TlsSpec
 from bench.wire import PopClient, bulk_retr, ping_pong
 
-Address = tuple[str, int]
 Log = Callable[[str], None]
 
 
@@ -99,16 +105,55 @@ AUDIT_SIDES = ("off", "full")
 BREAKDOWN_SIDES = ("off", "identity", "file", "full")
 #: The cases that measure AUDIT_SIDES under --audit-compare.
 AUDIT_CASES = ("bulk", "concurrency", "dele")
+#: --policy-compare: no policies against a tree of 1000 rules.
+POLICY_SIDES = ("none", "policy")
+POLICY_CASES = ("bulk", "pingpong", "concurrency", "dele")
+#: --tls-compare: TLS offload (TLS to popguard, plaintext to Dovecot) and
+#: TLS on both sides; DIRECT is Dovecot's POP3S port.
+TLS_SIDES = ("offload", "tls")
+TLS_CASES = ("bulk", "pingpong", "concurrency", "dele")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A run that measures several popguards side by side in some cases.
+
+    ``sides`` are the popguard sides, the last one the *main* side (shown as
+    THROUGH popguard in the main table); ``base`` is the side the others are
+    divided by in the comparison's own table (``None``: only against DIRECT).
+    With ``tls`` DIRECT means Dovecot's POP3S port, spoken to with TLS.
+    """
+
+    name: str
+    sides: tuple[str, ...]
+    cases: tuple[str, ...]
+    base: str | None = None
+    tls: bool = False
+
+
+COMPARISONS = {
+    "audit": Comparison("audit", AUDIT_SIDES, AUDIT_CASES, base="off"),
+    "breakdown": Comparison("audit", BREAKDOWN_SIDES, AUDIT_CASES, base="off"),
+    "policy": Comparison("policy", POLICY_SIDES, POLICY_CASES, base="none"),
+    "tls": Comparison("tls", TLS_SIDES, TLS_CASES, tls=True),
+}
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One way of running popguard: its extra arguments and its audit file, if any."""
+    """One way of running popguard: its extra arguments and its audit file, if any.
+
+    ``upstream`` replaces Dovecot's plain port (the TLS sides use its POP3S
+    port); ``client_tls``: popguard's listener is POP3S and clients verify it
+    with this spec.
+    """
 
     name: str
     label: str
     args: tuple[str, ...] = ()
     audit_file: str | None = None
+    upstream: Address | None = None
+    client_tls: TlsSpec | None = None
 
 
 def make_variants(
@@ -175,27 +220,55 @@ class Env:
     workdir: Path
     log: Log
     variants: dict[str, Variant] = field(default_factory=dict)
-    #: The popguard sides of AUDIT_CASES (AUDIT_SIDES or BREAKDOWN_SIDES);
-    #: empty: no audit comparison, one popguard side as usual.
-    audit_sides: tuple[str, ...] = ()
+    #: The comparison run (--audit-compare, --policy-compare, --tls-compare);
+    #: None: one popguard side as usual.
+    comparison: Comparison | None = None
+    #: Dovecot's POP3S port, for DIRECT under --tls-compare.
+    direct_tls: Target | None = None
     dele_pool: list[tuple[str, str]] = field(default_factory=list)
     dele_maildirs: list[Path] = field(default_factory=list)
     _seq: int = field(default=0)
+
+    @property
+    def audit_sides(self) -> tuple[str, ...]:
+        """The popguard sides of --audit-compare; empty in any other run."""
+        cmp = self.comparison
+        return cmp.sides if cmp is not None and cmp.name == "audit" else ()
 
     def popguard(self, side: str = "popguard") -> PopguardProcess:
         """A fresh popguard in front of Dovecot (start it with ``with``)."""
         self._seq += 1
         variant = self.variants.get(side) or Variant(side, side)
         return PopguardProcess(
-            self.upstream,
+            variant.upstream or self.upstream,
             self.workdir / f"popguard-{self._seq}-{side}.log",
             idle_timeout=3600,
             extra_args=variant.args,
+            client_tls=variant.client_tls,
         )
+
+    def compares(self, case: str) -> Comparison | None:
+        """The comparison ``case`` takes part in, if any."""
+        cmp = self.comparison
+        return cmp if cmp is not None and case in cmp.cases else None
 
     def sides(self, case: str) -> tuple[str, ...]:
         """The popguard sides ``case`` measures (besides DIRECT)."""
-        return self.audit_sides if self.audit_sides and case in AUDIT_CASES else DEFAULT_SIDES
+        cmp = self.compares(case)
+        return cmp.sides if cmp is not None else DEFAULT_SIDES
+
+    def direct_target(self, case: str) -> Target:
+        """DIRECT for ``case``: Dovecot's plain port, or its POP3S port under --tls-compare."""
+        cmp = self.compares(case)
+        if cmp is not None and cmp.tls:
+            if self.direct_tls is None:
+                raise BenchError("--tls-compare needs Dovecot's POP3S port")
+            return self.direct_tls
+        return Target(*self.upstream)
+
+    def label(self, side: str) -> str:
+        variant = self.variants.get(side)
+        return variant.label if variant else side
 
     def main_side(self, case: str) -> str:
         """The side shown as THROUGH popguard in the main table."""
@@ -252,14 +325,18 @@ def compare(direct: Sequence[float], proxied: Sequence[float]) -> dict[str, Any]
 
 def measure(
     env: Env,
+    case: str,
     side: str,
     pgs: dict[str, PopguardProcess],
-    run: Callable[[Address], dict[str, Any]],
+    run: Callable[[Target], dict[str, Any]],
     *,
     sessions: int,
     dovecot_cpu: bool = False,
 ) -> dict[str, Any]:
-    """Run ``run`` against one side and add what it cost around it.
+    """Run ``run`` against one side of ``case`` and add what it cost around it.
+
+    DIRECT is :meth:`Env.direct_target` (Dovecot's POP3S port under
+    --tls-compare), a popguard side its :attr:`PopguardProcess.target`.
 
     Adds ``popguard_cpu_s`` (popguard's utime + stime over the run and the
     wait for its audit records), ``dovecot_cpu_s`` (when asked: Dovecot's
@@ -268,7 +345,7 @@ def measure(
     ``flush_wait_s``, how long after the run the last of them arrived.
     """
     pg = pgs.get(side)
-    address = env.upstream if pg is None else pg.address
+    address = env.direct_target(case) if pg is None else pg.target
     audit = env.audit_file(side) if pg is not None else None
     offset = auditlog.size(audit) if audit else 0
     dv0 = procs.tree_cpu_seconds(env.dovecot_pid) if dovecot_cpu else 0.0
@@ -321,7 +398,32 @@ def assemble(
                 if side not in ("direct", "off", "full")
             },
         }
+    cmp = env.compares(case)
+    if cmp is not None:
+        # Every popguard side against DIRECT and, for a comparison with a
+        # base side (none, off), against that base.
+        res["comparison"] = cmp.name
+        res["by_side"] = {}
+        for side in cmp.sides:
+            entry: dict[str, Any] = {
+                "value": summary(vals[side]),
+                "vs_direct": _ratio_only(compare(vals["direct"], vals[side])),
+            }
+            if cmp.base is not None and side != cmp.base:
+                entry["vs_base"] = _ratio_only(compare(vals[cmp.base], vals[side]))
+            res["by_side"][side] = entry
     return res
+
+
+def _ratio_only(cmp: dict[str, Any]) -> dict[str, Any]:
+    return {"ratio": cmp["ratio"], "pair_ratios": cmp["pair_ratios"]}
+
+
+def tls_by_side(runs: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
+    """The TLS version and cipher each side's client saw ("" in plaintext)."""
+    return {
+        side: next((r.get("tls", "") for r in rs if r.get("tls")), "") for side, rs in runs.items()
+    }
 
 
 def side_summary(
@@ -374,12 +476,12 @@ def case_bulk(env: Env) -> dict[str, Any]:
         for side in ("direct", *sides):
             digest = hashlib.blake2b()
 
-            def hashed(address: Address, digest: Any = digest) -> dict[str, Any]:
+            def hashed(address: Target, digest: Any = digest) -> dict[str, Any]:
                 return bulk_retr(
                     address, user, password, prm.bulk_messages, digest=digest, time_limit=limit
                 )
 
-            measure(env, side, pgs, hashed, sessions=1)
+            measure(env, "bulk", side, pgs, hashed, sessions=1)
             digests[side] = digest.hexdigest()
         out["identical_bytes"] = all(d == digests["direct"] for d in digests.values())
         if not out["identical_bytes"]:
@@ -397,7 +499,7 @@ def case_bulk(env: Env) -> dict[str, Any]:
                 for side in ("direct", *sides):
 
                     def warm(
-                        address: Address,
+                        address: Target,
                         count: int = count,
                         nodelay: bool = nodelay,
                         fast: bool = fast,
@@ -412,10 +514,10 @@ def case_bulk(env: Env) -> dict[str, Any]:
                             time_limit=limit,
                         )
 
-                    measure(env, side, pgs, warm, sessions=1)
+                    measure(env, "bulk", side, pgs, warm, sessions=1)
 
             def go(
-                address: Address, count: int = count, nodelay: bool = nodelay, fast: bool = fast
+                address: Target, count: int = count, nodelay: bool = nodelay, fast: bool = fast
             ) -> dict[str, Any]:
                 return bulk_retr(
                     address, user, password, count, nodelay=nodelay, fast=fast, time_limit=limit
@@ -424,7 +526,7 @@ def case_bulk(env: Env) -> dict[str, Any]:
             for rep in range(prm.reps):
                 now = {}
                 for side in env.order("bulk", rep):
-                    r = measure(env, side, pgs, go, sessions=1)
+                    r = measure(env, "bulk", side, pgs, go, sessions=1, dovecot_cpu=True)
                     r["units"] = count  # audit figures per RETR
                     runs[side].append(r)
                     now[side] = r
@@ -468,6 +570,10 @@ def case_bulk(env: Env) -> dict[str, Any]:
             res["cpu_per_retr_us_by_side"] = side_summary(
                 {s: runs[s] for s in sides}, lambda r: r["popguard_cpu_s"] / r["messages"] * 1e6
             )
+            res["dovecot_cpu_us_per_retr_by_side"] = side_summary(
+                runs, lambda r: r["dovecot_cpu_s"] / r["messages"] * 1e6
+            )
+            res["tls_by_side"] = tls_by_side(runs)
             res["audit_file"] = audit_summary(runs, "retr")
             res["runs"] = runs
             out[name] = res
@@ -478,33 +584,67 @@ def case_bulk(env: Env) -> dict[str, Any]:
 
 
 def case_pingpong(env: Env) -> dict[str, Any]:
+    """(b) ``pingpong`` sequential NOOPs in one session, every side in turn.
+
+    One popguard per side, kept for all repetitions; the sides run in the
+    rotated order of :meth:`Env.order` (D P D P ... with one popguard).
+    """
     prm = env.params
     user, password = env.ping_user
     limit = prm.time_limit
-    with env.popguard() as pg:
-        for target in (env.upstream, pg.address):
-            ping_pong(target, user, password, prm.pingpong_warmup, time_limit=limit)
-        direct, proxied, pg_cpu_us = [], [], []
+    sides = env.sides("pingpong")
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in ("direct", *sides)}
+    with contextlib.ExitStack() as stack:
+        pgs = {side: stack.enter_context(env.popguard(side)) for side in sides}
+
+        def warm(target: Target) -> dict[str, Any]:
+            return ping_pong(target, user, password, prm.pingpong_warmup, time_limit=limit)
+
+        def go(target: Target) -> dict[str, Any]:
+            return ping_pong(target, user, password, prm.pingpong, time_limit=limit)
+
+        for side in ("direct", *sides):
+            measure(env, "pingpong", side, pgs, warm, sessions=1)
         for rep in range(prm.reps):
-            d = ping_pong(env.upstream, user, password, prm.pingpong, time_limit=limit)
-            cpu0 = procs.cpu_seconds(pg.pid)
-            p = ping_pong(pg.address, user, password, prm.pingpong, time_limit=limit)
-            cpu = procs.cpu_seconds(pg.pid) - cpu0
-            direct.append(d)
-            proxied.append(p)
-            pg_cpu_us.append(cpu / prm.pingpong * 1e6)
+            now = {}
+            for side in env.order("pingpong", rep):
+                r = measure(env, "pingpong", side, pgs, go, sessions=1, dovecot_cpu=True)
+                if "popguard_cpu_s" in r:
+                    r["popguard_cpu_us_per_noop"] = r["popguard_cpu_s"] / prm.pingpong * 1e6
+                r["dovecot_cpu_us_per_noop"] = r["dovecot_cpu_s"] / prm.pingpong * 1e6
+                runs[side].append(r)
+                now[side] = r
             env.log(
-                f"  ping-pong rep {rep + 1}/{prm.reps}: direct {d['rt_per_s']:.0f}/s "
-                f"p50 {d['p50_us']:.0f} µs, popguard {p['rt_per_s']:.0f}/s "
-                f"p50 {p['p50_us']:.0f} µs (popguard CPU {cpu / prm.pingpong * 1e6:.0f} µs/NOOP)"
+                f"  ping-pong rep {rep + 1}/{prm.reps}: "
+                + _fmt_sides(
+                    now,
+                    lambda r: (
+                        f"{r['rt_per_s']:.0f}/s p50 {r['p50_us']:.0f} µs"
+                        + (
+                            f" (popguard CPU {r['popguard_cpu_us_per_noop']:.0f} µs/NOOP)"
+                            if "popguard_cpu_us_per_noop" in r
+                            else ""
+                        )
+                    ),
+                )
             )
-    res = compare([d["rt_per_s"] for d in direct], [p["rt_per_s"] for p in proxied])
+    main = env.main_side("pingpong")
+    direct, proxied = runs["direct"], runs[main]
+    res = assemble(env, "pingpong", runs, lambda r: r["rt_per_s"])
     res["unit"] = "round trips/s"
     res["count"] = prm.pingpong
     res["p50_us"] = compare([d["p50_us"] for d in direct], [p["p50_us"] for p in proxied])
     res["p99_us"] = compare([d["p99_us"] for d in direct], [p["p99_us"] for p in proxied])
-    res["popguard_cpu_us_per_noop"] = summary(pg_cpu_us)
-    res["runs"] = {"direct": direct, "popguard": proxied}
+    res["popguard_cpu_us_per_noop"] = summary([p["popguard_cpu_us_per_noop"] for p in proxied])
+    res["cpu_us_per_noop_by_side"] = side_summary(
+        {s: runs[s] for s in sides}, lambda r: r["popguard_cpu_us_per_noop"]
+    )
+    res["dovecot_cpu_us_per_noop_by_side"] = side_summary(
+        runs, lambda r: r["dovecot_cpu_us_per_noop"]
+    )
+    res["p50_us_by_side"] = side_summary(runs, lambda r: r["p50_us"])
+    res["tls_by_side"] = tls_by_side(runs)
+    res["runs"] = runs
     return res
 
 
@@ -545,7 +685,7 @@ def _swarm_case(
     with SwarmPool(prm.client_procs) as swarm, contextlib.ExitStack() as stack:
         pgs = {side: stack.enter_context(env.popguard(side)) for side in sides}
 
-        def go(target: Address, count: int = sessions) -> dict[str, Any]:
+        def go(target: Target, count: int = sessions) -> dict[str, Any]:
             before = _count_messages(maildirs) if maildirs else 0
             r = swarm.run(target, users, count, parallel, time_limit=limit, kind=kind)
             if r["failed"]:
@@ -558,14 +698,14 @@ def _swarm_case(
         # indexes; a DELE warm-up deletes a message from every user too).
         for side in ("direct", *sides):
 
-            def warm(address: Address) -> dict[str, Any]:
+            def warm(address: Target) -> dict[str, Any]:
                 return go(address, warmup_sessions)
 
-            measure(env, side, pgs, warm, sessions=warmup_sessions)
+            measure(env, case, side, pgs, warm, sessions=warmup_sessions)
         for rep in range(prm.reps):
             now = {}
             for side in env.order(case, rep):
-                r = measure(env, side, pgs, go, sessions=sessions, dovecot_cpu=True)
+                r = measure(env, case, side, pgs, go, sessions=sessions, dovecot_cpu=True)
                 r["units"] = r["ok"]
                 r["dovecot_cpu_ms_per_session"] = r["dovecot_cpu_s"] / r["ok"] * 1e3
                 if "popguard_cpu_s" in r:
@@ -624,6 +764,10 @@ def _swarm_case(
     res["dovecot_cpu_ms_per_session_by_side"] = side_summary(
         runs, lambda r: r["dovecot_cpu_ms_per_session"]
     )
+    res["client_cpu_ms_per_session_by_side"] = side_summary(
+        runs, lambda r: sum(r["client_cpu_s"]) / r["ok"] * 1e3
+    )
+    res["tls_by_side"] = tls_by_side(runs)
     res["audit_file"] = audit_summary(runs, "session")
     if maildirs:
         res["expunged"] = {

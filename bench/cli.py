@@ -18,14 +18,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import procs
+from bench import pki, policytree, procs
 from bench.cases import (
-    AUDIT_SIDES,
-    BREAKDOWN_SIDES,
     CASES,
+    COMPARISONS,
     DEFAULT_SIDES,
+    Comparison,
     Env,
     Params,
+    Variant,
     dele_messages_per_user,
     make_variants,
     params_dict,
@@ -33,6 +34,7 @@ from bench.cases import (
 from bench.mail import MailFactory
 from bench.procs import BenchError
 from bench.report import render
+from bench.target import Target
 
 ORDER = ("bulk", "pingpong", "concurrency", "dele", "memory")
 ALIASES = {
@@ -90,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="like --audit-compare, plus two more popguards with each half of full auditing "
         "alone: message identity without a file, and the file without identity",
+    )
+    parser.add_argument(
+        "--policy-compare",
+        action="store_true",
+        help="measure through two popguards, one without policies and one with a generated "
+        "tree of 1000 rules, and report rules/none (ping-pong, concurrency; bulk and dele too)",
+    )
+    parser.add_argument(
+        "--tls-compare",
+        action="store_true",
+        help="bulk, ping-pong, concurrency and dele over TLS: DIRECT to Dovecot's POP3S port, "
+        "popguard with TLS on both sides, and TLS offload (TLS to popguard, plaintext to "
+        "Dovecot), in the same run",
     )
     parser.add_argument(
         "--popguard-arg",
@@ -234,6 +249,114 @@ def _notes(results: dict[str, Any]) -> list[str]:
     return notes
 
 
+def _bench_users(params: Params) -> list[str]:
+    """The names the benchmark logs in as (whichever cases run: the same tree each time)."""
+    names = ["ping", "bulk"]
+    names += [f"c{i:04d}" for i in range(params.pool_users)]
+    names += [f"d{i:04d}" for i in range(params.dele_sessions)]
+    return names
+
+
+def policy_variants(
+    workdir: Path,
+    bench_users: list[str],
+    popguard_args: Sequence[str],
+    log: Any,
+) -> tuple[dict[str, Variant], dict[str, Any]]:
+    """--policy-compare: the two popguards, their policy directories written and checked.
+
+    ``none``: a directory whose one file says ``rules: []``; ``policy``: the
+    1000 rules of :mod:`bench.policytree`.  Both are checked with ``popguard
+    policy check``; ``policy explain`` must show nothing that refuses a few of
+    the benchmark's users (their sessions, their logins or the commands the
+    workload sends).
+    """
+    extra = tuple(popguard_args)
+    none_dir = workdir / "policies-none"
+    tree_dir = workdir / "policies-1000"
+    policytree.write_empty(none_dir)
+    counts = policytree.write_tree(tree_dir, bench_users)
+    info: dict[str, Any] = {"tree": counts, "directory": str(tree_dir)}
+    for name, directory in (("none", none_dir), ("policy", tree_dir)):
+        summary, warnings = policytree.check(directory)
+        info[f"check_{name}"] = summary
+        info[f"warnings_{name}"] = warnings
+        log(f"popguard policy check: {summary}" + (f" ({warnings} warnings)" if warnings else ""))
+    sample = list(bench_users[:2])
+    sample += [u for u in bench_users if u.startswith("c")][:2]
+    sample += [u for u in bench_users if u.startswith("d")][:1]
+    problems = policytree.explain_denials(tree_dir, sample)
+    if problems:
+        raise BenchError(
+            "the generated policy tree would refuse the benchmark's workload: "
+            + "; ".join(problems)
+        )
+    info["explained_users"] = sample
+    log(
+        f"policy tree: {counts['rules']} rules in {policytree.FILES} files "
+        f"({counts['per_user']} per-user, {counts['bench_users']} of them for bench users; "
+        f"{counts['networks']} client networks; {counts['patterns']} globs and @domains; "
+        f"1 catch-all); policy explain finds nothing refused for {', '.join(sample)}"
+    )
+    return {
+        "none": Variant("none", "no policies", ("--policies", str(none_dir), *extra)),
+        "policy": Variant(
+            "policy", f"{counts['rules']} rules", ("--policies", str(tree_dir), *extra)
+        ),
+    }, info
+
+
+def tls_variants(
+    workdir: Path, dovecot: Any, popguard_args: Sequence[str], log: Any
+) -> tuple[dict[str, Variant], Target, dict[str, Any]]:
+    """--tls-compare: the two TLS popguards and DIRECT's target (Dovecot's POP3S port).
+
+    ``tls``: POP3S toward clients and implicit TLS toward Dovecot's POP3S
+    port, verifying Dovecot's certificate (its own file as the CA, name
+    ``localhost``).  ``offload``: POP3S toward clients, plaintext toward
+    Dovecot's plain port.
+    """
+    extra = tuple(popguard_args)
+    files = pki.make_listener_pki(workdir / "tls", dovecot.cert_path)
+    listen = ("--tls", "implicit", "--tls-cert", str(files.cert), "--tls-key", str(files.key))
+    upstream_tls = (
+        "--upstream-tls",
+        "implicit",
+        "--upstream-ca-file",
+        str(dovecot.cert_path),
+        "--upstream-server-name",
+        pki.SERVER_NAME,
+    )
+    spec = files.client_spec
+    direct = Target(dovecot.host, dovecot.tls_port, spec)
+    info = {
+        "dovecot_pop3s": f"{dovecot.host}:{dovecot.tls_port}",
+        "popguard_cert": str(files.cert),
+        "upstream_verified_as": pki.SERVER_NAME,
+        "client_ca": str(files.clients_ca),
+    }
+    log(
+        f"TLS comparison: DIRECT is Dovecot's POP3S {dovecot.host}:{dovecot.tls_port}; "
+        "popguard listens with POP3S (trustme certificate for localhost) and reaches "
+        "Dovecot's POP3S port verifying its certificate as 'localhost' (tls), or its plain "
+        "port (offload)"
+    )
+    return (
+        {
+            "offload": Variant("offload", "TLS offload", (*listen, *extra), client_tls=spec),
+            "tls": Variant(
+                "tls",
+                "TLS both sides",
+                (*listen, *upstream_tls, *extra),
+                upstream=(dovecot.host, dovecot.tls_port),
+                client_tls=spec,
+            ),
+        },
+        direct,
+        info,
+    )
+
+
 def _setup_users(
     dovecot: Any, cases: Sequence[str], params: Params, log: Any, *, dele_sides: int = 2
 ) -> dict[str, Any]:
@@ -287,9 +410,14 @@ def run(
     audit_file: str | None = None,
     popguard_args: Sequence[str] = (),
     login_processes: int | None = None,
-    audit_sides: Sequence[str] = (),
+    comparison: Comparison | None = None,
 ) -> dict[str, Any]:
-    """Start Dovecot under ``workdir``, run ``cases``, stop everything; return the results."""
+    """Start Dovecot under ``workdir``, run ``cases``, stop everything; return the results.
+
+    ``comparison`` (:data:`bench.cases.COMPARISONS`): several popguards side
+    by side in the cases it covers (--audit-compare, --policy-compare,
+    --tls-compare).
+    """
     from popguard import __version__ as popguard_version
     from popguard.testing import dovecot as dovecot_tool
 
@@ -311,23 +439,42 @@ def run(
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "audit_file": audit_file,
             "popguard_args": list(popguard_args),
-            "audit_compare": bool(audit_sides),
-            "audit_sides": list(audit_sides),
+            "comparison": comparison.name if comparison else None,
+            "comparison_sides": list(comparison.sides) if comparison else [],
+            "audit_compare": bool(comparison and comparison.name == "audit"),
+            "audit_sides": list(comparison.sides)
+            if comparison and comparison.name == "audit"
+            else [],
             "workdir_fs": procs.filesystem_of(workdir),
         },
         "params": params_dict(params),
         "cases": {},
     }
     cpus = os.cpu_count() or 1
+    tls = bool(comparison and comparison.tls)
     dovecot = dovecot_tool.DovecotInstance(
-        workdir / "dovecot", login_processes=login_processes or max(1, min(4, cpus))
+        workdir / "dovecot", login_processes=login_processes or max(1, min(4, cpus)), tls=tls
     )
     try:
-        sides = tuple(audit_sides) or DEFAULT_SIDES
+        sides = comparison.sides if comparison and "dele" in comparison.cases else DEFAULT_SIDES
         users = _setup_users(dovecot, cases, params, log, dele_sides=1 + len(sides))
         dovecot.start()
         assert dovecot.pid is not None
-        log(f"Dovecot {results['meta']['dovecot_version']} on {dovecot.host}:{dovecot.port}")
+        log(
+            f"Dovecot {results['meta']['dovecot_version']} on {dovecot.host}:{dovecot.port}"
+            + (f", POP3S on {dovecot.tls_port}" if tls else "")
+        )
+        variants = make_variants(workdir, audit_file, popguard_args)
+        direct_tls = None
+        if comparison and comparison.name == "policy":
+            more, info = policy_variants(workdir, _bench_users(params), popguard_args, log)
+            variants.update(more)
+            results["meta"]["policy"] = info
+        elif tls:
+            more, direct_tls, info = tls_variants(workdir, dovecot, popguard_args, log)
+            variants.update(more)
+            results["meta"]["tls"] = info
+        results["meta"]["side_labels"] = {name: v.label for name, v in variants.items()}
         env = Env(
             upstream=dovecot.address,
             dovecot_pid=dovecot.pid,
@@ -337,16 +484,26 @@ def run(
             params=params,
             workdir=workdir,
             log=log,
-            variants=make_variants(workdir, audit_file, popguard_args),
-            audit_sides=tuple(audit_sides),
+            variants=variants,
+            comparison=comparison,
+            direct_tls=direct_tls,
             dele_pool=users["dele_pool"],
             dele_maildirs=users["dele_maildirs"],
         )
-        if audit_sides:
+        if comparison and comparison.name == "audit":
             log(
                 "audit comparison: bulk, concurrency and dele run DIRECT and popguard as "
-                + ", ".join(env.variants[s].label for s in audit_sides)
+                + ", ".join(env.variants[s].label for s in comparison.sides)
                 + f" (full auditing's file: {env.variants['full'].audit_file})"
+            )
+        elif comparison:
+            log(
+                f"{comparison.name} comparison: "
+                + ", ".join(c for c in cases if c in comparison.cases)
+                + " run DIRECT"
+                + (" (Dovecot's POP3S)" if tls else "")
+                + " and popguard as "
+                + ", ".join(env.variants[s].label for s in comparison.sides)
             )
         for name in cases:
             log(f"case {name}")
@@ -389,7 +546,30 @@ def write_json(results: dict[str, Any], path: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    chosen = [
+        flag
+        for flag, on in (
+            ("--audit-compare/--audit-breakdown", args.audit_compare or args.audit_breakdown),
+            ("--policy-compare", args.policy_compare),
+            ("--tls-compare", args.tls_compare),
+        )
+        if on
+    ]
+    if len(chosen) > 1:
+        parser.error(f"choose one comparison: {' or '.join(chosen)}")
+    comparison = (
+        COMPARISONS["breakdown"]
+        if args.audit_breakdown
+        else COMPARISONS["audit"]
+        if args.audit_compare
+        else COMPARISONS["policy"]
+        if args.policy_compare
+        else COMPARISONS["tls"]
+        if args.tls_compare
+        else None
+    )
     cases = select_cases(args.only)
     params = Params.quick() if args.quick else Params()
     if args.reps is not None:
@@ -410,13 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             audit_file=audit_file,
             popguard_args=args.popguard_arg,
             login_processes=args.login_processes,
-            audit_sides=(
-                BREAKDOWN_SIDES
-                if args.audit_breakdown
-                else AUDIT_SIDES
-                if args.audit_compare
-                else ()
-            ),
+            comparison=comparison,
         )
     except KeyboardInterrupt:
         print("\ninterrupted: popguard and Dovecot stopped", file=sys.stderr)

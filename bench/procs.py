@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.target import Target, TlsSpec
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -184,10 +186,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def probe_greeting(address: tuple[str, int], timeout: float = 2.0) -> bytes:
-    """Connect, read the greeting line, say QUIT; b"" when nothing answers yet."""
+def probe_greeting(
+    address: tuple[str, int], timeout: float = 2.0, tls: TlsSpec | None = None
+) -> bytes:
+    """Connect (with ``tls``: POP3S), read the greeting line, say QUIT; b"" when
+    nothing answers yet."""
     try:
-        with socket.create_connection(address, timeout=timeout) as sock:
+        with Target(*address, tls=tls).connect(timeout=timeout) as sock:
             data = b""
             while not data.endswith(b"\n") and len(data) < 4096:
                 chunk = sock.recv(4096)
@@ -220,8 +225,13 @@ class PopguardProcess:
         audit_file: str | None = None,
         extra_args: tuple[str, ...] = (),
         startup_timeout: float = 20.0,
+        client_tls: TlsSpec | None = None,
     ) -> None:
+        """``client_tls``: popguard's listener speaks POP3S (``extra_args`` carry
+        ``--tls implicit`` and the certificate); the readiness probe and
+        :attr:`target` then use TLS, verified with this spec."""
         self.upstream = upstream
+        self.client_tls = client_tls
         self.log_path = log_path
         self.idle_timeout = idle_timeout
         self.audit_file = audit_file
@@ -233,6 +243,11 @@ class PopguardProcess:
     @property
     def address(self) -> tuple[str, int]:
         return (self.host, self.port)
+
+    @property
+    def target(self) -> Target:
+        """Where clients connect: the address, with TLS when the listener is POP3S."""
+        return Target(self.host, self.port, self.client_tls)
 
     @property
     def pid(self) -> int:
@@ -288,7 +303,7 @@ class PopguardProcess:
                 if "Address already in use" in tail:
                     return False  # the port was taken between pick and bind
                 raise BenchError(f"popguard exited with {proc.returncode}:\n{tail}")
-            if probe_greeting(self.address).startswith(b"+OK"):
+            if probe_greeting(self.address, tls=self.client_tls).startswith(b"+OK"):
                 return True
             time.sleep(0.05)
         raise BenchError(f"popguard gave no greeting within {self.startup_timeout:g} s")

@@ -16,6 +16,12 @@ GOAL_IDLE_KB = 20.0
 #: Full auditing (audit file, hash chain, UIDL identity) against auditing
 #: off: at most 10 % of throughput, in each of bulk, concurrency and dele.
 GOAL_AUDIT = 0.90
+#: A tree of 1000 rules against no policies: ping-pong and concurrency
+#: change by less than 5 %.
+GOAL_POLICY = 0.95
+GOAL_POLICY_CASES = ("pingpong", "concurrency")
+#: Over TLS, against Dovecot's own POP3S directly: bulk within 0.8x.
+GOAL_TLS_BULK = 0.80
 
 #: The same figures measured for nginx's mail proxy on this kind of machine.
 REFERENCE = {
@@ -67,18 +73,49 @@ class Row:
     ref: str = ""
 
 
-def _ratio_row(label: str, res: dict[str, Any], unit: str, goal: float, ref: str) -> Row:
+def _verdict(r: float, goal: float | None) -> str:
+    if goal is None:
+        return ""
+    return "n/a" if math.isnan(r) else ("PASS" if r >= goal else "BELOW")
+
+
+def _goal(goal: float | None) -> str:
+    return "(none set)" if goal is None else f">= {goal:.2f}x"
+
+
+def _ratio_row(label: str, res: dict[str, Any], unit: str, goal: float | None, ref: str) -> Row:
     r = res["ratio"]
-    verdict = "n/a" if math.isnan(r) else ("PASS" if r >= goal else "BELOW")
     return Row(
         label,
         spread(res["direct"], unit),
         spread(res["popguard"], unit),
         ratio_text(r) + pair_spread(res.get("pair_ratios", [])),
-        f">= {goal:.2f}x",
-        verdict,
+        _goal(goal),
+        _verdict(r, goal),
         ref,
     )
+
+
+def _same_run_rows(res: dict[str, Any], unit: str, results: dict[str, Any]) -> list[Row]:
+    """The other popguard sides of a comparison run, each against DIRECT."""
+    if "audit" in res:
+        return _audit_off_row(res, unit)
+    by_side = res.get("by_side")
+    if not by_side:
+        return []
+    labels = results["meta"].get("side_labels", {})
+    main = res.get("side")
+    return [
+        Row(
+            f"      popguard, {labels.get(side, side)} (same run)",
+            "",
+            spread(entry["value"], unit),
+            ratio_text(entry["vs_direct"]["ratio"])
+            + pair_spread(entry["vs_direct"].get("pair_ratios", [])),
+        )
+        for side, entry in by_side.items()
+        if side != main
+    ]
 
 
 def _audit_off_row(res: dict[str, Any], unit: str) -> list[Row]:
@@ -110,9 +147,9 @@ def _deletions(rec: dict[str, Any]) -> str:
     return text + f" ({rec['messages']} msgs, {rec['with_uidl']} by UIDL)"
 
 
-def _swarm_rows(cc: dict[str, Any]) -> list[Row]:
+def _swarm_rows(cc: dict[str, Any], results: dict[str, Any]) -> list[Row]:
     """The detail rows shared by (c) concurrency and (f) DELE-heavy."""
-    out = _audit_off_row(cc, "sess/s")
+    out = _same_run_rows(cc, "sess/s", results)
     d, p = _pair(cc, "latency_p50_ms", "latency_p99_ms", "ms")
     out.append(Row("      session latency p50 / p99", d, p))
     cu = cc["client_cpu_max_util"]
@@ -145,6 +182,11 @@ def _swarm_rows(cc: dict[str, Any]) -> list[Row]:
 def rows(results: dict[str, Any]) -> list[Row]:
     cases = results.get("cases", {})
     out: list[Row] = []
+    # Under --tls-compare the plaintext goals and nginx's figures do not
+    # apply: bulk has a TLS goal of its own, the rest none.
+    tls_mode = results["meta"].get("comparison") == "tls"
+    over = " over TLS" if tls_mode else ""
+    ref = {} if tls_mode else REFERENCE
 
     bulk = cases.get("bulk")
     if bulk and "error" not in bulk:
@@ -153,14 +195,14 @@ def rows(results: dict[str, Any]) -> list[Row]:
         size = results["params"]["bulk_size"] // 1000
         out.append(
             _ratio_row(
-                f"(a) bulk: RETR {n} x {size} kB, one session",
+                f"(a) bulk: RETR {n} x {size} kB, one session{over}",
                 fast,
                 "MB/s",
-                GOAL_BULK,
-                REFERENCE["bulk"],
+                GOAL_TLS_BULK if tls_mode else GOAL_BULK,
+                ref.get("bulk", ""),
             )
         )
-        out += _audit_off_row(fast, "MB/s")
+        out += _same_run_rows(fast, "MB/s", results)
         out.append(
             Row(
                 "      popguard CPU while relaying",
@@ -170,9 +212,15 @@ def rows(results: dict[str, Any]) -> list[Row]:
         )
         plain = bulk["bulk_plain"]
         out.append(
-            _ratio_row("    same, client Nagle on, 8 KiB reads", plain, "MB/s", GOAL_BULK, "")
+            _ratio_row(
+                "    same, client Nagle on, 8 KiB reads",
+                plain,
+                "MB/s",
+                GOAL_TLS_BULK if tls_mode else GOAL_BULK,
+                "",
+            )
         )
-        out += _audit_off_row(plain, "MB/s")
+        out += _same_run_rows(plain, "MB/s", results)
         lat = fast["msg_p50_ms"]
         added = (lat["popguard"]["median"] - lat["direct"]["median"]) * 1e3
         out.append(
@@ -206,13 +254,14 @@ def rows(results: dict[str, Any]) -> list[Row]:
     if pp and "error" not in pp:
         out.append(
             _ratio_row(
-                f"(b) ping-pong: {pp['count']:,} NOOPs, one session",
+                f"(b) ping-pong: {pp['count']:,} NOOPs, one session{over}",
                 pp,
                 "rt/s",
-                GOAL_PINGPONG,
-                REFERENCE["pingpong"],
+                None if tls_mode else GOAL_PINGPONG,
+                ref.get("pingpong", ""),
             )
         )
+        out += _same_run_rows(pp, "rt/s", results)
         d, p = _pair(pp, "p50_us", "p99_us", "µs")
         added = pp["p50_us"]["popguard"]["median"] - pp["p50_us"]["direct"]["median"]
         out.append(Row("      latency p50 / p99", d, p, f"+{num(added)} µs (p50)"))
@@ -230,14 +279,14 @@ def rows(results: dict[str, Any]) -> list[Row]:
     if cc and "error" not in cc:
         out.append(
             _ratio_row(
-                f"(c) concurrency: {cc['sessions']} sessions, {cc['parallel']} at a time",
+                f"(c) concurrency: {cc['sessions']} sessions, {cc['parallel']} at a time{over}",
                 cc,
                 "sess/s",
-                GOAL_CONCURRENCY,
-                REFERENCE["concurrency"],
+                None if tls_mode else GOAL_CONCURRENCY,
+                ref.get("concurrency", ""),
             )
         )
-        out += _swarm_rows(cc)
+        out += _swarm_rows(cc, results)
         cpu = cc["cpu_per_session_ms"]
         ok = cpu["median"] < GOAL_CPU_MS
         out.append(
@@ -246,9 +295,9 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 "",
                 spread(cpu, "ms"),
                 "",
-                f"< {GOAL_CPU_MS:g} ms",
-                "PASS" if ok else "OVER",
-                REFERENCE["cpu"],
+                "(none set)" if tls_mode else f"< {GOAL_CPU_MS:g} ms",
+                "" if tls_mode else "PASS" if ok else "OVER",
+                ref.get("cpu", ""),
             )
         )
     elif cc:
@@ -259,14 +308,14 @@ def rows(results: dict[str, Any]) -> list[Row]:
         r = dl["ratio"]
         out.append(
             Row(
-                f"(f) DELE-heavy: {dl['sessions']} sessions, {dl['parallel']} at a time",
+                f"(f) DELE-heavy: {dl['sessions']} sessions, {dl['parallel']} at a time{over}",
                 spread(dl["direct"], "sess/s"),
                 spread(dl["popguard"], "sess/s"),
                 ratio_text(r) + pair_spread(dl.get("pair_ratios", [])),
                 "(none set)",
             )
         )
-        out += _swarm_rows(dl)
+        out += _swarm_rows(dl, results)
         out.append(
             Row(
                 "      popguard CPU per session",
@@ -481,6 +530,168 @@ def audit_rows(results: dict[str, Any]) -> list[Row]:
     return out
 
 
+_CASE_LABELS = {
+    "bulk": "(a) bulk: RETR {n} x {size} kB",
+    "pingpong": "(b) ping-pong: {count:,} NOOPs",
+    "concurrency": "(c) concurrency: {sessions} sessions, {parallel} at a time",
+    "dele": "(f) DELE-heavy: {sessions} sessions, {parallel} at a time",
+}
+_UNITS = {"bulk": "MB/s", "pingpong": "rt/s", "concurrency": "sess/s", "dele": "sess/s"}
+
+
+def _compared_cases(results: dict[str, Any]) -> list[tuple[str, dict[str, Any] | None, str]]:
+    """(case, its main result or None on error, label) for the cases of a comparison."""
+    out: list[tuple[str, dict[str, Any] | None, str]] = []
+    for name in ("bulk", "pingpong", "concurrency", "dele"):
+        res = results.get("cases", {}).get(name)
+        if not res:
+            continue
+        if "error" in res:
+            out.append((name, None, f"{name}: ERROR: {res['error']}"))
+            continue
+        main = res["bulk"] if name == "bulk" else res
+        if "by_side" not in main:
+            continue
+        label = _CASE_LABELS[name].format(
+            n=main.get("messages"),
+            size=results["params"]["bulk_size"] // 1000,
+            sessions=main.get("sessions"),
+            parallel=main.get("parallel"),
+            count=main.get("count", 0),
+        )
+        out.append((name, main, label))
+    return out
+
+
+def _cost_figures(name: str, main: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
+    """(label, {side: summary}, unit) of the per-unit CPU figures of a case."""
+    if name == "bulk":
+        return [
+            ("popguard CPU per RETR", main.get("cpu_per_retr_us_by_side", {}), "µs"),
+            ("Dovecot CPU per RETR", main.get("dovecot_cpu_us_per_retr_by_side", {}), "µs"),
+            ("popguard CPU while relaying", main.get("popguard_cpu_util_by_side", {}), "%"),
+        ]
+    if name == "pingpong":
+        return [
+            ("popguard CPU per NOOP", main.get("cpu_us_per_noop_by_side", {}), "µs"),
+            ("Dovecot CPU per NOOP", main.get("dovecot_cpu_us_per_noop_by_side", {}), "µs"),
+            ("latency p50", main.get("p50_us_by_side", {}), "µs"),
+        ]
+    return [
+        ("popguard CPU per session", main.get("cpu_per_session_ms_by_side", {}), "ms"),
+        ("Dovecot CPU per session", main.get("dovecot_cpu_ms_per_session_by_side", {}), "ms"),
+        ("client CPU per session", main.get("client_cpu_ms_per_session_by_side", {}), "ms"),
+        ("popguard CPU during the run", main.get("popguard_cpu_util_by_side", {}), "%"),
+    ]
+
+
+def _fig(summaries: dict[str, Any], side: str, unit: str) -> str:
+    s = summaries.get(side)
+    if s is None:
+        return ""
+    if unit == "%":
+        return f"{s['median']:.0%} of a core"
+    return spread(s, unit)
+
+
+def policy_rows(results: dict[str, Any]) -> list[Row]:
+    """The --policy-compare table: 1000 rules against no policies, per case."""
+    out: list[Row] = []
+    for name, main, label in _compared_cases(results):
+        if main is None:
+            out.append(Row(label))
+            continue
+        by = main["by_side"]
+        none, pol = by["none"], by["policy"]
+        r = pol["vs_base"]["ratio"]
+        goal = GOAL_POLICY if name in GOAL_POLICY_CASES else None
+        out.append(
+            Row(
+                label,
+                spread(none["value"], _UNITS[name]),
+                spread(pol["value"], _UNITS[name]),
+                ratio_text(r) + pair_spread(pol["vs_base"].get("pair_ratios", [])),
+                _goal(goal) if goal else "",
+                _verdict(r, goal),
+                f"{ratio_text(none['vs_direct']['ratio'])} / "
+                f"{ratio_text(pol['vs_direct']['ratio'])}",
+            )
+        )
+        for fig_label, summaries, unit in _cost_figures(name, main):
+            if "none" not in summaries or "policy" not in summaries:
+                continue
+            diff = ""
+            if unit != "%":
+                added = summaries["policy"]["median"] - summaries["none"]["median"]
+                diff = f"{'+' if added >= 0 else ''}{num(added)} {unit}"
+            out.append(
+                Row(
+                    f"      {fig_label}",
+                    _fig(summaries, "none", unit),
+                    _fig(summaries, "policy", unit),
+                    diff,
+                )
+            )
+    return out
+
+
+def tls_rows(results: dict[str, Any]) -> list[Row]:
+    """The --tls-compare table: popguard over TLS against Dovecot's own POP3S."""
+    out: list[Row] = []
+    for name, main, label in _compared_cases(results):
+        if main is None:
+            out.append(Row(label))
+            continue
+        unit = _UNITS[name]
+        by = main["by_side"]
+        tls, off = by["tls"], by["offload"]
+        r = tls["vs_direct"]["ratio"]
+        goal = GOAL_TLS_BULK if name == "bulk" else None
+        out.append(
+            Row(
+                label,
+                spread(main["direct"], unit),
+                spread(tls["value"], unit),
+                ratio_text(r) + pair_spread(tls["vs_direct"].get("pair_ratios", [])),
+                _goal(goal) if goal else "",
+                _verdict(r, goal),
+                f"{spread(off['value'], unit)}  "
+                f"{ratio_text(off['vs_direct']['ratio'])}"
+                + pair_spread(off["vs_direct"].get("pair_ratios", [])),
+            )
+        )
+        for fig_label, summaries, fig_unit in _cost_figures(name, main):
+            if fig_label == "latency p50":
+                continue
+            if not any(side in summaries for side in ("direct", "tls", "offload")):
+                continue
+            out.append(
+                Row(
+                    f"      {fig_label}",
+                    _fig(summaries, "direct", fig_unit),
+                    _fig(summaries, "tls", fig_unit),
+                    "",
+                    "",
+                    "",
+                    _fig(summaries, "offload", fig_unit),
+                )
+            )
+        negotiated = main.get("tls_by_side", {})
+        if negotiated:
+            out.append(
+                Row(
+                    "      client's TLS",
+                    negotiated.get("direct", "") or "plaintext",
+                    negotiated.get("tls", "") or "plaintext",
+                    "",
+                    "",
+                    "",
+                    negotiated.get("offload", "") or "plaintext",
+                )
+            )
+    return out
+
+
 def _table(head: Row, body: list[Row]) -> list[str]:
     table = [head, *body]
     cols = ("label", "direct", "proxied", "ratio", "goal", "verdict", "ref")
@@ -506,13 +717,79 @@ def render(results: dict[str, Any]) -> str:
         "(median over median) [per-pair min..max]",
     ]
     compare_mode = meta.get("audit_compare")
+    mode = meta.get("comparison")
     if compare_mode:
         lines.append(
             "--audit-compare: in (a), (c) and (f) THROUGH popguard is popguard with FULL "
             "auditing; the row below it is the same run with auditing off"
         )
+    elif mode == "policy":
+        lines.append(
+            "--policy-compare: THROUGH popguard is popguard with the 1000-rule policy tree; "
+            "the row below it is the same run with no policies"
+        )
+    elif mode == "tls":
+        lines.append(
+            "--tls-compare: DIRECT is Dovecot's own POP3S port; THROUGH popguard is TLS on both "
+            "sides (POP3S to popguard, TLS from popguard to Dovecot's POP3S); the row below it "
+            "is TLS offload (POP3S to popguard, plaintext to Dovecot)"
+        )
     lines.append("")
     lines += _table(head, rows(results))
+    if mode == "policy":
+        body = policy_rows(results)
+        if body:
+            info = meta.get("policy", {})
+            tree = info.get("tree", {})
+            lines += [
+                "",
+                "Policy cost: 1000 rules / no policies (goal: ping-pong and concurrency change "
+                f"by less than 5 %, i.e. >= {GOAL_POLICY:.2f}x)",
+                f"  1000 rules: {info.get('check_policy', '?')}: {tree.get('per_user', '?')} "
+                f"per-user ({tree.get('bench_users', '?')} naming bench users), "
+                f"{tree.get('networks', '?')} client networks, {tree.get('patterns', '?')} globs "
+                "and @domains, 1 catch-all (login_throttle, session limits)",
+                "  no policies: a policy directory with rules: []; both popguards otherwise as "
+                "the default (--no-console, message identity on, no audit file)",
+                "  each repetition runs DIRECT NONE POLICY, rotated by one per repetition",
+                "",
+            ]
+            lines += _table(
+                Row(
+                    "case",
+                    "no policies",
+                    "1000 rules",
+                    "rules / none",
+                    "goal",
+                    "",
+                    "none / rules vs direct",
+                ),
+                body,
+            )
+    elif mode == "tls":
+        body = tls_rows(results)
+        if body:
+            lines += [
+                "",
+                "TLS: popguard against Dovecot's own POP3S, same run (goal: bulk within 0.8x of "
+                "direct TLS)",
+                "  every connection makes a full handshake (no resumption); clients verify the "
+                "certificate (name localhost); popguard verifies Dovecot's the same way",
+                "  each repetition runs DIRECT OFFLOAD TLS, rotated by one per repetition",
+                "",
+            ]
+            lines += _table(
+                Row(
+                    "case",
+                    "DIRECT (Dovecot POP3S)",
+                    "popguard, TLS both sides",
+                    "tls / direct",
+                    "goal",
+                    "",
+                    "TLS offload  offload / direct",
+                ),
+                body,
+            )
     body = audit_rows(results) if compare_mode else []
     if body:
         lines += [

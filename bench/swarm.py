@@ -9,6 +9,11 @@ whenever one finishes, until ``sessions`` have run.  No asyncio or trio:
 per session this costs a few recv/send calls and little else, so the
 client stays far from saturating a core (the benchmark reports its CPU).
 
+Against a TLS target (POP3S) the same loop makes each connection's TLS
+handshake without blocking and reads through OpenSSL (``ssl`` sockets in
+non-blocking mode); a full handshake per session costs the client far more
+than the POP3 commands do, which the reported client CPU shows.
+
 :class:`SwarmPool` runs the same loop in several worker processes.
 """
 
@@ -20,6 +25,7 @@ import multiprocessing
 import os
 import selectors
 import socket
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +33,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from bench.procs import BenchError, own_cpu_seconds, raise_nofile
+from bench.target import Address, Target, as_target, client_context, tls_description
 
 TERMINATOR = b"\r\n.\r\n"
 
@@ -71,8 +78,14 @@ SCRIPTS: dict[str, Callable[[str, str], list[Step]]] = {
 }
 
 
+#: Connection states.  A plaintext connection is READY from the start
+#: (waiting to read covers the connect); a TLS one first waits for the
+#: connect, then for its handshake.
+CONNECTING, HANDSHAKE, READY = 0, 1, 2
+
+
 class _Conn:
-    __slots__ = ("buf", "index", "script", "sock", "started", "step")
+    __slots__ = ("buf", "events", "index", "out", "script", "sock", "started", "state", "step")
 
     def __init__(self, sock: socket.socket, script: Script, index: int) -> None:
         self.sock = sock
@@ -81,6 +94,11 @@ class _Conn:
         self.step = 0
         self.buf = bytearray()
         self.started = time.perf_counter()
+        self.state = READY
+        #: The selector events registered for, 0 when not registered.
+        self.events = 0
+        #: A command a TLS socket could not take yet (SSLWantWrite/ReadError).
+        self.out = b""
 
 
 @dataclass
@@ -92,6 +110,8 @@ class SwarmResult:
     wall: float = 0.0
     cpu: float = 0.0
     held: list[socket.socket] = field(default_factory=list)
+    #: Protocol and cipher of the first TLS session ("" in plaintext).
+    tls: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -101,11 +121,16 @@ class SwarmResult:
             "latencies": self.latencies,
             "wall": self.wall,
             "cpu": self.cpu,
+            "tls": self.tls,
         }
 
 
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
 def run_swarm(
-    address: tuple[str, int],
+    address: Target | Address,
     scripts: Callable[[int], Script],
     sessions: Sequence[int],
     parallel: int,
@@ -115,24 +140,47 @@ def run_swarm(
 ) -> SwarmResult:
     """Run one script per session index in ``sessions``, ``parallel`` at a time.
 
+    ``address`` may be a :class:`~bench.target.Target` with TLS: each session
+    then connects, makes a full TLS handshake without blocking (retrying on
+    ``SSLWantReadError``/``SSLWantWriteError`` when the selector says so)
+    and speaks POP3S.  A TLS socket is read until OpenSSL holds no more
+    decrypted bytes (``pending()``): the selector only sees the kernel's
+    buffer.
+
     With ``hold=True`` the sockets are left open after their script and
     returned in ``result.held`` (the caller closes them).
     """
     result = SwarmResult()
+    target = as_target(address)
+    addr = target.address
+    spec = target.tls
+    ctx = client_context(spec) if spec is not None else None
     sel = selectors.DefaultSelector()
     todo = list(reversed(sessions))
     active = 0
     cpu0 = own_cpu_seconds()
     started = time.perf_counter()
     deadline = started + time_limit
+    read_ev, write_ev = selectors.EVENT_READ, selectors.EVENT_WRITE
+
+    def want(conn: _Conn, events: int) -> None:
+        if conn.events == events:
+            return
+        if conn.events:
+            sel.modify(conn.sock, events, conn)
+        else:
+            sel.register(conn.sock, events, conn)
+        conn.events = events
 
     def fail(conn: _Conn, why: str) -> None:
         nonlocal active
         result.failed += 1
         if len(result.errors) < 20:
             result.errors.append(f"session {conn.index} step {conn.step}: {why}")
-        with contextlib.suppress(KeyError, ValueError):
-            sel.unregister(conn.sock)
+        if conn.events:
+            with contextlib.suppress(KeyError, ValueError):
+                sel.unregister(conn.sock)
+            conn.events = 0
         conn.sock.close()
         active -= 1
 
@@ -144,13 +192,102 @@ def run_swarm(
         sock.setblocking(False)
         conn = _Conn(sock, scripts(index), index)
         active += 1
-        err = sock.connect_ex(address)
+        err = sock.connect_ex(addr)
         if err not in (0, errno.EINPROGRESS):
             fail(conn, os.strerror(err))
             return
-        # The greeting arrives only once connected, so waiting to read
-        # covers the connect too (a refused connect makes recv fail).
-        sel.register(sock, selectors.EVENT_READ, conn)
+        if ctx is None:
+            # The greeting arrives only once connected, so waiting to read
+            # covers the connect too (a refused connect makes recv fail).
+            want(conn, read_ev)
+        else:
+            conn.state = CONNECTING
+            want(conn, write_ev)
+
+    def handshake(conn: _Conn) -> None:
+        assert spec is not None
+        assert ctx is not None
+        if conn.state == CONNECTING:
+            err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                fail(conn, os.strerror(err))
+                return
+            # wrap_socket takes the descriptor over: unregister it first.
+            sel.unregister(conn.sock)
+            conn.events = 0
+            try:
+                conn.sock = ctx.wrap_socket(
+                    conn.sock, server_hostname=spec.server_name, do_handshake_on_connect=False
+                )
+            except OSError as exc:
+                fail(conn, f"TLS: {_why(exc)}")
+                return
+            conn.state = HANDSHAKE
+        sock = conn.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            want(conn, read_ev)
+            return
+        except ssl.SSLWantWriteError:
+            want(conn, write_ev)
+            return
+        except OSError as exc:
+            fail(conn, f"TLS handshake: {_why(exc)}")
+            return
+        conn.state = READY
+        if not result.tls:
+            result.tls = tls_description(sock)
+        want(conn, read_ev)
+
+    def send(conn: _Conn, line: bytes) -> None:
+        """Send a command; a TLS socket that cannot take it yet keeps it in ``out``."""
+        try:
+            sent = conn.sock.send(line)
+        except ssl.SSLWantWriteError:
+            conn.out = line
+            want(conn, write_ev)
+            return
+        except ssl.SSLWantReadError:
+            conn.out = line
+            want(conn, read_ev)
+            return
+        except OSError as exc:
+            fail(conn, _why(exc))
+            return
+        if sent != len(line):
+            fail(conn, "short send of a command")
+            return
+        conn.out = b""
+        if conn.events != read_ev:
+            want(conn, read_ev)
+
+    def receive_tls(conn: _Conn) -> bytes | None:
+        """Everything OpenSSL can give now; None when the connection failed or must wait."""
+        sock = conn.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        chunks = []
+        wait_write = False
+        while True:
+            try:
+                data = sock.recv(65536)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLWantWriteError:
+                wait_write = True
+                break
+            except OSError as exc:
+                fail(conn, _why(exc))
+                return None
+            if not data:
+                fail(conn, "connection closed")
+                return None
+            chunks.append(data)
+            if not sock.pending():
+                break
+        want(conn, write_ev if wait_write else read_ev)
+        return b"".join(chunks) if chunks else None
 
     try:
         while todo or active:
@@ -166,14 +303,26 @@ def run_swarm(
                 continue
             for key, _mask in sel.select(timeout=min(1.0, deadline - now)):
                 conn: _Conn = key.data
-                try:
-                    data = conn.sock.recv(65536)
-                except OSError as exc:
-                    fail(conn, exc.strerror or type(exc).__name__)
-                    continue
-                if not data:
-                    fail(conn, "connection closed")
-                    continue
+                if ctx is None:
+                    try:
+                        data = conn.sock.recv(65536)
+                    except OSError as exc:
+                        fail(conn, _why(exc))
+                        continue
+                    if not data:
+                        fail(conn, "connection closed")
+                        continue
+                else:
+                    if conn.state != READY:
+                        handshake(conn)
+                        continue
+                    if conn.out:
+                        send(conn, conn.out)
+                        continue
+                    tls_data = receive_tls(conn)
+                    if not tls_data:
+                        continue  # a TLS record without data (a session ticket), or failed
+                    data = tls_data
                 buf = conn.buf
                 buf += data
                 _command, multiline = conn.script[conn.step]
@@ -188,14 +337,11 @@ def run_swarm(
                 if conn.step < len(conn.script):
                     line = conn.script[conn.step][0]
                     assert line is not None
-                    try:
-                        if conn.sock.send(line) != len(line):
-                            fail(conn, "short send of a command")
-                    except OSError as exc:
-                        fail(conn, exc.strerror or type(exc).__name__)
+                    send(conn, line)
                     continue
                 # Script done.
                 sel.unregister(conn.sock)
+                conn.events = 0
                 active -= 1
                 result.ok += 1
                 result.latencies.append(time.perf_counter() - conn.started)
@@ -257,7 +403,7 @@ def release(
 
 @dataclass(frozen=True)
 class SwarmJob:
-    address: tuple[str, int]
+    address: Target
     users: tuple[tuple[str, str], ...]
     sessions: tuple[int, ...]
     parallel: int
@@ -310,7 +456,7 @@ class SwarmPool:
 
     def run(
         self,
-        address: tuple[str, int],
+        address: Target | Address,
         users: Sequence[tuple[str, str]],
         sessions: int,
         parallel: int,
@@ -332,7 +478,9 @@ class SwarmPool:
         for w in range(n):
             share = tuple(range(w, sessions, n))
             par = parallel // n + (1 if w < parallel % n else 0)
-            jobs.append(SwarmJob(address, tuple(users), share, max(1, par), time_limit, kind))
+            jobs.append(
+                SwarmJob(as_target(address), tuple(users), share, max(1, par), time_limit, kind)
+            )
         started = time.perf_counter()
         for (_proc, pipe), job in zip(self._workers, jobs, strict=True):
             pipe.send(job)
@@ -360,6 +508,7 @@ class SwarmPool:
                 else 0.0
             ),
             "client_cpu_s": [r["cpu"] for r in results],
+            "tls": next((r["tls"] for r in results if r["tls"]), ""),
             # Busiest client process: CPU seconds per second of its own run.
             "client_cpu_max_util": max(r["cpu"] / r["wall"] if r["wall"] else 0 for r in results),
         }

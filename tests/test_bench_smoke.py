@@ -1,10 +1,13 @@
 """Smoke tests of the benchmark: quick mode, end to end.
 
-Runs ``python -m bench --quick --only pingpong`` and ``--quick --only dele
---audit-compare`` in-process against a real private Dovecot and real
-popguard subprocesses.  They check only that figures came out and are
-positive (and, for DELE, that the messages were deleted and recorded), never
-how fast anything was: timings on a shared machine are a report, not a test.
+Runs ``python -m bench --quick --only pingpong``, ``--quick --only dele
+--audit-compare``, ``--quick --only pingpong --policy-compare`` and
+``--quick --only bulk --tls-compare`` in-process against a real private
+Dovecot and real popguard subprocesses.  They check only that figures came
+out and are positive (and, for DELE, that the messages were deleted and
+recorded; for TLS, that every side spoke TLS and relayed the same bytes),
+never how fast anything was: timings on a shared machine are a report, not
+a test.
 """
 
 from __future__ import annotations
@@ -84,3 +87,61 @@ def test_quick_dele_audit_compare_deletes_and_records(
     assert "Audit cost" in printed
     n = recorded["sessions"]
     assert f"{n}/{n}, all by UIDL" in printed
+
+
+@pytest.mark.usefixtures("dovecot_available")
+def test_quick_pingpong_policy_compare_produces_positive_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--quick --only pingpong --policy-compare: no policies and 1000 rules, side by side."""
+    import bench
+
+    out = tmp_path / "results.json"
+    rc = bench.main(["--quick", "--only", "pingpong", "--policy-compare", "--json", str(out)])
+
+    assert rc == 0
+    results = json.loads(out.read_text())
+    policy = results["meta"]["policy"]
+    assert policy["tree"]["rules"] == 1000
+    assert policy["check_policy"].startswith("1000 rules")
+    pingpong = results["cases"]["pingpong"]
+    assert "error" not in pingpong
+    assert pingpong["side"] == "policy"
+    assert pingpong["direct"]["median"] > 0
+    for side in ("none", "policy"):
+        entry = pingpong["by_side"][side]
+        assert entry["value"]["median"] > 0
+        assert entry["vs_direct"]["ratio"] > 0
+        assert pingpong["cpu_us_per_noop_by_side"][side]["median"] >= 0
+    assert pingpong["by_side"]["policy"]["vs_base"]["ratio"] > 0
+    printed = capsys.readouterr().out
+    assert "Policy cost" in printed
+    assert "popguard CPU per NOOP" in printed
+
+
+@pytest.mark.usefixtures("dovecot_available")
+def test_quick_bulk_tls_compare_produces_positive_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--quick --only bulk --tls-compare: Dovecot's POP3S, TLS offload, TLS both sides."""
+    import bench
+
+    out = tmp_path / "results.json"
+    rc = bench.main(["--quick", "--only", "bulk", "--tls-compare", "--json", str(out)])
+
+    assert rc == 0
+    results = json.loads(out.read_text())
+    bulk = results["cases"]["bulk"]
+    assert "error" not in bulk
+    assert bulk["identical_bytes"] is True  # every side delivered Dovecot's bytes
+    fast = bulk["bulk"]
+    assert fast["side"] == "tls"
+    assert fast["direct"]["median"] > 0
+    for side in ("offload", "tls"):
+        entry = fast["by_side"][side]
+        assert entry["value"]["median"] > 0
+        assert entry["vs_direct"]["ratio"] > 0
+    for side in ("direct", "offload", "tls"):
+        assert fast["tls_by_side"][side].startswith("TLSv1.")
+    printed = capsys.readouterr().out
+    assert "TLS: popguard against Dovecot's own POP3S" in printed
