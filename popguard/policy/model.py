@@ -91,6 +91,10 @@ class Match:
     tls: bool | None = None
 
     def matches(self, context: Context) -> bool:
+        return self.matches_user(context) and self.matches_connection(context)
+
+    def matches_user(self, context: Context) -> bool:
+        """The parts about who: ``user`` and ``claimed_user``."""
         if self.users is not None and (
             context.user is None or not _user_matches(self.users, context.user)
         ):
@@ -99,6 +103,10 @@ class Match:
             claimed = context.user or context.claimed_user
             if claimed is None or not _user_matches(self.claimed_users, claimed):
                 return False
+        return True
+
+    def matches_connection(self, context: Context) -> bool:
+        """The parts fixed for a connection: client, listener, TLS."""
         if self.clients is not None and (
             context.client is None or not any(context.client in network for network in self.clients)
         ):
@@ -158,6 +166,12 @@ class PolicySet:
     _by_claimed: Mapping[str, tuple[int, ...]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
+    # The always-candidates whose client/listener/TLS part matches, per
+    # connection; a session resolves several times (connect, user named,
+    # login) with the same connection, and many rules test CIDRs.
+    _by_connection: dict[tuple[object, str, bool], tuple[int, ...]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         always: list[int] = []
@@ -179,7 +193,16 @@ class PolicySet:
 
     def resolve(self, context: Context) -> Effective:
         """Each setting from the first matching rule that sets it."""
-        candidates: Iterable[int] = self._always
+        key = (context.client, context.listener, context.tls)
+        cache = self._by_connection
+        always = cache.get(key)
+        if always is None:
+            if len(cache) >= _CONNECTION_CACHE_SIZE:
+                cache.clear()
+            rules = self.rules
+            always = tuple(i for i in self._always if rules[i].match.matches_connection(context))
+            cache[key] = always
+        candidates: Iterable[int] = always
         extra: tuple[int, ...] = ()
         if context.user is not None:
             extra += self._by_user.get(context.user, ())
@@ -187,7 +210,7 @@ class PolicySet:
         if claimed is not None:
             extra += self._by_claimed.get(claimed, ())
         if extra:
-            candidates = sorted((*self._always, *extra))
+            candidates = sorted((*always, *extra))
         chosen: dict[str, Setting] = {}
         rules = self.rules
         for position in candidates:
@@ -198,6 +221,10 @@ class PolicySet:
                 if name not in chosen:
                     chosen[name] = Setting(value, rule)
         return Effective(chosen)
+
+
+#: Connections (client, listener, TLS) whose candidate rules are remembered.
+_CONNECTION_CACHE_SIZE = 4096
 
 
 def _plain_name(pattern: str) -> bool:

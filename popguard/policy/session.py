@@ -97,6 +97,7 @@ class SessionPolicy:
         self._shared = shared
         self.peer = peer
         self.context = Context(client=client, listener=listener, tls=tls)
+        self._peer_host = str(client) if client is not None else peer
         self.started_at = shared.clock()
         self._cache: tuple[int, Context, Effective] | None = None
         self._counted = False
@@ -165,8 +166,7 @@ class SessionPolicy:
 
     @property
     def peer_host(self) -> str:
-        client = self.context.client
-        return str(client) if client is not None else self.peer
+        return self._peer_host
 
     def closed(self) -> None:
         """The session is over: it no longer counts against any limit."""

@@ -378,10 +378,24 @@ class Relay:
         session = self.session
         upstream = self.upstream
         assert upstream is not None
+        # A TLS upstream yields one TLS record per receive (Dovecot writes
+        # 4 KiB records): gather what is already decrypted-able before the
+        # core and the client see it, so one network read costs one pass and
+        # one client write (bench --tls-compare: 13 writes per 50 kB before).
+        incoming = (
+            getattr(upstream, "_incoming", None) if isinstance(upstream, trio.SSLStream) else None
+        )
         while not session.finished:
             scope = self._upstream_receive = trio.CancelScope()
             with scope:
                 data = await self._receive(upstream, EndReason.UPSTREAM_ERROR)
+                while (
+                    data and incoming is not None and incoming.pending and len(data) < RECEIVE_SIZE
+                ):
+                    more = await self._receive(upstream, EndReason.UPSTREAM_ERROR)
+                    if not more:
+                        break  # close_notify: let the next receive report it
+                    data += more
             if scope.cancelled_caught or data is None:
                 break
             if not data:
@@ -513,6 +527,17 @@ class Relay:
         read and discard what the client still sends, briefly, then close.
         """
         client = self.client
+        if isinstance(client, trio.SSLStream):
+            # TLS ends with close_notify (RFC 8446 §6.1), so the client can
+            # tell our close from a truncation.
+            with trio.move_on_after(LINGER_TIMEOUT):
+                try:
+                    await client.aclose()
+                    return
+                except (*_STREAM_ERRORS, trio.BusyResourceError):
+                    pass
+            await trio.aclose_forcefully(client)
+            return
         if isinstance(client, trio.abc.HalfCloseableStream):
             with trio.move_on_after(LINGER_TIMEOUT):
                 try:
