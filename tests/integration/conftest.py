@@ -39,6 +39,7 @@ import trio
 
 from popguard.audit import AuditLog, ConsoleSink, JsonLinesSink
 from popguard.shell.server import Endpoint, ListenerSpec, ProxyServer, ServerSettings
+from popguard.shell.tls import ListenerTLS
 from popguard.testing import dovecot as dovecot_tool
 from popguard.testing.dovecot import DovecotInstance
 
@@ -372,7 +373,11 @@ async def popguard(dovecot, mailbox, nursery, tmp_path):
     started: list[RunningProxy] = []
 
     async def start(
-        *, host: str = "127.0.0.1", upstream: tuple[str, int] | None = None, **settings
+        *,
+        host: str = "127.0.0.1",
+        upstream: tuple[str, int] | None = None,
+        tls: ListenerTLS | None = None,
+        **settings,
     ) -> RunningProxy:
         sink = ListSink()
         json_path = tmp_path / f"audit-{len(started)}.jsonl"
@@ -380,7 +385,7 @@ async def popguard(dovecot, mailbox, nursery, tmp_path):
         audit = AuditLog([sink, JsonLinesSink(str(json_path)), ConsoleSink(console)])
         up_host, up_port = upstream if upstream is not None else dovecot.address
         config = ServerSettings(
-            listeners=(ListenerSpec("it", Endpoint(host, 0)),),
+            listeners=(ListenerSpec("it", Endpoint(host, 0), tls or ListenerTLS()),),
             upstream=Endpoint(up_host, up_port),
             **settings,
         )
