@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 from collections.abc import AsyncIterator
@@ -67,17 +68,20 @@ async def stack(
 
 def exchange(port: int, first: bytes, then: bytes = b"") -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
-        if first:
-            sock.sendall(first)
-        if then:
-            sock.sendall(then)
         data = b""
         try:
+            if first:
+                sock.sendall(first)
+            if then:
+                sock.sendall(then)
             sock.shutdown(socket.SHUT_WR)
             while chunk := sock.recv(4096):
                 data += chunk
-        except ConnectionResetError:
+        except (ConnectionResetError, BrokenPipeError):
             pass  # a refused connection may be reset: it had unread bytes
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:  # already closed by popguard
+                raise
         return data
 
 
