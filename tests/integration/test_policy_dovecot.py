@@ -114,6 +114,8 @@ class PolicyProxy:
         return (self.host, self.port)
 
     def json_events(self, name: str) -> list[dict[str, Any]]:
+        # The file is written by a writer thread, in batches: wait for it.
+        assert self.server.audit.flush(), "the audit file did not catch up"
         lines = self.json_path.read_text().splitlines()
         return [e for e in map(json.loads, lines) if e["event"] == name]
 
