@@ -153,7 +153,8 @@ def _add_serve_flags(parser: argparse.ArgumentParser, *, upstream: bool = True) 
     parser.add_argument(
         "--admin-listen",
         metavar="HOST:PORT",
-        help="serve /metrics, /healthz and /readyz here (e.g. 127.0.0.1:9110); default: off",
+        help="serve /metrics, /healthz and /readyz here (e.g. 127.0.0.1:9110); overrides "
+        "the config's admin.listen; default: off",
     )
     parser.add_argument(
         "--console",
@@ -296,6 +297,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _resolve(args, upstream=args.upstream)
     policies = _policies(args, config)
     admin = _admin_address(args)
+    if admin is None and config.admin_listen is not None:
+        admin = (config.admin_listen.host, config.admin_listen.port)
     metrics = None
     if admin is not None:
         prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]

@@ -287,8 +287,10 @@ class Config:
     #: Seconds open sessions get on SIGTERM/SIGINT before they are closed.
     shutdown_grace: float = _DEFAULT_SHUTDOWN_GRACE
     audit: AuditConfig = AuditConfig()
-    #: Absolute path of the policy directory (reserved for the policy engine).
+    #: Absolute path of the policy directory (see docs/policies.md).
     policies: str | None = None
+    #: Where /metrics, /healthz and /readyz are served (None: nowhere).
+    admin_listen: Address | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +309,8 @@ class PartialConfig:
     shutdown_grace: float = _DEFAULT_SHUTDOWN_GRACE
     audit: AuditConfig = AuditConfig()
     policies: str | None = None
+    #: Where /metrics, /healthz and /readyz are served (None: nowhere).
+    admin_listen: Address | None = None
     #: The file it was read from, as given to :func:`read_config`.
     source: str | None = None
 
@@ -619,6 +623,7 @@ _SECTIONS: Final[Mapping[str, tuple[str, ...]]] = {
     "session": ("idle_timeout", "idle_notice"),
     "limits": _LIMIT_KEYS,
     "shutdown": ("grace_period",),
+    "admin": ("listen",),
     "audit": (
         "file",
         "console",
@@ -633,7 +638,16 @@ _SECTIONS: Final[Mapping[str, tuple[str, ...]]] = {
         "message_identity",
     ),
 }
-_TOP_KEYS: Final = ("listeners", "upstream", "session", "limits", "shutdown", "audit", "policies")
+_TOP_KEYS: Final = (
+    "listeners",
+    "upstream",
+    "session",
+    "limits",
+    "shutdown",
+    "audit",
+    "policies",
+    "admin",
+)
 _LISTENER_KEYS: Final = (
     "name",
     "listen",
@@ -885,6 +899,7 @@ class _Walker:
         audit = self.audit(section("audit"))
         policies_node = section("policies")
         policies = None if policies_node is None else self.path(policies_node, "policies")
+        admin_listen = self.admin(section("admin"))
         return PartialConfig(
             listeners=listeners,
             upstream_address=upstream_address,
@@ -897,6 +912,7 @@ class _Walker:
             shutdown_grace=_DEFAULT_SHUTDOWN_GRACE if grace is None else grace,
             audit=audit,
             policies=policies,
+            admin_listen=admin_listen,
             source=self.file,
         )
 
@@ -1338,6 +1354,18 @@ class _Walker:
                     values[name] = value
         return Limits(**values)
 
+    def admin(self, node: Node | None) -> Address | None:
+        if node is None or self.is_null(node):
+            return None
+        entries = self.mapping(node, "admin")
+        if entries is None or "listen" not in entries:
+            return None
+        self.check_keys(entries, _SECTIONS["admin"], "admin", "admin")
+        listen = entries["listen"][1]
+        if self.is_null(listen):
+            return None
+        return self.address(listen, "admin.listen", listen=True)
+
     def shutdown(self, node: Node | None) -> float | None:
         if node is None:
             return None
@@ -1705,6 +1733,7 @@ def build_config(
             shutdown_grace=base.shutdown_grace,
             audit=base.audit,
             policies=base.policies,
+            admin_listen=base.admin_listen,
         )
     else:
         partial = base
@@ -1819,6 +1848,7 @@ def build_config(
         shutdown_grace=partial.shutdown_grace,
         audit=audit,
         policies=partial.policies,
+        admin_listen=partial.admin_listen,
     )
     return config, issues
 

@@ -1797,3 +1797,27 @@ def test_proxy_protocol_errors(tmp_path: Path, value: str, message: str) -> None
     )
     found = errors(path)
     assert any(message in issue.message and issue.line == 4 for issue in found), found
+
+
+def test_admin_listen(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        listeners: [{listen: "127.0.0.1:1110"}]
+        upstream: {address: "127.0.0.1:110"}
+        admin: {listen: "127.0.0.1:9110"}
+        """,
+    )
+    config, _ = load_config(path)
+    assert config.admin_listen is not None
+    assert (config.admin_listen.host, config.admin_listen.port) == ("127.0.0.1", 9110)
+    bad = write(
+        tmp_path,
+        """
+        listeners: [{listen: "127.0.0.1:1110"}]
+        upstream: {address: "127.0.0.1:110"}
+        admin: {listen: "nowhere"}
+        """,
+        "bad.yaml",
+    )
+    assert any("admin.listen" in issue.message for issue in errors(bad))
