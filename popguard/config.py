@@ -88,6 +88,7 @@ from yaml.error import Mark
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
+from popguard import yamlnodes
 from popguard.core.limits import Limits
 from popguard.shell.tls import (
     VERSIONS,
@@ -589,23 +590,16 @@ def _sni_name_problem(name: str) -> str | None:
 # The schema walker
 # --------------------------------------------------------------------------
 
-_TAG = "tag:yaml.org,2002:"
-_STR = _TAG + "str"
-_INT = _TAG + "int"
-_FLOAT = _TAG + "float"
-_BOOL = _TAG + "bool"
-_NULL = _TAG + "null"
-_MERGE = _TAG + "merge"
-
-_KINDS: Final[Mapping[str, str]] = {
-    _STR: "a string",
-    _INT: "an integer",
-    _FLOAT: "a float",
-    _BOOL: "a boolean",
-    _NULL: "null",
-    _TAG + "timestamp": "a timestamp",
-    _TAG + "binary": "binary data",
-}
+_TAG, _STR, _INT, _FLOAT, _BOOL, _NULL, _MERGE = (
+    yamlnodes.TAG,
+    yamlnodes.STR,
+    yamlnodes.INT,
+    yamlnodes.FLOAT,
+    yamlnodes.BOOL,
+    yamlnodes.NULL,
+    yamlnodes.MERGE,
+)
+_KINDS = yamlnodes.KINDS
 
 _LIMIT_KEYS: Final = tuple(f.name for f in fields(Limits))
 
@@ -672,29 +666,11 @@ _Entries = dict[str, tuple[ScalarNode, Node]]
 
 
 def _describe(node: Node) -> str:
-    """``a string '600'``, ``a list``, ``null``: what the user wrote."""
-    if isinstance(node, SequenceNode):
-        return "a list"
-    if isinstance(node, MappingNode):
-        return "a mapping"
-    if node.tag == _NULL:
-        return "null"
-    kind = _KINDS.get(node.tag, f"a value tagged {node.tag}")
-    return f"{kind} {node.value!r}" if isinstance(node, ScalarNode) else kind
+    return yamlnodes.describe(node)
 
 
 def _number_hint(node: Node) -> str:
-    """Why a number-looking string is a string, for type errors."""
-    if not (isinstance(node, ScalarNode) and node.tag == _STR):
-        return ""
-    try:
-        if not math.isfinite(float(node.value)):
-            return ""
-    except ValueError:
-        return ""
-    if node.style in ("'", '"'):
-        return "; write numbers without quotes"
-    return "; YAML 1.1 reads this as a string, write it as a plain decimal (e.g. 1000 or 1.5)"
+    return yamlnodes.number_hint(node, "1000")
 
 
 def _suggest(name: str, allowed: Sequence[str], section: str) -> str:
