@@ -21,7 +21,7 @@ import ipaddress
 import secrets
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,10 +32,12 @@ from popguard.audit import AuditLog, session_context
 from popguard.config import ProxyProtocolConfig
 from popguard.core.limits import Limits
 from popguard.core.proxy_protocol import (
+    V1_UNKNOWN,
     ProxyHeaderParser,
     ProxyProtocolError,
     build_v1,
     build_v2,
+    build_v2_local,
     is_trusted,
 )
 from popguard.core.records import EndReason
@@ -467,6 +469,7 @@ async def serve(
                 listeners_up=lambda: server.accepting,
                 upstream=(settings.upstream.host, settings.upstream.port),
                 audit_healthy=lambda: audit.healthy,
+                connect=probe_connector(settings),
             )
             admin_server = AdminServer(metrics, readiness)
             await admin_server.open(admin)  # likewise a plain OSError
@@ -479,6 +482,25 @@ async def serve(
                 await nursery.start(admin_server.run)
             await server.run(task_status=task_status)
             nursery.cancel_scope.cancel()
+
+
+def probe_connector(
+    settings: ServerSettings,
+) -> Callable[[str, int], Awaitable[trio.abc.Stream]] | None:
+    """How /readyz reaches the upstream: with a PROXY "local" header where the
+    upstream expects PROXY headers from popguard (send_proxy), so a server
+    like Dovecot with haproxy = yes does not log every probe as broken."""
+    versions = {spec.send_proxy for spec in settings.listeners} - {"none"}
+    if not versions:
+        return None
+    header = build_v2_local() if "v2" in versions else V1_UNKNOWN
+
+    async def connect(host: str, port: int) -> trio.abc.Stream:
+        stream = await connect_tcp(host, port)
+        await stream.send_all(header)
+        return stream
+
+    return connect
 
 
 _REOPEN_SIGNALS = frozenset({signal.SIGHUP, signal.SIGUSR1})

@@ -15,8 +15,14 @@ import trio
 
 from popguard.audit import AuditLog
 from popguard.config import ProxyProtocolConfig
-from popguard.core.proxy_protocol import ProxyHeaderParser, build_v1, build_v2
-from popguard.shell.server import Endpoint, ListenerSpec, ProxyServer, ServerSettings
+from popguard.core.proxy_protocol import ProxyHeaderParser, build_v1, build_v2, build_v2_local
+from popguard.shell.server import (
+    Endpoint,
+    ListenerSpec,
+    ProxyServer,
+    ServerSettings,
+    probe_connector,
+)
 from popguard.testing.demo_upstream import DemoUpstream, bound_port, sample_store
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
@@ -157,3 +163,36 @@ async def test_send_proxy_v2_to_the_upstream() -> None:
         nursery.cancel_scope.cancel()
     assert out.startswith(b"+OK hello")
     assert seen == [build_v2(("203.0.113.9", 51000), ("198.51.100.1", 110))]
+
+
+async def test_readiness_probe_speaks_proxy_local_where_the_upstream_expects_it() -> None:
+    plain = ServerSettings(
+        listeners=(ListenerSpec("a", Endpoint("127.0.0.1", 0)),),
+        upstream=Endpoint("127.0.0.1", 1),
+    )
+    assert probe_connector(plain) is None  # a plain TCP connect, as before
+    seen: list[bytes] = []
+
+    async def upstream(stream: trio.SocketStream) -> None:
+        parser = ProxyHeaderParser()
+        result = None
+        while result is None:
+            result = parser.feed(await stream.receive_some(4096))
+        seen.append(result.raw)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, upstream, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        settings = ServerSettings(
+            listeners=(ListenerSpec("a", Endpoint("127.0.0.1", 0), send_proxy="v2"),),
+            upstream=Endpoint("127.0.0.1", port),
+        )
+        connect = probe_connector(settings)
+        assert connect is not None
+        stream = await connect("127.0.0.1", port)
+        with trio.fail_after(5):
+            while not seen:
+                await trio.sleep(0.01)
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+    assert seen == [build_v2_local()]
