@@ -59,9 +59,6 @@ SETTINGS: Final = (
     "login_throttle",
 )
 
-#: Settings decided when a connection arrives (before any user is known).
-CONNECT_SETTINGS: Final = ("access", "max_sessions_total", "max_sessions_per_client")
-
 
 @dataclass(frozen=True, slots=True)
 class Throttle:

@@ -13,7 +13,7 @@ reload applies to the next command of every open session.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 
 from popguard.policy.model import (
@@ -29,6 +29,8 @@ from popguard.policy.model import (
 from popguard.policy.state import FailedLogins, SessionCounts
 
 Scalar = str | int | bool | None
+#: When a timer fires (any clock), the setting, and the policy rule behind it.
+Deadline = tuple[float, str, Rule | None]
 
 REPLY_ACCESS_DENIED = b"-ERR [SYS/PERM] Access denied by policy\r\n"
 REPLY_TOO_MANY_CONNECTIONS = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
@@ -120,6 +122,36 @@ class SessionPolicy:
 
     def _setting(self, name: str) -> Setting | None:
         return self.effective().get(name)
+
+    def deadlines(
+        self,
+        idle: Deadline,
+        last_activity: float,
+        started_at: float,
+        *,
+        skip_dry_run: Collection[str] = (),
+    ) -> list[Deadline]:
+        """The session's timers, given the server-wide idle deadline.
+
+        An enforced ``idle_timeout`` replaces the server's idle timer (from
+        the last activity); an enforced ``max_session`` adds one (from the
+        session's start).  A dry-run rule's timer is added to be recorded
+        when it would fire, unless already reported (``skip_dry_run``).
+        """
+        timers = [idle]
+        for name, since in (("idle_timeout", last_activity), ("max_session", started_at)):
+            timer = self.timer(name)
+            if timer is None:
+                continue
+            seconds, rule = timer
+            if rule.mode == "enforce":
+                if name == "idle_timeout":
+                    timers[0] = (since + seconds, name, rule)
+                else:
+                    timers.append((since + seconds, name, rule))
+            elif name not in skip_dry_run:
+                timers.append((since + seconds, name, rule))
+        return timers
 
     def timer(self, name: str) -> tuple[float, Rule] | None:
         """``idle_timeout`` or ``max_session`` in seconds, and the rule that set it."""

@@ -33,10 +33,10 @@ from typing import Final
 
 import trio
 
+from popguard.core.grammar import Status, parse_status
 from popguard.core.records import AuditRecord, EndReason, Event
 from popguard.core.session import ProxySession
-from popguard.policy.model import Rule
-from popguard.policy.session import SessionPolicy
+from popguard.policy.session import Deadline, SessionPolicy
 from popguard.shell.tcp import TCPStream
 from popguard.shell.tls import HANDSHAKE_TIMEOUT, describe
 
@@ -164,26 +164,15 @@ class Relay:
         """Re-read the session's timers now (the policy may have changed)."""
         self._rearm.set()
 
-    def _deadlines(self) -> list[tuple[float, str, Rule | None]]:
+    def _deadlines(self) -> list[Deadline]:
         """When each timer fires: (time, setting, the policy rule or None)."""
-        last = self._last_activity
-        idle: tuple[float, str, Rule | None] = (last + self._idle_timeout, "idle_timeout", None)
-        timers = [idle]
+        idle: Deadline = (self._last_activity + self._idle_timeout, "idle_timeout", None)
         policy = self.policy
-        if policy is not None and policy.active:
-            for name, since in (("idle_timeout", last), ("max_session", self._started_at)):
-                timer = policy.timer(name)
-                if timer is None:
-                    continue
-                seconds, rule = timer
-                if rule.mode == "enforce":
-                    if name == "idle_timeout":
-                        timers[0] = (since + seconds, name, rule)
-                    else:
-                        timers.append((since + seconds, name, rule))
-                elif name not in self._dry_reported:
-                    timers.append((since + seconds, name, rule))
-        return timers
+        if policy is None or not policy.active:
+            return [idle]
+        return policy.deadlines(
+            idle, self._last_activity, self._started_at, skip_dry_run=self._dry_reported
+        )
 
     async def _idle_watchdog(self) -> None:
         """The idle timer (RFC 1939 §3 autologout) and a policy's max_session."""
@@ -354,7 +343,7 @@ class Relay:
             greeting, rest = await _read_line(stream, b"")
             if rest:
                 raise UpstreamTLSError("upstream sent data after its greeting, before STLS")
-            if not greeting.startswith(b"+OK"):
+            if parse_status(greeting) is not Status.OK:
                 # popguard was told to encrypt: it never goes on in plaintext.
                 raise UpstreamTLSError("upstream greeting was not +OK")
             await stream.send_all(b"STLS\r\n")
@@ -362,7 +351,7 @@ class Relay:
             if rest:
                 # Bytes injected before the handshake must never reach anyone.
                 raise UpstreamTLSError("upstream sent data after +OK to STLS, before TLS")
-            if not reply.startswith(b"+OK"):
+            if parse_status(reply) is not Status.OK:
                 raise UpstreamTLSError(
                     "upstream refused STLS: " + reply[:80].decode("ascii", "replace").strip()
                 )
