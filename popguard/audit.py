@@ -149,6 +149,7 @@ class AuditLog:
         sinks: Sequence[Sink | QueuedSink],
         *,
         instance: str = "popguard",
+        worker: int | None = None,
         on_failure: OnFailure = "fail-open",
         durable_timeout: float = 5.0,
     ) -> None:
@@ -165,7 +166,7 @@ class AuditLog:
         self._plain_lock = threading.RLock()
         self._closed = False
         for sink in self._queued:
-            sink.attach(self, instance=instance)
+            sink.attach(self, instance=instance, worker=worker)
             sink.start()
         structlog.configure(
             processors=[
@@ -177,7 +178,10 @@ class AuditLog:
             ],
             cache_logger_on_first_use=False,
         )
-        self._log = structlog.get_logger("popguard.audit").bind(instance=instance)
+        identity: dict[str, Any] = {"instance": instance}
+        if worker is not None:
+            identity["worker"] = worker  # one chain and file per worker process
+        self._log = structlog.get_logger("popguard.audit").bind(**identity)
         if self._queued:
             atexit.register(_close_at_exit, weakref.ref(self))
 
@@ -380,7 +384,11 @@ def _close_at_exit(ref: weakref.ref[AuditLog]) -> None:
 
 
 def open_audit_log_from_config(
-    config: AuditConfig, *, instance: str = "popguard", extra_sinks: Sequence[Sink] = ()
+    config: AuditConfig,
+    *,
+    instance: str = "popguard",
+    worker: int | None = None,
+    extra_sinks: Sequence[Sink] = (),
 ) -> AuditLog:
     """The sinks ``config`` (the ``audit:`` section) asks for, in one log.
 
@@ -426,6 +434,7 @@ def open_audit_log_from_config(
     return AuditLog(
         [*sinks, *extra_sinks],
         instance=instance,
+        worker=worker,
         on_failure=config.on_failure,
         durable_timeout=config.durable_timeout_ms / 1000,
     )

@@ -13,10 +13,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import prometheus_client
 import trio
@@ -24,10 +25,12 @@ import trio
 from popguard import __version__
 from popguard.audit import AuditLog, open_audit_log_from_config
 from popguard.config import (
+    MAX_WORKERS,
     Config,
     ConfigError,
     ConfigIssue,
     PartialConfig,
+    Workers,
     build_config,
     read_config,
 )
@@ -42,13 +45,27 @@ from popguard.shell.server import (
     ServerSettings,
     serve,
 )
+from popguard.shell.workers import (
+    ListenerSockets,
+    Supervisor,
+    WorkerRole,
+    bind_reuseport,
+    cpu_count,
+    parse_worker_arg,
+    worker_audit_file,
+    worker_command,
+)
 from popguard.trail.chain import KeyFileError
 from popguard.trail.cli import add_audit_commands
 
 DEMO_LISTEN = "127.0.0.1:1110"
 
 
-def settings_from_config(config: Config) -> ServerSettings:
+def settings_from_config(
+    config: Config, fds: Mapping[str, tuple[int, ...]] | None = None
+) -> ServerSettings:
+    """*fds*: listening sockets inherited from a supervising parent, by listener."""
+    fds = fds or {}
     return ServerSettings(
         listeners=tuple(
             ListenerSpec(
@@ -57,6 +74,7 @@ def settings_from_config(config: Config) -> ServerSettings:
                 listener.tls,
                 listener.proxy_protocol,
                 listener.send_proxy,
+                fds.get(listener.name, ()),
             )
             for listener in config.listeners
         ),
@@ -157,11 +175,51 @@ def _add_serve_flags(parser: argparse.ArgumentParser, *, upstream: bool = True) 
         "the config's admin.listen; default: off",
     )
     parser.add_argument(
+        "--workers",
+        type=_workers_arg,
+        metavar="N|auto",
+        help="worker processes on the same listeners (SO_REUSEPORT), under a parent that "
+        "restarts them; 'auto': one per CPU; overrides the config's workers: (default 1: "
+        "a single process)",
+    )
+    # Internal: how the supervising parent starts a worker (shell/workers.py).
+    parser.add_argument("--worker", type=_worker_role, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--inherit-listener", action="append", default=[], type=_inherited, help=argparse.SUPPRESS
+    )
+    parser.add_argument(
         "--console",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="print readable audit events on stderr (default on)",
     )
+
+
+def _workers_arg(text: str) -> Workers:
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+    if not 1 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_WORKERS}, got {value}")
+    return value
+
+
+def _worker_role(text: str) -> WorkerRole:
+    try:
+        return parse_worker_arg(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _inherited(text: str) -> tuple[str, tuple[int, ...]]:
+    name, _, fds = text.partition("=")
+    try:
+        return name, tuple(int(fd) for fd in fds.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=FD,FD, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,15 +325,18 @@ async def _serve_until_signal(
     metrics: Metrics | None,
     admin: tuple[str, int] | None,
     dropper: Callable[[], None] | None = None,
+    worker: WorkerRole | None = None,
+    fds: Mapping[str, tuple[int, ...]] | None = None,
 ) -> None:
     await serve(
-        settings_from_config(config),
+        settings_from_config(config, fds),
         audit,
         policies=policies.initial,
         policy_loader=policies.load if policies.directory else None,
         metrics=metrics,
         admin=admin,
         after_bind=dropper,
+        worker=worker,
     )
 
 
@@ -299,22 +360,67 @@ def cmd_serve(args: argparse.Namespace) -> int:
     admin = _admin_address(args)
     if admin is None and config.admin_listen is not None:
         admin = (config.admin_listen.host, config.admin_listen.port)
+    role: WorkerRole | None = args.worker
+    fds: dict[str, tuple[int, ...]] = dict(args.inherit_listener)
+    if role is None:
+        workers = args.workers if args.workers is not None else config.workers
+        count = cpu_count() if workers == "auto" else workers
+        if count > 1:
+            return _supervise(args, config, count)
+    else:
+        config = _as_worker(config, role, fds)
+        if admin is not None and admin[1] != 0:
+            admin = (admin[0], admin[1] + role.index - 1)  # one admin port per worker
     metrics = None
     if admin is not None:
         prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
         metrics = Metrics()
     audit = open_audit_log_from_config(
-        config.audit, extra_sinks=[metrics.sink] if metrics is not None else ()
+        config.audit,
+        worker=role.index if role is not None else None,
+        extra_sinks=[metrics.sink] if metrics is not None else (),
     )
     if metrics is not None:
         audit.observe_writes(metrics.observe_audit_write)
     _tune_gc()
     try:
         dropper = _privilege_dropper(args.user, args.group)
-        trio.run(_serve_until_signal, config, audit, policies, metrics, admin, dropper)
+        trio.run(_serve_until_signal, config, audit, policies, metrics, admin, dropper, role, fds)
     finally:
         audit.close()
     return 0
+
+
+def _as_worker(config: Config, role: WorkerRole, fds: Mapping[str, tuple[int, ...]]) -> Config:
+    """A worker's config: its own audit file; checks every listener was handed down."""
+    missing = [listener.name for listener in config.listeners if listener.name not in fds]
+    if missing:
+        raise SystemExit(f"popguard: worker {role.index}: no socket for listener(s) {missing}")
+    audit = config.audit
+    if audit.file:
+        audit = dataclasses.replace(audit, file=worker_audit_file(audit.file, role.index))
+    return dataclasses.replace(config, audit=audit)
+
+
+def _supervise(args: argparse.Namespace, config: Config, workers: int) -> int:
+    """The parent of ``workers`` worker processes (see popguard.shell.workers)."""
+    bound: list[ListenerSockets] = []
+    try:
+        for listener in config.listeners:
+            address = listener.address
+            bound.append(bind_reuseport(listener.name, address.host, address.port, workers))
+        audit = open_audit_log_from_config(config.audit, worker=0)
+    except BaseException:
+        for sockets in bound:
+            sockets.close()
+        raise
+    supervisor = Supervisor(worker_command(args.raw_argv), bound, audit, workers=workers)
+    try:
+        return trio.run(supervisor.run)
+    finally:
+        for sockets in bound:
+            sockets.close()
+        audit.close()
 
 
 def _privilege_dropper(user: str | None, group: str | None) -> Callable[[], None] | None:
@@ -448,6 +554,7 @@ def cmd_demo_upstream(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.raw_argv = list(sys.argv[1:] if argv is None else argv)
     if args.command in ("audit", "policy"):
         # The trail tools report their own errors and exit codes (2: I/O).
         try:

@@ -111,6 +111,7 @@ from popguard.trail.chain import ChainError, load_key
 __all__ = [
     "COMMAND_LINE",
     "LIMIT_MINIMUMS",
+    "MAX_WORKERS",
     "RFC1939_MIN_IDLE_TIMEOUT",
     "Address",
     "AuditConfig",
@@ -122,6 +123,7 @@ __all__ = [
     "SessionConfig",
     "SyslogTarget",
     "UpstreamConfig",
+    "Workers",
     "build_config",
     "load_config",
     "parse_address",
@@ -137,6 +139,9 @@ RFC1939_MIN_IDLE_TIMEOUT: Final = 600.0
 
 _DEFAULT_CONNECT_TIMEOUT: Final = 10.0
 _DEFAULT_SHUTDOWN_GRACE: Final = 10.0
+#: ``workers:`` is a count of processes, or ``"auto"`` (one per CPU).
+Workers = int | Literal["auto"]
+MAX_WORKERS: Final = 256
 
 #: The smallest value each ``limits:`` key accepts, and why.  Keys of
 #: :class:`~popguard.core.limits.Limits` missing here must be at least 1.
@@ -292,6 +297,8 @@ class Config:
     policies: str | None = None
     #: Where /metrics, /healthz and /readyz are served (None: nowhere).
     admin_listen: Address | None = None
+    #: Worker processes (``"auto"``: one per CPU); 1 runs a single process.
+    workers: Workers = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +319,7 @@ class PartialConfig:
     policies: str | None = None
     #: Where /metrics, /healthz and /readyz are served (None: nowhere).
     admin_listen: Address | None = None
+    workers: Workers = 1
     #: The file it was read from, as given to :func:`read_config`.
     source: str | None = None
 
@@ -641,6 +649,7 @@ _TOP_KEYS: Final = (
     "audit",
     "policies",
     "admin",
+    "workers",
 )
 _LISTENER_KEYS: Final = (
     "name",
@@ -876,6 +885,8 @@ class _Walker:
         policies_node = section("policies")
         policies = None if policies_node is None else self.path(policies_node, "policies")
         admin_listen = self.admin(section("admin"))
+        workers_node = section("workers")
+        workers = 1 if workers_node is None else self.workers(workers_node)
         return PartialConfig(
             listeners=listeners,
             upstream_address=upstream_address,
@@ -889,6 +900,7 @@ class _Walker:
             audit=audit,
             policies=policies,
             admin_listen=admin_listen,
+            workers=workers,
             source=self.file,
         )
 
@@ -1342,6 +1354,15 @@ class _Walker:
             return None
         return self.address(listen, "admin.listen", listen=True)
 
+    def workers(self, node: Node) -> Workers:
+        if isinstance(node, ScalarNode) and node.tag == _STR:
+            return "auto" if self.choice(node, "workers", ["auto"]) else 1
+        value = self.integer(node, "workers", 1, "one process at least; or 'auto'")
+        if value is not None and value > MAX_WORKERS:
+            self.report(node, f"workers: at most {MAX_WORKERS}, got {value}")
+            return 1
+        return 1 if value is None else value
+
     def shutdown(self, node: Node | None) -> float | None:
         if node is None:
             return None
@@ -1677,6 +1698,7 @@ def build_config(
     upstream_ca_file: str | None = None,
     upstream_server_name: str | None = None,
     upstream_tls_verify: bool | None = None,
+    workers: Workers | None = None,
 ) -> tuple[Config, list[ConfigIssue]]:
     """Apply command-line flags over *base* (a file's config, or defaults).
 
@@ -1710,6 +1732,7 @@ def build_config(
             audit=base.audit,
             policies=base.policies,
             admin_listen=base.admin_listen,
+            workers=base.workers,
         )
     else:
         partial = base
@@ -1825,6 +1848,7 @@ def build_config(
         audit=audit,
         policies=partial.policies,
         admin_listen=partial.admin_listen,
+        workers=partial.workers if workers is None else workers,
     )
     return config, issues
 

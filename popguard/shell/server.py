@@ -49,6 +49,7 @@ from popguard.shell.admin import AdminServer, Readiness
 from popguard.shell.relay import Relay, UpstreamSecurity
 from popguard.shell.tcp import TCPStream
 from popguard.shell.tls import ListenerTLS, TLSContexts, UpstreamTLS, legacy_warnings
+from popguard.shell.workers import WorkerRole
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +71,9 @@ class ListenerSpec:
     proxy_protocol: ProxyProtocolConfig | None = None
     #: Send a PROXY header (v1/v2) to the upstream for these sessions.
     send_proxy: str = "none"
+    #: Listening sockets bound by a supervising parent (file descriptors):
+    #: used instead of binding ``endpoint`` (a worker, see shell/workers.py).
+    fds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,9 +185,12 @@ class ProxyServer:
             return
         for spec in self.settings.listeners:
             try:
-                listeners = await trio.open_tcp_listeners(
-                    spec.endpoint.port, host=spec.endpoint.host
-                )
+                if spec.fds:
+                    listeners = [_inherited_listener(fd) for fd in spec.fds]
+                else:
+                    listeners = await trio.open_tcp_listeners(
+                        spec.endpoint.port, host=spec.endpoint.host
+                    )
             except OSError as exc:
                 for _, opened in self._opened:
                     for listener in opened:
@@ -225,6 +232,11 @@ class ProxyServer:
                 task_status.started(self)
                 await self._shutdown.wait()
                 acceptors.cancel_scope.cancel()
+            # Stop queueing new connections for the grace period: a balancer
+            # (or a client) is refused at once and tries elsewhere.
+            for _, listeners in opened:
+                for listener in listeners:
+                    listener.socket.close()
             self.audit.event(
                 "popguard.stopping",
                 active_sessions=len(self._relays),
@@ -433,6 +445,12 @@ def _literal_family(host: str) -> socket.AddressFamily | None:
         return None
 
 
+def _inherited_listener(fd: int) -> trio.SocketListener:
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
 async def _wait_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
@@ -447,6 +465,7 @@ async def serve(
     metrics: Metrics | None = None,
     admin: tuple[str, int] | None = None,
     after_bind: Callable[[], None] | None = None,
+    worker: WorkerRole | None = None,
     task_status: trio.TaskStatus[ProxyServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the proxy until SIGTERM or SIGINT (a second signal skips the grace).
@@ -480,8 +499,16 @@ async def serve(
             nursery.start_soon(_on_signals, signals, server, audit)
             if admin_server is not None:
                 await nursery.start(admin_server.run)
-            await server.run(task_status=task_status)
-            nursery.cancel_scope.cancel()
+
+            async def run_server(task_status: trio.TaskStatus[ProxyServer]) -> None:
+                await server.run(task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            await nursery.start(run_server)
+            task_status.started(server)
+            if worker is not None:
+                worker.ready()
+                nursery.start_soon(worker.watch_parent, server.request_shutdown, audit)
 
 
 def probe_connector(

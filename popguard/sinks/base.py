@@ -219,6 +219,8 @@ class QueuedSink:
         self.name = name
         self.queue_size = queue_size
         self.instance = "popguard"
+        #: The worker process's number (0: the supervisor) with ``workers:``.
+        self.worker: int | None = None
         self.listener: SinkListener | None = None
         self._cond = threading.Condition(threading.Lock())
         self._queue: deque[Entry] = deque()
@@ -253,9 +255,18 @@ class QueuedSink:
             )
         self._thread.start()
 
-    def attach(self, listener: SinkListener | None, *, instance: str) -> None:
+    def attach(
+        self, listener: SinkListener | None, *, instance: str, worker: int | None = None
+    ) -> None:
         self.listener = listener
         self.instance = instance
+        self.worker = worker
+
+    def identity(self) -> dict[str, Any]:
+        """The fields naming the writer, for records the sink makes itself."""
+        if self.worker is None:
+            return {"instance": self.instance}
+        return {"instance": self.instance, "worker": self.worker}
 
     # -- health ------------------------------------------------------------
 
@@ -590,7 +601,7 @@ class QueuedSink:
             "level": "error",
             "timestamp": utc_timestamp(),
             "schema": _SCHEMA,
-            "instance": self.instance,
+            **self.identity(),
         }
 
     def _release_quietly(self) -> None:

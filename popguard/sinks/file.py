@@ -244,7 +244,7 @@ class FileSink(QueuedSink):
             super()._process(entry)
 
     def _extra(self) -> dict[str, Any]:
-        return {"schema": _SCHEMA, "instance": self.instance}
+        return {"schema": _SCHEMA, **self.identity()}
 
     def _write_start(self, entry: Entry) -> None:
         """``audit.chain.start`` (and the reason for a move), once; retryable."""

@@ -241,9 +241,12 @@ def _print_verify(report: VerifyReport, out: TextIO) -> None:
             if chain.from_genesis
             else f"continuing seq {chain.first_seq - 1} (older files not given)"
         )
+        writer = ""
+        if chain.worker is not None:
+            writer = "supervisor, " if chain.worker == 0 else f"worker {chain.worker}, "
         out.write(
-            f"chain {chain.chain_id} ({chain.alg}): seq {chain.first_seq}..{chain.last_seq}, "
-            f"{start}\n"
+            f"chain {chain.chain_id} ({writer}{chain.alg}): "
+            f"seq {chain.first_seq}..{chain.last_seq}, {start}\n"
         )
         out.write(f"checkpoint: {chain.checkpoint}\n")
         if chain.alg == ALG_SHA256:

@@ -76,6 +76,8 @@ class Kind(enum.StrEnum):
     UNCHAINED = "unchained"
     MIXED_CHAIN = "mixed_chain"
     NONCANONICAL = "noncanonical"
+    #: A worker's trail is absent while the supervisor's says it ran.
+    MISSING_WORKER = "missing_worker"
     #: Not tampering: the records are HMAC-sealed and no key was given.
     KEY_REQUIRED = "key_required"
 
@@ -131,6 +133,12 @@ class ChainSummary:
     first_prev: str = GENESIS
     last_seq: int = 0
     last_hash: str = GENESIS
+    #: The writing process with ``workers:`` (0: the supervisor), else None.
+    worker: int | None = None
+    #: In a supervisor's chain: the worker count of its last start.
+    workers: int | None = None
+    #: Where the supervisor's last start record is (file, line).
+    workers_at: tuple[str, int] = ("", 0)
 
     @property
     def from_genesis(self) -> bool:
@@ -187,6 +195,7 @@ class VerifyReport:
                     "last_seq": c.last_seq,
                     "last_hash": c.last_hash,
                     "checkpoint": str(c.checkpoint),
+                    "worker": c.worker,
                 }
                 for c in self.chains
             ],
@@ -199,6 +208,8 @@ class VerifyReport:
 # --------------------------------------------------------------------------
 
 _ALGS: Final = frozenset({ALG_SHA256, ALG_HMAC})
+#: The supervisor's record of how many workers it runs (shell/workers.py).
+WORKERS_EVENT: Final = "popguard.workers.started"
 
 
 class _Found(Exception):
@@ -444,6 +455,7 @@ class _Verifier:
                 summary = self.chain(group.chain_id, group.paths)
                 if summary is not None:
                     seen.add(summary.chain_id)
+            self.every_worker()
         except _Found as found:
             report.problem = found.problem
             return report
@@ -451,6 +463,31 @@ class _Verifier:
             if chain_id not in seen:
                 report.notes.append(f"checkpoint for chain {chain_id} not checked: no such chain")
         return report
+
+    def every_worker(self) -> None:
+        """With several workers, each worker's chain must be among the files.
+
+        Chains are per writer, so removing a worker's files whole leaves no
+        gap in any chain; the supervisor's record of how many workers it
+        started (``popguard.workers.started``) is what shows it.
+        """
+        present = {c.worker for c in self.report.chains}
+        for summary in self.report.chains:
+            if summary.worker != 0 or not summary.workers:
+                continue
+            missing = [i for i in range(1, summary.workers + 1) if i not in present]
+            if missing:
+                path, line = summary.workers_at
+                raise _Found(
+                    Problem(
+                        Kind.MISSING_WORKER,
+                        path,
+                        line,
+                        f"the supervisor started {summary.workers} workers, but no chain of "
+                        f"worker(s) {', '.join(map(str, missing))} is among the files "
+                        "(give every audit.wN file, or they were removed)",
+                    )
+                )
 
     def chain(self, expected_id: str | None, paths: Sequence[str]) -> ChainSummary | None:
         summary: ChainSummary | None = None
@@ -517,6 +554,9 @@ class _Verifier:
                     first_seq=rec.seq,
                     first_prev=rec.prev,
                 )
+                worker = record.get("worker")
+                if isinstance(worker, int) and not isinstance(worker, bool):
+                    summary.worker = worker
                 self.report.chains.append(summary)
             elif rec.prev != last.hash or rec.seq != last.seq + 1:
                 if file_records == 0 and prev_file is not None:
@@ -534,6 +574,10 @@ class _Verifier:
                         "this part of the chain was rewritten",
                     )
                 )
+            if rec.event == WORKERS_EVENT and summary.worker == 0:
+                count = record.get("workers")
+                summary.workers = count if isinstance(count, int) else None
+                summary.workers_at = (rec.path, rec.line)
             summary.records += 1
             summary.last_seq = rec.seq
             summary.last_hash = rec.hash

@@ -1,0 +1,416 @@
+"""Several worker processes on the same listeners (``workers: N``).
+
+The parent (:class:`Supervisor`) binds every listener N times with
+``SO_REUSEPORT`` -- one socket per worker, so the kernel spreads new
+connections over the workers -- and keeps all of them open.  Each worker is
+a fresh ``popguard serve`` process (same arguments, plus ``--worker``) that
+inherits its own sockets and accepts on them; it never binds a POP3
+listener itself.  Because the parent holds the sockets, a worker that
+crashes loses only the sessions it was serving (their upstream connections
+are closed by the kernel, without QUIT, so the server deletes nothing):
+connections queued on its socket wait for the replacement instead of being
+reset, and a restarted worker needs no privilege to bind port 110 or 995.
+
+Signals: SIGHUP/SIGUSR1 reopen the parent's audit file and are passed on
+(each worker reopens its file and reloads policies and certificates).
+SIGTERM/SIGINT are passed on once per signal: the workers drain for the
+grace period, a second signal closes their sessions at once.  The parent
+closes its copies of the listening sockets as soon as a stop begins, so
+nothing new queues behind workers that no longer accept.  Workers run in a
+session of their own (a terminal's Ctrl-C reaches the parent only, which
+passes it on once) and stop gracefully if the parent disappears.
+
+Audit: each process writes its own file and hash chain (see
+:func:`worker_audit_file`): one chain per writer keeps every chain strictly
+ordered without locks shared between processes.  Every record carries
+``worker`` (0 is the parent); the parent's ``popguard.workers.started``
+record says how many workers there are, which ``popguard audit verify``
+uses to report a worker whose trail is missing.
+
+Counters (connection limits, failed-login throttling, Prometheus metrics)
+are per process: see docs/deploy.md "Several workers".
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import trio
+
+from popguard.audit import AuditLog
+
+__all__ = [
+    "LISTEN_BACKLOG",
+    "ListenerSockets",
+    "Supervisor",
+    "WorkerRole",
+    "bind_reuseport",
+    "cpu_count",
+    "parse_worker_arg",
+    "worker_audit_file",
+    "worker_command",
+]
+
+LISTEN_BACKLOG: Final = 4096
+#: A worker that ran at least this long before exiting is restarted at once.
+STABLE_AFTER: Final = 10.0
+#: Restart delays for a worker that keeps failing early: 0.1 s doubling to 30 s.
+FIRST_BACKOFF: Final = 0.1
+MAX_BACKOFF: Final = 30.0
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (``workers: auto``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def worker_audit_file(path: str, index: int) -> str:
+    """Worker *index*'s audit file: ``audit.jsonl`` -> ``audit.w2.jsonl``.
+
+    The parent keeps *path* itself.  The worker's number goes before the
+    extension so that rotated names (``audit.w2.jsonl.1``, ``...-20261127``)
+    and a ``*.jsonl`` logrotate glob keep working.
+    """
+    directory, name = os.path.split(path)
+    stem, dot, extension = name.rpartition(".")
+    if not dot or not stem:
+        return os.path.join(directory, f"{name}.w{index}")
+    return os.path.join(directory, f"{stem}.w{index}.{extension}")
+
+
+# -- the parent's sockets ------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ListenerSockets:
+    """One listener (by name) bound once per worker."""
+
+    name: str
+    #: ``per_worker[i]``: worker i+1's sockets (one per resolved address).
+    per_worker: list[list[socket.socket]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for sockets in self.per_worker:
+            for sock in sockets:
+                sock.close()
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        if not self.per_worker:
+            return []
+        return [sock.getsockname()[:2] for sock in self.per_worker[0]]
+
+
+def bind_reuseport(name: str, host: str, port: int, workers: int) -> ListenerSockets:
+    """Bind ``host:port`` ``workers`` times with SO_REUSEPORT, listening.
+
+    Every address ``host`` resolves to is bound (like trio's
+    ``open_tcp_listeners``); port 0 is resolved by the first bind and the
+    other sockets share the port.  Raises OSError, with the sockets closed.
+    """
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise OSError(errno.ENOTSUP, "workers need SO_REUSEPORT, which this system lacks")
+    infos = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV
+    )
+    seen: set[tuple[int, str]] = set()
+    result = ListenerSockets(name, [[] for _ in range(workers)])
+    try:
+        for family, kind, proto, _, sockaddr in infos:
+            key = (family, str(sockaddr[0]))
+            if key in seen:
+                continue
+            seen.add(key)
+            address: tuple[object, ...] = tuple(sockaddr)
+            for sockets in result.per_worker:
+                sock = socket.socket(family, kind, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.listen(LISTEN_BACKLOG)
+                address = sock.getsockname()  # port 0 -> the port the kernel chose
+    except OSError as exc:
+        result.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return result
+
+
+# -- the worker side -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRole:
+    """What a worker process knows about its place (``--worker I/N:FD:PPID``)."""
+
+    index: int
+    count: int
+    #: Write end of the pipe the parent waits on for "ready" (-1: none).
+    ready_fd: int
+    #: Read end of a pipe whose write end only the parent holds: it turns
+    #: readable (end of file) when the parent is gone, however it died.
+    lifeline_fd: int
+
+    def ready(self) -> None:
+        """Tell the parent this worker accepts connections."""
+        if self.ready_fd >= 0:
+            try:
+                os.write(self.ready_fd, b"R")
+            except OSError:
+                pass  # the parent is gone; watch_parent stops us
+            finally:
+                os.close(self.ready_fd)
+
+    async def watch_parent(self, stop: Callable[[], None], audit: AuditLog) -> None:
+        """Stop gracefully (sessions drain, no QUIT) if the parent dies."""
+        if self.lifeline_fd < 0:
+            return
+        await trio.lowlevel.wait_readable(self.lifeline_fd)
+        audit.error("popguard.worker.orphaned", reason="the supervising parent is gone")
+        stop()
+
+
+def parse_worker_arg(text: str) -> WorkerRole:
+    """``I/N:READY_FD:LIFELINE_FD``, as the supervisor writes it."""
+    try:
+        place, ready, lifeline = text.split(":")
+        index, count = (int(part) for part in place.split("/"))
+        role = WorkerRole(index, count, int(ready), int(lifeline))
+    except ValueError:
+        raise ValueError(f"expected I/N:FD:FD, got {text!r}") from None
+    if not 1 <= role.index <= role.count:
+        raise ValueError(f"worker {role.index} of {role.count}")
+    return role
+
+
+# -- the parent ----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Slot:
+    index: int
+    fds: dict[str, list[int]]
+    process: trio.Process | None = None
+    started_at: float = 0.0
+    backoff: float = FIRST_BACKOFF
+    restarts: int = 0
+    ready: bool = False
+
+
+class Supervisor:
+    """Start N workers, restart the ones that die, pass signals on.
+
+    *command* is the worker's argv without ``--worker`` and the inherited
+    listener options, which the supervisor adds per worker.
+    """
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        listeners: Sequence[ListenerSockets],
+        audit: AuditLog,
+        *,
+        workers: int,
+        startup_timeout: float = 60.0,
+    ) -> None:
+        self.command = list(command)
+        self.listeners = list(listeners)
+        self.audit = audit
+        self.workers = workers
+        self.startup_timeout = startup_timeout
+        self.slots = [
+            _Slot(
+                index,
+                {
+                    ls.name: [sock.fileno() for sock in ls.per_worker[index - 1]]
+                    for ls in self.listeners
+                },
+            )
+            for index in range(1, workers + 1)
+        ]
+        self.stopping = False
+        self._stop_signals = 0
+        self._ready_count = 0
+        self._failed_start = False
+        self._all_ready = trio.Event()
+        self._exited = trio.Event()
+        # Workers hold the read end; the write end dies with this process.
+        self._lifeline_read, self._lifeline_write = os.pipe()
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [slot.process.pid if slot.process else None for slot in self.slots]
+
+    # -- running -------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> int:
+        """Supervise until every worker has exited after a stop; the exit status.
+
+        Returns 1 when a worker fails before it is first ready (a broken
+        configuration shows at once instead of as a restart loop).
+        """
+        audit = self.audit
+        audit.event(
+            "popguard.workers.started",
+            workers=self.workers,
+            listeners={ls.name: [_format(a) for a in ls.addresses] for ls in self.listeners},
+        )
+        status = 0
+        with trio.open_signal_receiver(*_SIGNALS) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._on_signals, signals)
+                for slot in self.slots:
+                    nursery.start_soon(self._keep, slot)
+                with trio.move_on_after(self.startup_timeout):
+                    await self._all_ready.wait()
+                if self._ready_count < self.workers:
+                    status = 1
+                    audit.error(
+                        "popguard.workers.start_failed",
+                        ready=self._ready_count,
+                        workers=self.workers,
+                    )
+                    self.stop(signal.SIGTERM)
+                else:
+                    audit.event("popguard.workers.ready", workers=self.workers)
+                task_status.started()
+                while not self._all_exited():
+                    await self._exited.wait()
+                    self._exited = trio.Event()
+                nursery.cancel_scope.cancel()
+        audit.event("popguard.stopped")
+        return status
+
+    def _all_exited(self) -> bool:
+        return self.stopping and all(slot.process is None for slot in self.slots)
+
+    def _signal_workers(self, signum: int) -> None:
+        for slot in self.slots:
+            if slot.process is not None and slot.process.returncode is None:
+                slot.process.send_signal(signum)
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Begin (SIGTERM) or hurry (SIGINT, the second time) a stop of every worker."""
+        if not self.stopping:
+            self.stopping = True
+            for ls in self.listeners:  # nothing new queues from now on
+                ls.close()
+        self._signal_workers(signum)
+        self._exited.set()  # re-check: there may be no worker left
+
+    async def _on_signals(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            self.audit.event("popguard.signal", signal=signal.Signals(signum).name)
+            if signum in _REOPEN_SIGNALS:
+                self.audit.reopen()
+                self._signal_workers(signal.SIGHUP)
+                continue
+            self._stop_signals += 1
+            # A worker counts signals like a single process: the second one
+            # ends its grace period.
+            self.stop(signal.SIGTERM if self._stop_signals == 1 else signal.SIGINT)
+
+    async def _keep(self, slot: _Slot) -> None:
+        """Run worker ``slot`` and restart it whenever it dies, until a stop."""
+        while not self.stopping:
+            await self._run_once(slot)
+            if self.stopping:
+                break
+            if not slot.ready and not self._all_ready.is_set():
+                self._all_ready.set()  # failed before its first ready: give up
+                break
+            ran = trio.current_time() - slot.started_at
+            if ran >= STABLE_AFTER:
+                delay, slot.backoff = 0.0, FIRST_BACKOFF
+            else:
+                delay, slot.backoff = slot.backoff, min(slot.backoff * 2, MAX_BACKOFF)
+            slot.restarts += 1
+            self.audit.warning(
+                "popguard.worker.restarting", worker=slot.index, delay=delay, restarts=slot.restarts
+            )
+            await trio.sleep(delay)
+
+    def _argv(self, slot: _Slot, ready_fd: int) -> list[str]:
+        role = f"{slot.index}/{self.workers}:{ready_fd}:{self._lifeline_read}"
+        argv = [*self.command, "--worker", role]
+        for name, fds in slot.fds.items():
+            argv += ["--inherit-listener", f"{name}={','.join(map(str, fds))}"]
+        return argv
+
+    async def _run_once(self, slot: _Slot) -> None:
+        read_end, write_end = os.pipe()
+        inherited = [fd for fds in slot.fds.values() for fd in fds]
+        slot.ready = False
+        slot.started_at = trio.current_time()
+        try:
+            try:
+                process = await trio.lowlevel.open_process(
+                    self._argv(slot, write_end),
+                    pass_fds=(*inherited, write_end, self._lifeline_read),
+                    start_new_session=True,
+                )
+            finally:
+                os.close(write_end)  # the worker has its copy
+        except OSError as exc:
+            os.close(read_end)
+            self.audit.error("popguard.worker.spawn_failed", worker=slot.index, error=str(exc))
+            return
+        slot.process = process
+        self.audit.event("popguard.worker.started", worker=slot.index, pid=process.pid)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._await_ready, slot, read_end)
+                code = await process.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            os.close(read_end)
+        slot.process = None
+        fields: dict[str, object] = {"worker": slot.index, "pid": process.pid}
+        if code < 0:
+            fields["signal"] = signal.Signals(-code).name
+        else:
+            fields["exit_code"] = code
+        if self.stopping and code == 0:
+            self.audit.event("popguard.worker.exited", **fields)
+        else:
+            # Its sessions' upstream connections were closed by the kernel,
+            # without QUIT (RFC 1939 section 6): none of their DELEs took effect.
+            self.audit.error("popguard.worker.died", **fields, upstream_quit=False)
+        self._exited.set()
+
+    async def _await_ready(self, slot: _Slot, fd: int) -> None:
+        await trio.lowlevel.wait_readable(fd)
+        if os.read(fd, 1) != b"R":
+            return  # exited first
+        slot.ready = True
+        self.audit.event("popguard.worker.ready", worker=slot.index)
+        if not self._all_ready.is_set():
+            self._ready_count += 1
+            if self._ready_count == self.workers:
+                self._all_ready.set()
+
+
+def _format(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_REOPEN_SIGNALS: Final = frozenset({signal.SIGHUP, signal.SIGUSR1})
+_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, *_REOPEN_SIGNALS)
+
+
+def worker_command(argv: Sequence[str]) -> list[str]:
+    """How to start a worker: this interpreter, ``-m popguard``, the serve args."""
+    return [sys.executable, "-m", "popguard", *argv]
