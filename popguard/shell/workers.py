@@ -23,7 +23,7 @@ passes it on once) and stop gracefully if the parent disappears.
 Audit: each process writes its own file and hash chain (see
 :func:`worker_audit_file`): one chain per writer keeps every chain strictly
 ordered without locks shared between processes.  Every record carries
-``worker`` (0 is the parent); the parent's ``popguard.workers.started``
+``worker`` (0 is the parent; its records about worker N say ``slot: N``); the parent's ``popguard.workers.started``
 record says how many workers there are, which ``popguard audit verify``
 uses to report a worker whose trail is missing.
 
@@ -338,7 +338,7 @@ class Supervisor:
                 delay, slot.backoff = slot.backoff, min(slot.backoff * 2, MAX_BACKOFF)
             slot.restarts += 1
             self.audit.warning(
-                "popguard.worker.restarting", worker=slot.index, delay=delay, restarts=slot.restarts
+                "popguard.worker.restarting", slot=slot.index, delay=delay, restarts=slot.restarts
             )
             await trio.sleep(delay)
 
@@ -365,10 +365,10 @@ class Supervisor:
                 os.close(write_end)  # the worker has its copy
         except OSError as exc:
             os.close(read_end)
-            self.audit.error("popguard.worker.spawn_failed", worker=slot.index, error=str(exc))
+            self.audit.error("popguard.worker.spawn_failed", slot=slot.index, error=str(exc))
             return
         slot.process = process
-        self.audit.event("popguard.worker.started", worker=slot.index, pid=process.pid)
+        self.audit.event("popguard.worker.started", slot=slot.index, pid=process.pid)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._await_ready, slot, read_end)
@@ -377,7 +377,7 @@ class Supervisor:
         finally:
             os.close(read_end)
         slot.process = None
-        fields: dict[str, object] = {"worker": slot.index, "pid": process.pid}
+        fields: dict[str, object] = {"slot": slot.index, "pid": process.pid}
         if code < 0:
             fields["signal"] = signal.Signals(-code).name
         else:
@@ -395,7 +395,7 @@ class Supervisor:
         if os.read(fd, 1) != b"R":
             return  # exited first
         slot.ready = True
-        self.audit.event("popguard.worker.ready", worker=slot.index)
+        self.audit.event("popguard.worker.ready", slot=slot.index)
         if not self._all_ready.is_set():
             self._ready_count += 1
             if self._ready_count == self.workers:

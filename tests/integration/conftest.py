@@ -641,7 +641,11 @@ def free_loopback_port(host: str = "127.0.0.1") -> int:
 def popguard_process(dovecot, tmp_path) -> Iterator[Callable[..., PopguardProcess]]:
     started: list[PopguardProcess] = []
 
-    def start(*args: str, upstream: str | None = None) -> PopguardProcess:
+    def start(
+        *args: str, upstream: str | None = None, ready: str = "popguard.started"
+    ) -> PopguardProcess:
+        """*ready*: the record that says it serves (with --workers, the
+        parent's popguard.workers.ready)."""
         upstream = upstream or f"{dovecot.host}:{dovecot.port}"
         for attempt in range(5):
             n = len(started)
@@ -669,7 +673,7 @@ def popguard_process(dovecot, tmp_path) -> Iterator[Callable[..., PopguardProces
             handle = PopguardProcess(proc, port, audit, stderr)
             started.append(handle)
             try:
-                handle.wait_for("popguard.started")
+                handle.wait_for(ready)
             except AssertionError:
                 if proc.poll() is not None and "in use" in handle.stderr() and attempt < 4:
                     continue  # someone took the port first: try another
