@@ -491,7 +491,9 @@ async def serve(
                 connect=probe_connector(settings),
             )
             admin_server = AdminServer(metrics, readiness)
-            await admin_server.open(admin)  # likewise a plain OSError
+            bound = await admin_server.open(admin)  # likewise a plain OSError
+            for host, port in bound:
+                audit.event("admin.listening", address=str(Endpoint(host, port)))
     if after_bind is not None:
         after_bind()  # e.g. drop root once ports 110/995 are bound
     with trio.open_signal_receiver(*_SIGNALS) as signals:
