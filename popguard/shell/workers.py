@@ -296,8 +296,10 @@ class Supervisor:
     def _all_exited(self) -> bool:
         return self.stopping and all(slot.process is None for slot in self.slots)
 
-    def _signal_workers(self, signum: int) -> None:
+    def _signal_workers(self, signum: int, *, ready_only: bool = False) -> None:
         for slot in self.slots:
+            if ready_only and not slot.ready:
+                continue
             if slot.process is not None and slot.process.returncode is None:
                 slot.process.send_signal(signum)
 
@@ -315,7 +317,9 @@ class Supervisor:
             self.audit.event("popguard.signal", signal=signal.Signals(signum).name)
             if signum in _REOPEN_SIGNALS:
                 self.audit.reopen()
-                self._signal_workers(signal.SIGHUP)
+                # Only to ready workers: before that a worker has no handler
+                # yet (SIGHUP would kill it), and it reads everything fresh.
+                self._signal_workers(signal.SIGHUP, ready_only=True)
                 continue
             self._stop_signals += 1
             # A worker counts signals like a single process: the second one
