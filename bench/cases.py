@@ -17,6 +17,10 @@ popguard sides (see :class:`Comparison`): popguard without policies and
 with a tree of 1000 rules; popguard terminating TLS on both sides and TLS
 offload (TLS to popguard, plaintext to Dovecot), where DIRECT is then
 Dovecot's own POP3S port.
+
+The ``workers`` case (only with ``--only workers``) always measures two
+popguards the same way, whatever the run's comparison: ``--workers 1`` and
+``--workers 2`` (see :data:`CASE_COMPARISONS`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import hashlib
 import json
 import os
 import random
+import selectors
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -60,7 +65,7 @@ class Params:
     dele_sessions: int = 1000
     dele_parallel: int = 200
     dele_size: int = 2_000
-    held: int = 1000
+    held: int = 5000
     hold_parallel: int = 100
     noop_while_held: int = 2_000
     client_procs: int = 2
@@ -138,6 +143,14 @@ COMPARISONS = {
     "tls": Comparison("tls", TLS_SIDES, TLS_CASES, tls=True),
 }
 
+#: The workers case: popguard ``--workers 1`` (one process, as today) and
+#: ``--workers 2`` (a supervisor and two workers on one SO_REUSEPORT port).
+WORKER_SIDES = ("w1", "w2")
+#: Cases that always measure several popguards, whatever the run's comparison.
+CASE_COMPARISONS = {
+    "workers": Comparison("workers", WORKER_SIDES, ("workers",), base="w1"),
+}
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -154,6 +167,8 @@ class Variant:
     audit_file: str | None = None
     upstream: Address | None = None
     client_tls: TlsSpec | None = None
+    #: ``--workers N``; None: no flag (popguard's default, one process).
+    workers: int | None = None
 
 
 def make_variants(
@@ -170,6 +185,8 @@ def make_variants(
       message identity (UIDL and size) on.
     * ``identity`` and ``file`` (``--audit-breakdown``): one half of ``full``
       each: message identity without a file, and the file without identity.
+    * ``w1`` and ``w2`` (the workers case): as deployed by default, without an
+      audit file, with ``--workers 1`` and ``--workers 2``.
 
     ``popguard_args`` (``--popguard-arg``) go to every variant.
     """
@@ -204,6 +221,8 @@ def make_variants(
         "file": Variant("file", "file only", ("--config", str(file_conf), *extra), str(file_file)),
         "off": Variant("off", "audit off", ("--config", str(off_conf), *extra)),
         "full": Variant("full", "audit full", ("--config", str(full_conf), *extra), str(full_file)),
+        "w1": Variant("w1", "workers 1", extra, workers=1),
+        "w2": Variant("w2", "workers 2", extra, workers=2),
     }
 
 
@@ -245,10 +264,13 @@ class Env:
             idle_timeout=3600,
             extra_args=variant.args,
             client_tls=variant.client_tls,
+            workers=variant.workers,
         )
 
     def compares(self, case: str) -> Comparison | None:
         """The comparison ``case`` takes part in, if any."""
+        if case in CASE_COMPARISONS:
+            return CASE_COMPARISONS[case]
         cmp = self.comparison
         return cmp if cmp is not None and case in cmp.cases else None
 
@@ -349,7 +371,8 @@ def measure(
     audit = env.audit_file(side) if pg is not None else None
     offset = auditlog.size(audit) if audit else 0
     dv0 = procs.tree_cpu_seconds(env.dovecot_pid) if dovecot_cpu else 0.0
-    cpu0 = procs.cpu_seconds(pg.pid) if pg is not None else 0.0
+    cpu0 = pg.cpu_seconds() if pg is not None else 0.0
+    split0 = pg.cpu_by_process() if pg is not None and pg.workers else {}
     result = run(address)
     if dovecot_cpu:
         result["dovecot_cpu_s"] = procs.tree_cpu_seconds(env.dovecot_pid) - dv0
@@ -358,8 +381,20 @@ def measure(
         result["audit"] = auditlog.tally(segment)
         result["audit"]["flush_wait_s"] = waited
     if pg is not None:
-        result["popguard_cpu_s"] = procs.cpu_seconds(pg.pid) - cpu0
+        result["popguard_cpu_s"] = pg.cpu_seconds() - cpu0
+        if pg.workers:
+            result["popguard_cpu_split_s"] = _cpu_split(pg.pid, split0, pg.cpu_by_process())
     return result
+
+
+def _cpu_split(root: int, before: dict[int, float], after: dict[int, float]) -> dict[str, Any]:
+    """CPU seconds of a popguard tree over a run: its root (with ``--workers`` N > 1
+    the supervisor) and each child (a worker), busiest first."""
+    spent = {pid: cpu - before.get(pid, 0.0) for pid, cpu in after.items()}
+    return {
+        "root": spent.pop(root, 0.0),
+        "children": sorted(spent.values(), reverse=True),
+    }
 
 
 def _values(runs: dict[str, list[dict[str, Any]]], key: Callable[[dict[str, Any]], float]) -> Any:
@@ -778,17 +813,63 @@ def _swarm_case(
     return res
 
 
-def case_concurrency(env: Env) -> dict[str, Any]:
+def case_concurrency(env: Env, case: str = "concurrency") -> dict[str, Any]:
     prm = env.params
     return _swarm_case(
         env,
-        "concurrency",
+        case,
         kind="retr",
         users=env.pool,
         sessions=prm.sessions,
         parallel=prm.parallel,
         warmup_sessions=max(len(env.pool), prm.parallel),
     )
+
+
+def case_workers(env: Env) -> dict[str, Any]:
+    """(g) the concurrency swarm DIRECT, through ``--workers 1`` and ``--workers 2``.
+
+    Each repetition runs the three sides rotated (D W1 W2, W1 W2 D, W2 D W1).
+    popguard's CPU is summed over its whole process tree (the supervisor,
+    both workers, and any worker it reaped); ``workers_cpu`` tells how evenly
+    the kernel's SO_REUSEPORT hashing spread the work over the two workers.
+    """
+    prm = env.params
+    res = case_concurrency(env, case="workers")
+    by = res["by_side"]
+    res["w2_vs_w1"] = by["w2"]["vs_base"]
+    split: dict[str, Any] = {}
+    for side in WORKER_SIDES:
+        runs = res["runs"][side]
+        workers = [len(r["popguard_cpu_split_s"]["children"]) for r in runs]
+        entry: dict[str, Any] = {
+            "processes": max(workers) + 1 if max(workers) else 1,
+            "root_cpu_ms_per_session": summary(
+                [r["popguard_cpu_split_s"]["root"] / r["ok"] * 1e3 for r in runs]
+            ),
+        }
+        if max(workers) >= 2:
+            # The busiest worker's part of all the workers' CPU: 0.5 is an even split.
+            entry["busiest_worker_share"] = summary(
+                [
+                    ch[0] / sum(ch) if sum(ch) else float("nan")
+                    for ch in (r["popguard_cpu_split_s"]["children"] for r in runs)
+                ]
+            )
+        split[side] = entry
+    res["workers_cpu"] = split
+    env.log(
+        f"  workers: sessions/s direct {res['direct']['median']:.0f}, "
+        + ", ".join(
+            f"{env.label(side)} {by[side]['value']['median']:.0f} "
+            f"({by[side]['vs_direct']['ratio']:.2f}x direct, "
+            f"{res['cpu_per_session_ms_by_side'][side]['median']:.2f} ms CPU/session)"
+            for side in WORKER_SIDES
+        )
+        + f"; workers 2 / workers 1 {res['w2_vs_w1']['ratio']:.2f}x"
+        + f" ({prm.reps} repetitions)"
+    )
+    return res
 
 
 def case_dele(env: Env) -> dict[str, Any]:
@@ -836,7 +917,17 @@ def case_dele(env: Env) -> dict[str, Any]:
 # -- (d) memory per idle session -------------------------------------------------------
 
 
-def _hold(env: Env, target: Address, count: int) -> list[socket.socket]:
+def _hold_seconds(prm: Params, count: int) -> float:
+    """Time allowed to log in (or to wind down) ``count`` held sessions.
+
+    Dovecot forks a ``pop3`` process per login: on 2 cores about 130
+    logins/s when idle, so 5,000 take some 40 s; allow 20 per second.
+    """
+    return max(prm.time_limit, count / 20)
+
+
+def _hold(env: Env, target: Address, count: int) -> tuple[list[socket.socket], float]:
+    """Log ``count`` sessions in and leave them idle; (their sockets, seconds it took)."""
     prm = env.params
     pool = env.pool
 
@@ -845,12 +936,17 @@ def _hold(env: Env, target: Address, count: int) -> list[socket.socket]:
         return session_script(user, password, quit=False)
 
     res = run_swarm(
-        target, script, range(count), prm.hold_parallel, hold=True, time_limit=prm.time_limit
+        target,
+        script,
+        range(count),
+        prm.hold_parallel,
+        hold=True,
+        time_limit=_hold_seconds(prm, count),
     )
     if res.failed:
         release(res.held, send_quit=False)
         raise BenchError(f"{res.failed} held sessions failed to log in, e.g. {res.errors[:3]}")
-    return res.held
+    return res.held, res.wall
 
 
 def _check_alive(socks: Sequence[socket.socket], sample: int = 20) -> int:
@@ -874,6 +970,48 @@ def _check_alive(socks: Sequence[socket.socket], sample: int = 20) -> int:
     return alive
 
 
+def _noop_all(socks: Sequence[socket.socket], timeout: float) -> tuple[int, float]:
+    """NOOP on every held session at once; (how many answered +OK, seconds for all).
+
+    The sockets are non-blocking (as :func:`bench.swarm.run_swarm` leaves
+    them): send every NOOP, then read the replies as they come.
+    """
+    sel = selectors.DefaultSelector()
+    answered = 0
+    bufs: dict[socket.socket, bytes] = {}
+    started = time.perf_counter()
+    try:
+        for sock in socks:
+            sock.setblocking(False)
+            try:
+                if sock.send(b"NOOP\r\n") != 6:
+                    continue
+            except OSError:
+                continue
+            sel.register(sock, selectors.EVENT_READ)
+            bufs[sock] = b""
+        deadline = time.monotonic() + timeout
+        while sel.get_map() and time.monotonic() < deadline:
+            for key, _mask in sel.select(timeout=0.5):
+                ready = key.fileobj
+                assert isinstance(ready, socket.socket)
+                try:
+                    chunk = ready.recv(4096)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    chunk = b""
+                data = bufs[ready] + chunk
+                bufs[ready] = data
+                if chunk and not data.endswith(b"\r\n"):
+                    continue
+                answered += data.startswith(b"+OK")
+                sel.unregister(ready)
+    finally:
+        sel.close()
+    return answered, time.perf_counter() - started
+
+
 def _wait_tree_size(root: int, at_most: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and len(procs.process_tree(root)) > at_most:
@@ -881,9 +1019,19 @@ def _wait_tree_size(root: int, at_most: int, timeout: float = 20.0) -> None:
 
 
 def case_memory(env: Env) -> dict[str, Any]:
+    """(d) ``held`` idle authenticated sessions, DIRECT then THROUGH one popguard.
+
+    Each repetition: Dovecot holds them (PSS growth over its process tree,
+    one ``pop3`` process per session), then a fresh popguard holds as many
+    (VmRSS growth / sessions).  While they are held a separate session,
+    logged in before, runs ``noop_while_held`` NOOPs (p50, p99: popguard's
+    against DIRECT's of the same repetition), a sample of 20 held sessions
+    answers a NOOP one by one, then every held session gets a NOOP at once.
+    """
     prm = env.params
     n = prm.held
     user, password = env.ping_user
+    wind_down = _hold_seconds(prm, n) / 4
     direct_runs: list[dict[str, Any]] = []
     proxied_runs: list[dict[str, Any]] = []
     for rep in range(prm.reps):
@@ -896,24 +1044,28 @@ def case_memory(env: Env) -> dict[str, Any]:
             ping.login(user, password)
             ping_pong(env.upstream, user, password, 100, client=ping)
             pss0, _ = procs.tree_pss_kib(env.dovecot_pid)
-            held = _hold(env, env.upstream, n)
+            held, hold_s = _hold(env, env.upstream, n)
             time.sleep(0.5)
             pss1, nproc = procs.tree_pss_kib(env.dovecot_pid)
             lat = ping_pong(env.upstream, user, password, prm.noop_while_held, client=ping)
             alive = _check_alive(held)
+            all_alive, all_s = _noop_all(held, wind_down)
             run = {
                 "held": len(held),
+                "hold_s": hold_s,
                 "dovecot_pss_kib_per_session": (pss1 - pss0) / n,
                 "dovecot_processes": nproc,
                 "noop_p50_us": lat["p50_us"],
                 "noop_p99_us": lat["p99_us"],
                 "held_alive_sample": alive,
+                "held_alive_all": all_alive,
+                "noop_all_s": all_s,
             }
             direct_runs.append(run)
         finally:
-            release(held)
+            release(held, timeout=wind_down)
             ping.quit()
-        _wait_tree_size(env.dovecot_pid, base_procs)
+        _wait_tree_size(env.dovecot_pid, base_procs, wind_down)
 
         # THROUGH popguard: a fresh process each repetition, so that freed
         # but retained memory from an earlier round does not hide growth.
@@ -923,56 +1075,78 @@ def case_memory(env: Env) -> dict[str, Any]:
             try:
                 ping.login(user, password)
                 ping_pong(pg.address, user, password, 100, client=ping)
-                warm = _hold(env, pg.address, min(50, n))
+                warm, _ = _hold(env, pg.address, min(50, n))
                 release(warm)
                 time.sleep(0.5)
                 rss0 = procs.vm_rss_kib(pg.pid)
-                held = _hold(env, pg.address, n)
+                fds0 = procs.fd_count(pg.pid)
+                held, hold_s = _hold(env, pg.address, n)
                 time.sleep(0.5)
                 rss1 = procs.vm_rss_kib(pg.pid)
+                fds1 = procs.fd_count(pg.pid)
                 lat = ping_pong(pg.address, user, password, prm.noop_while_held, client=ping)
                 alive = _check_alive(held)
                 rss2 = procs.vm_rss_kib(pg.pid)
+                all_alive, all_s = _noop_all(held, wind_down)
                 run = {
                     "held": len(held),
+                    "hold_s": hold_s,
                     "rss_before_kib": rss0,
                     "rss_after_kib": rss1,
                     "rss_after_noops_kib": rss2,
                     "kib_per_session": (rss1 - rss0) / n,
+                    "popguard_fds": fds1,
+                    "fds_per_session": (fds1 - fds0) / n,
                     "noop_p50_us": lat["p50_us"],
                     "noop_p99_us": lat["p99_us"],
                     "held_alive_sample": alive,
+                    "held_alive_all": all_alive,
+                    "noop_all_s": all_s,
                 }
                 proxied_runs.append(run)
             finally:
-                release(held)
+                release(held, timeout=wind_down)
                 with contextlib.suppress(OSError):
                     ping.quit()
-        _wait_tree_size(env.dovecot_pid, base_procs)
+        _wait_tree_size(env.dovecot_pid, base_procs, wind_down)
         d, p = direct_runs[-1], proxied_runs[-1]
         env.log(
             f"  memory rep {rep + 1}/{prm.reps}: popguard {p['kib_per_session']:.1f} kB/session "
-            f"(VmRSS {p['rss_before_kib'] / 1024:.1f} -> {p['rss_after_kib'] / 1024:.1f} MB), "
-            f"Dovecot {d['dovecot_pss_kib_per_session']:.0f} kB PSS/session; NOOP with {n} "
-            f"held: direct p50 {d['noop_p50_us']:.0f} µs, popguard p50 {p['noop_p50_us']:.0f} µs "
-            f"(alive {d['held_alive_sample']}/{p['held_alive_sample']})"
+            f"(VmRSS {p['rss_before_kib'] / 1024:.1f} -> {p['rss_after_kib'] / 1024:.1f} MB, "
+            f"{p['popguard_fds']} fds), Dovecot {d['dovecot_pss_kib_per_session']:.0f} kB "
+            f"PSS/session ({d['dovecot_processes']} processes); logins held in "
+            f"{d['hold_s']:.1f} / {p['hold_s']:.1f} s; NOOP with {n} held: direct p50 "
+            f"{d['noop_p50_us']:.0f} p99 {d['noop_p99_us']:.0f} µs, popguard p50 "
+            f"{p['noop_p50_us']:.0f} p99 {p['noop_p99_us']:.0f} µs; alive: sample "
+            f"{d['held_alive_sample']}/{p['held_alive_sample']}, all "
+            f"{d['held_alive_all']}/{p['held_alive_all']} of {n}"
         )
     return {
         "held": n,
         "kib_per_session": summary([r["kib_per_session"] for r in proxied_runs]),
+        "fds_per_session": summary([r["fds_per_session"] for r in proxied_runs]),
         "dovecot_pss_kib_per_session": summary(
             [r["dovecot_pss_kib_per_session"] for r in direct_runs]
         ),
+        "hold_s": compare([r["hold_s"] for r in direct_runs], [r["hold_s"] for r in proxied_runs]),
         "noop_p50_us": compare(
             [r["noop_p50_us"] for r in direct_runs], [r["noop_p50_us"] for r in proxied_runs]
         ),
         "noop_p99_us": compare(
             [r["noop_p99_us"] for r in direct_runs], [r["noop_p99_us"] for r in proxied_runs]
         ),
+        "noop_all_s": compare(
+            [r["noop_all_s"] for r in direct_runs], [r["noop_all_s"] for r in proxied_runs]
+        ),
         "held_alive": {
             "direct": min(r["held_alive_sample"] for r in direct_runs),
             "popguard": min(r["held_alive_sample"] for r in proxied_runs),
             "sample": min(20, n),
+        },
+        "held_alive_all": {
+            "direct": min(r["held_alive_all"] for r in direct_runs),
+            "popguard": min(r["held_alive_all"] for r in proxied_runs),
+            "held": n,
         },
         "runs": {"direct": direct_runs, "popguard": proxied_runs},
     }
@@ -984,6 +1158,7 @@ CASES: dict[str, Callable[[Env], dict[str, Any]]] = {
     "concurrency": case_concurrency,
     "dele": case_dele,
     "memory": case_memory,
+    "workers": case_workers,
 }
 
 

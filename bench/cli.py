@@ -36,7 +36,10 @@ from bench.procs import BenchError
 from bench.report import render
 from bench.target import Target
 
-ORDER = ("bulk", "pingpong", "concurrency", "dele", "memory")
+ORDER = ("bulk", "pingpong", "concurrency", "dele", "memory", "workers")
+#: Without --only: every case but ``workers`` (it needs ``popguard serve
+#: --workers`` and adds a few minutes; select it with ``--only workers``).
+DEFAULT_CASES = ("bulk", "pingpong", "concurrency", "dele", "memory")
 ALIASES = {
     "cpu": "concurrency",
     "ping-pong": "pingpong",
@@ -60,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         metavar="CASES",
         help="comma-separated subset of: bulk, pingpong, concurrency, cpu (= concurrency), dele, "
-        "memory",
+        "memory, workers (default: all but workers)",
     )
     parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE as JSON")
     parser.add_argument("--reps", type=int, metavar="N", help="repetitions per figure (default 3)")
@@ -69,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="client processes for the concurrency case (default 2)",
+    )
+    parser.add_argument(
+        "--held",
+        type=int,
+        metavar="N",
+        help="idle authenticated sessions the memory case holds (default 5000, --quick 100)",
     )
     parser.add_argument(
         "--login-processes",
@@ -121,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def select_cases(only: str | None) -> list[str]:
     if not only:
-        return list(ORDER)
+        return list(DEFAULT_CASES)
     wanted = set()
     for raw in only.split(","):
         name = raw.strip().lower()
@@ -187,7 +196,7 @@ def _log(started: float) -> Any:
 def _notes(results: dict[str, Any]) -> list[str]:
     notes = []
     cases = results["cases"]
-    for name, tag in (("concurrency", "(c)"), ("dele", "(f)")):
+    for name, tag in (("concurrency", "(c)"), ("dele", "(f)"), ("workers", "(g)")):
         cc = cases.get(name, {})
         if "runs" not in cc:
             continue
@@ -203,7 +212,8 @@ def _notes(results: dict[str, Any]) -> list[str]:
                 f"{tag} client not saturated: busiest client process at most {busiest:.0%} "
                 "of a core"
             )
-        pg = max(r.get("popguard_cpu_util", 0.0) for r in all_runs)
+        single = [r for side, rs in cc["runs"].items() if side != "w2" for r in rs]
+        pg = max((r.get("popguard_cpu_util", 0.0) for r in single), default=0.0)
         if pg > 0.9:
             notes.append(
                 f"popguard used {pg:.0%} of a core in {tag}: its single trio thread is the limit"
@@ -235,7 +245,10 @@ def _notes(results: dict[str, Any]) -> list[str]:
     mem = cases.get("memory", {})
     if "held_alive" in mem:
         alive = mem["held_alive"]
-        if min(alive["direct"], alive["popguard"]) < alive["sample"]:
+        every = mem.get("held_alive_all", {})
+        if min(alive["direct"], alive["popguard"]) < alive["sample"] or min(
+            every.get("direct", 0), every.get("popguard", 0)
+        ) < every.get("held", 0):
             notes.append("some held sessions did not answer NOOP in (d): see the JSON runs")
     bulk = cases.get("bulk", {})
     if "bulk_plain" in bulk and bulk["bulk_plain"]["stalls_over_20ms"]["popguard"] > 0:
@@ -357,6 +370,49 @@ def tls_variants(
     )
 
 
+#: The sessions :class:`popguard.testing.dovecot.DovecotInstance` is set up for
+#: (its ``process_limit`` of 2000 per service and ``client_limit`` of 4000).
+DOVECOT_BASE_SESSIONS = 1800
+
+
+def dovecot_limits(cases: Sequence[str], params: Params) -> str:
+    """dovecot.conf lines (``extra_config``) for the sessions the run holds at once.
+
+    Dovecot runs one ``pop3`` process per session (``service_count = 1``,
+    ``client_limit = 1``: its default model, kept as it is), so N held
+    sessions are N processes: ``service pop3 { process_limit }`` must
+    exceed them, and every such process keeps a connection to ``anvil``
+    (per user and IP session counts) and talks to ``log``, ``config`` and
+    ``auth``: ``default_client_limit`` must exceed them too.  Through
+    popguard Dovecot sees the same N sessions, all from 127.0.0.1, so
+    ``mail_max_userip_connections`` must allow N / users per user.
+
+    Empty (the launcher's own limits) unless the memory case holds more
+    than :data:`DOVECOT_BASE_SESSIONS`.
+    """
+    sessions = params.held if "memory" in cases else 0
+    if sessions <= DOVECOT_BASE_SESSIONS:
+        return ""
+    processes = sessions + 200  # the ping session, login and auth processes, stragglers
+    clients = 2 * processes + 1000
+    return "\n".join(
+        [
+            f"# bench: room for {sessions} concurrent POP3 sessions, one pop3 process each",
+            f"default_process_limit = {processes}",
+            f"default_client_limit = {clients}",
+            "service pop3 {",
+            f"  process_limit = {processes}",
+            "}",
+            "service anvil {",
+            f"  client_limit = {clients}",
+            "}",
+            "protocol pop3 {",
+            f"  mail_max_userip_connections = {processes}",
+            "}",
+        ]
+    )
+
+
 def _setup_users(
     dovecot: Any, cases: Sequence[str], params: Params, log: Any, *, dele_sides: int = 2
 ) -> dict[str, Any]:
@@ -370,7 +426,7 @@ def _setup_users(
         log(f"creating {count} messages of {params.bulk_size:,} bytes for user 'bulk'")
         dovecot.add_user("bulk", PASSWORD, mail.messages(count, params.bulk_size, "bulk"))
     dovecot.add_user("ping", PASSWORD, mail.messages(1, params.small_size, "ping"))
-    if "concurrency" in cases or "memory" in cases:
+    if {"concurrency", "memory", "workers"} & set(cases):
         log(f"creating {params.pool_users} users with {params.small_messages} small messages")
         for i in range(params.pool_users):
             name = f"c{i:04d}"
@@ -452,8 +508,13 @@ def run(
     }
     cpus = os.cpu_count() or 1
     tls = bool(comparison and comparison.tls)
+    limits = dovecot_limits(cases, params)
+    results["meta"]["dovecot_extra_config"] = limits
     dovecot = dovecot_tool.DovecotInstance(
-        workdir / "dovecot", login_processes=login_processes or max(1, min(4, cpus)), tls=tls
+        workdir / "dovecot",
+        login_processes=login_processes or max(1, min(4, cpus)),
+        tls=tls,
+        extra_config=limits,
     )
     try:
         sides = comparison.sides if comparison and "dele" in comparison.cases else DEFAULT_SIDES
@@ -538,7 +599,7 @@ def write_json(results: dict[str, Any], path: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Per-session latencies of the swarm runs are bulky; keep summaries.
     trimmed = json.loads(json.dumps(_jsonable(results)))
-    for case in ("concurrency", "dele"):
+    for case in ("concurrency", "dele", "workers"):
         for run in trimmed.get("cases", {}).get(case, {}).get("runs", {}).values():
             for r in run:
                 r.pop("latencies", None)
@@ -576,6 +637,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         params.reps = max(1, args.reps)
     if args.client_procs is not None:
         params.client_procs = max(1, args.client_procs)
+    if args.held is not None:
+        params.held = max(1, args.held)
     started = time.monotonic()
     log = _log(started)
     workdir = Path(tempfile.mkdtemp(prefix="pgbench-", dir="/tmp"))

@@ -94,6 +94,14 @@ def vm_rss_kib(pid: int) -> int:
     raise BenchError(f"no VmRSS for pid {pid}")
 
 
+def fd_count(pid: int) -> int:
+    """Open file descriptors of ``pid`` (entries of /proc/<pid>/fd); -1 when unreadable."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+
+
 def _all_stats() -> list[ProcStat]:
     stats = []
     for entry in os.listdir("/proc"):
@@ -211,6 +219,34 @@ def probe_greeting(
 # -- popguard ------------------------------------------------------------------
 
 
+def _reap_leftovers(pids: list[int], timeout: float) -> None:
+    """Workers of a stopped popguard still alive after ``timeout``: SIGKILL them.
+
+    Only the pids given (popguard's children, listed before it was stopped),
+    and only while each still runs popguard (a recycled pid is left alone).
+    """
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if _is_popguard(pid)]
+        if alive:
+            time.sleep(0.1)
+    for pid in alive:
+        if _is_popguard(pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _is_popguard(pid: int) -> bool:
+    """``pid`` is a live (not zombie) process running ``-m popguard``."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and b"popguard" in cmdline
+
+
 class PopguardProcess:
     """``python -m popguard serve`` as a separate process, on a free loopback port."""
 
@@ -226,10 +262,16 @@ class PopguardProcess:
         extra_args: tuple[str, ...] = (),
         startup_timeout: float = 20.0,
         client_tls: TlsSpec | None = None,
+        workers: int | None = None,
     ) -> None:
         """``client_tls``: popguard's listener speaks POP3S (``extra_args`` carry
         ``--tls implicit`` and the certificate); the readiness probe and
-        :attr:`target` then use TLS, verified with this spec."""
+        :attr:`target` then use TLS, verified with this spec.
+
+        ``workers``: ``--workers N`` (None: no flag, popguard's default).  With
+        N > 1 popguard is a supervising parent with N worker children on the
+        same listening port; :meth:`start` waits for all of them, and
+        :meth:`cpu_seconds` counts the whole process tree."""
         self.upstream = upstream
         self.client_tls = client_tls
         self.log_path = log_path
@@ -237,6 +279,7 @@ class PopguardProcess:
         self.audit_file = audit_file
         self.extra_args = extra_args
         self.startup_timeout = startup_timeout
+        self.workers = workers
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -272,6 +315,8 @@ class PopguardProcess:
         ]
         if self.audit_file:
             argv += ["--audit-file", self.audit_file]
+        if self.workers is not None:
+            argv += ["--workers", str(self.workers)]
         return argv + list(self.extra_args)
 
     def start(self) -> PopguardProcess:
@@ -304,9 +349,56 @@ class PopguardProcess:
                     return False  # the port was taken between pick and bind
                 raise BenchError(f"popguard exited with {proc.returncode}:\n{tail}")
             if probe_greeting(self.address, tls=self.client_tls).startswith(b"+OK"):
-                return True
+                return self._wait_workers(deadline)
             time.sleep(0.05)
         raise BenchError(f"popguard gave no greeting within {self.startup_timeout:g} s")
+
+    def _wait_workers(self, deadline: float) -> bool:
+        """With ``workers`` > 1: wait until the parent has that many children, then
+        until 20 probes in a row are greeted (each from a new source port, so the
+        kernel's SO_REUSEPORT hash spreads them over the workers' sockets)."""
+        if not self.workers or self.workers <= 1:
+            return True
+        proc = self._proc
+        assert proc is not None
+        greeted = 0
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise BenchError(f"popguard exited with {proc.returncode}:\n{self.log_tail()}")
+            if len(self.worker_pids()) < self.workers:
+                time.sleep(0.05)
+                continue
+            if probe_greeting(self.address, tls=self.client_tls).startswith(b"+OK"):
+                greeted += 1
+                if greeted >= 20:
+                    return True
+            else:
+                greeted = 0
+                time.sleep(0.05)
+        raise BenchError(
+            f"popguard did not run {self.workers} greeting workers within "
+            f"{self.startup_timeout:g} s (children: {len(self.worker_pids())}); its log:\n"
+            + self.log_tail()
+        )
+
+    def worker_pids(self) -> list[int]:
+        """The pids of popguard's child processes (its workers), as a snapshot."""
+        if self._proc is None:
+            return []
+        return [st.pid for st in process_tree(self._proc.pid) if st.ppid == self._proc.pid]
+
+    def cpu_seconds(self) -> float:
+        """CPU used so far: the process alone, or with ``workers`` the whole tree
+        (the supervisor, its live workers and any it reaped)."""
+        if self.workers is None:
+            return cpu_seconds(self.pid)
+        return tree_cpu_seconds(self.pid)
+
+    def cpu_by_process(self) -> dict[int, float]:
+        """utime + stime (seconds) of each process of popguard's tree, by pid."""
+        if self._proc is None:
+            return {}
+        return {st.pid: (st.utime + st.stime) / CLOCK_TICKS for st in process_tree(self._proc.pid)}
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -317,6 +409,7 @@ class PopguardProcess:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM, wait (popguard's shutdown grace is 10 s), then SIGKILL."""
+        children = self.worker_pids() if self.workers and self.workers > 1 else []
         proc, self._proc = self._proc, None
         if proc is None:
             return
@@ -327,6 +420,7 @@ class PopguardProcess:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        _reap_leftovers(children, timeout)
 
     def __enter__(self) -> PopguardProcess:
         return self.start()

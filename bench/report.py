@@ -354,13 +354,16 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 REFERENCE["memory"],
             )
         )
+        fds = mem.get("fds_per_session")
+        if fds:
+            out.append(Row("      popguard file descriptors per session", "", spread(fds)))
         p50, p99 = mem["noop_p50_us"], mem["noop_p99_us"]
         out.append(
             Row(
                 f"      NOOP with {mem['held']} held: p50 / p99",
                 f"{num(p50['direct']['median'])} / {num(p99['direct']['median'])} µs",
                 f"{num(p50['popguard']['median'])} / {num(p99['popguard']['median'])} µs",
-                f"{ratio_text(p50['ratio'])} p50 latency",
+                f"{ratio_text(p50['ratio'])} / {ratio_text(p99['ratio'])} latency",
             )
         )
         alive = mem["held_alive"]
@@ -371,8 +374,89 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 f"{alive['popguard']}/{alive['sample']}",
             )
         )
+        every = mem.get("held_alive_all")
+        if every:
+            took = mem["noop_all_s"]
+            out.append(
+                Row(
+                    "      all held sessions: NOOP at once, answered",
+                    f"{every['direct']}/{every['held']} in {num(took['direct']['median'])} s",
+                    f"{every['popguard']}/{every['held']} in {num(took['popguard']['median'])} s",
+                )
+            )
+        hold = mem.get("hold_s")
+        if hold:
+            out.append(
+                Row(
+                    f"      logging in the {mem['held']} held sessions",
+                    spread(hold["direct"], "s"),
+                    spread(hold["popguard"], "s"),
+                    ratio_text(hold["ratio"]),
+                )
+            )
     elif mem:
         out.append(Row("(d) memory", "ERROR: " + mem["error"]))
+
+    wk = cases.get("workers")
+    if wk and "error" not in wk:
+        out += workers_rows(wk, results)
+    elif wk:
+        out.append(Row("(g) workers", "ERROR: " + wk["error"]))
+    return out
+
+
+def workers_rows(wk: dict[str, Any], results: dict[str, Any]) -> list[Row]:
+    """(g): the concurrency swarm through ``--workers 2``, with ``--workers 1`` below."""
+    by = wk["by_side"]
+    w2w1 = wk["w2_vs_w1"]
+    out = [
+        _ratio_row(
+            f"(g) workers 2: {wk['sessions']} sessions, {wk['parallel']} at a time",
+            wk,
+            "sess/s",
+            None,
+            "",
+        ),
+        *_swarm_rows(wk, results),
+    ]
+    out.append(
+        Row(
+            "      workers 2 / workers 1 (same run)",
+            "",
+            f"{num(by['w2']['value']['median'])} / {num(by['w1']['value']['median'])} sess/s",
+            ratio_text(w2w1["ratio"]) + pair_spread(w2w1.get("pair_ratios", [])),
+        )
+    )
+    cpu = wk["cpu_per_session_ms_by_side"]
+    util = wk["popguard_cpu_util_by_side"]
+    out.append(
+        Row(
+            "      popguard CPU per session, whole tree: w1 / w2",
+            "",
+            f"{spread(cpu['w1'], 'ms')} / {spread(cpu['w2'], 'ms')}",
+            f"{ratio_text(cpu['w2']['median'] / cpu['w1']['median'])} w2/w1"
+            if cpu["w1"]["median"]
+            else "",
+        )
+    )
+    out.append(
+        Row(
+            "      popguard CPU during the run: w1 / w2",
+            "",
+            f"{util['w1']['median']:.0%} / {util['w2']['median']:.0%} of a core",
+        )
+    )
+    split = wk.get("workers_cpu", {}).get("w2", {})
+    share = split.get("busiest_worker_share")
+    if share:
+        out.append(
+            Row(
+                "      w2: busiest worker's part of workers' CPU",
+                "",
+                f"{share['median']:.0%} [{share['min']:.0%}..{share['max']:.0%}]"
+                + f" (supervisor {num(split['root_cpu_ms_per_session']['median'])} ms/session)",
+            )
+        )
     return out
 
 

@@ -1,13 +1,15 @@
 """Smoke tests of the benchmark: quick mode, end to end.
 
 Runs ``python -m bench --quick --only pingpong``, ``--quick --only dele
---audit-compare``, ``--quick --only pingpong --policy-compare`` and
-``--quick --only bulk --tls-compare`` in-process against a real private
-Dovecot and real popguard subprocesses.  They check only that figures came
-out and are positive (and, for DELE, that the messages were deleted and
-recorded; for TLS, that every side spoke TLS and relayed the same bytes),
-never how fast anything was: timings on a shared machine are a report, not
-a test.
+--audit-compare``, ``--quick --only pingpong --policy-compare``,
+``--quick --only bulk --tls-compare`` and ``--quick --only memory,workers
+--held 120`` in-process against a real private Dovecot and real popguard
+subprocesses.  They check only that figures came out and are positive (and,
+for DELE, that the messages were deleted and recorded; for TLS, that every
+side spoke TLS and relayed the same bytes; for memory, that every held
+session still answered; for workers, that the two-worker popguard ran three
+processes), never how fast anything was: timings on a shared machine are a
+report, not a test.
 """
 
 from __future__ import annotations
@@ -145,3 +147,37 @@ def test_quick_bulk_tls_compare_produces_positive_figures(
         assert fast["tls_by_side"][side].startswith("TLSv1.")
     printed = capsys.readouterr().out
     assert "TLS: popguard against Dovecot's own POP3S" in printed
+
+
+@pytest.mark.usefixtures("dovecot_available")
+def test_quick_memory_and_workers_produce_positive_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--quick --only memory,workers --held 120: every held session answers a
+    NOOP on both sides; --workers 1 and --workers 2 side by side, popguard's
+    CPU counted over the supervisor and both workers."""
+    import bench
+
+    out = tmp_path / "results.json"
+    rc = bench.main(["--quick", "--only", "memory,workers", "--held", "120", "--json", str(out)])
+
+    assert rc == 0
+    results = json.loads(out.read_text())
+    mem = results["cases"]["memory"]
+    assert "error" not in mem
+    assert mem["held"] == 120
+    assert mem["kib_per_session"]["median"] > 0
+    assert mem["held_alive_all"] == {"direct": 120, "popguard": 120, "held": 120}
+    assert mem["noop_p50_us"]["ratio"] > 0
+    workers = results["cases"]["workers"]
+    assert "error" not in workers
+    assert workers["side"] == "w2"
+    for side in ("w1", "w2"):
+        assert workers["by_side"][side]["value"]["median"] > 0
+        assert workers["cpu_per_session_ms_by_side"][side]["median"] > 0
+    assert workers["w2_vs_w1"]["ratio"] > 0
+    assert workers["workers_cpu"]["w1"]["processes"] == 1
+    assert workers["workers_cpu"]["w2"]["processes"] == 3  # supervisor + 2 workers
+    printed = capsys.readouterr().out
+    assert "(d) memory per idle session (120 held)" in printed
+    assert "workers 2 / workers 1" in printed
