@@ -526,6 +526,9 @@ def _print_banner(endpoint: Endpoint, upstream: str, audit_file: str | None) -> 
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.workers not in (None, 1):
+        print("popguard: demo runs a single process; use serve for --workers", file=sys.stderr)
+        return 2
     trio.run(_demo, args)
     return 0
 

@@ -1821,3 +1821,85 @@ def test_admin_listen(tmp_path: Path) -> None:
         "bad.yaml",
     )
     assert any("admin.listen" in issue.message for issue in errors(bad))
+
+
+# --------------------------------------------------------------------------
+# workers:
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("", 1),
+        ("workers: 1\n", 1),
+        ("workers: 4\n", 4),
+        ("workers: 256\n", 256),
+        ("workers: auto\n", "auto"),
+    ],
+)
+def test_workers(tmp_path: Path, extra: str, expected: object) -> None:
+    config, warnings = load_config(write(tmp_path, MINIMAL + extra))
+    assert config.workers == expected
+    assert warnings == []
+
+
+WORKERS_ERRORS = [
+    # (the value, on line 6 column 10; a fragment of the message)
+    ("0", "workers: must be at least 1 (one process at least; or 'auto'), got 0"),
+    ("-2", "workers: must be at least 1"),
+    ("257", "workers: at most 256, got 257"),
+    ("100000", "workers: at most 256, got 100000"),
+    ("2.5", "workers: expected an integer, got a float"),
+    ("true", "workers: expected an integer, got a boolean"),
+    ("'4'", "workers: expected one of auto, got '4'"),
+    ("fast", "workers: expected one of auto, got 'fast'"),
+    ("Auto", "(did you mean 'auto'?)"),
+    ("[2]", "workers: expected an integer, got a list"),
+    ("null", "workers: expected an integer, got null"),
+]
+
+
+@pytest.mark.parametrize(("value", "message"), WORKERS_ERRORS)
+def test_workers_errors(tmp_path: Path, value: str, message: str) -> None:
+    found = errors(write(tmp_path, MINIMAL + f"workers: {value}\n"))
+    assert [(issue.line, issue.column) for issue in found] == [(6, 10)], found
+    assert message in found[0].message, found[0].message
+    assert found[0].severity == "error"
+
+
+def test_workers_errors_are_reported_with_the_others(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "workers: 0\nsession:\n  idle_timeout: 0\n")
+    assert positions(path) == [(6, 10), (8, 17)]
+
+
+def test_workers_in_a_partial_file_and_flags(tmp_path: Path) -> None:
+    """A file with only ``workers:``; listeners and upstream from flags."""
+    partial, warnings = read_config(write(tmp_path, "workers: 3\n"))
+    assert warnings == []
+    assert partial.workers == 3
+    config, _ = build_config(base=partial, listen=["127.0.0.1:1110"], upstream="127.0.0.1:110")
+    assert config.workers == 3
+    # A flag value wins over the file's.
+    config, _ = build_config(
+        base=partial, listen=["127.0.0.1:1110"], upstream="127.0.0.1:110", workers="auto"
+    )
+    assert config.workers == "auto"
+    # No file: one process.
+    config, _ = build_config(base=None, listen=["127.0.0.1:1110"], upstream="127.0.0.1:110")
+    assert config.workers == 1
+
+
+def test_workers_survive_rebuilding_a_config(tmp_path: Path) -> None:
+    config, _ = load_config(write(tmp_path, MINIMAL + "workers: auto\n"))
+    rebuilt, _ = build_config(base=config, idle_timeout=900)
+    assert rebuilt.workers == "auto"
+    rebuilt, _ = build_config(base=config, workers=2)
+    assert rebuilt.workers == 2
+
+
+def test_example_file_documents_workers() -> None:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    assert re.search(r"^#?\s*workers:", text, re.MULTILINE), "workers: is not in the example"
+    config, _ = load_config(EXAMPLE)
+    assert config.workers == 1  # the example keeps the default

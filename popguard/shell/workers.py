@@ -23,9 +23,10 @@ passes it on once) and stop gracefully if the parent disappears.
 Audit: each process writes its own file and hash chain (see
 :func:`worker_audit_file`): one chain per writer keeps every chain strictly
 ordered without locks shared between processes.  Every record carries
-``worker`` (0 is the parent; its records about worker N say ``slot: N``); the parent's ``popguard.workers.started``
-record says how many workers there are, which ``popguard audit verify``
-uses to report a worker whose trail is missing.
+``worker`` (0 is the parent; its records about worker N say ``slot: N``);
+the parent's ``popguard.workers.started`` record says how many workers
+there are, which ``popguard audit verify`` uses to report a worker whose
+trail is missing.
 
 Counters (connection limits, failed-login throttling, Prometheus metrics)
 are per process: see docs/deploy.md "Several workers".
@@ -207,6 +208,8 @@ class _Slot:
     backoff: float = FIRST_BACKOFF
     restarts: int = 0
     ready: bool = False
+    #: Being started (``open_process`` runs in a thread).
+    spawning: bool = False
 
 
 class Supervisor:
@@ -214,6 +217,12 @@ class Supervisor:
 
     *command* is the worker's argv without ``--worker`` and the inherited
     listener options, which the supervisor adds per worker.
+
+    Starting a process runs in a thread (trio's ``open_process``), so a stop
+    can begin while a worker is being started: such a slot counts as
+    running (``spawning``), the listening sockets stay open until the start
+    is over (the child must inherit the right descriptors), and the new
+    worker is sent the stop signal as soon as it exists.
     """
 
     def __init__(
@@ -241,11 +250,15 @@ class Supervisor:
             for index in range(1, workers + 1)
         ]
         self.stopping = False
+        #: The signal a stop sends workers (SIGTERM, then SIGINT to hurry).
+        self._stop_signal: int = signal.SIGTERM
         self._stop_signals = 0
         self._ready_count = 0
+        self._startup_over = False
         self._failed_start = False
-        self._all_ready = trio.Event()
-        self._exited = trio.Event()
+        self._sockets_closed = False
+        #: Set on any change run() waits for: all ready, a failure, a stop, an exit.
+        self._changed = trio.Event()
         # Workers hold the read end; the write end dies with this process.
         self._lifeline_read, self._lifeline_write = os.pipe()
 
@@ -268,33 +281,47 @@ class Supervisor:
             listeners={ls.name: [_format(a) for a in ls.addresses] for ls in self.listeners},
         )
         status = 0
-        with trio.open_signal_receiver(*_SIGNALS) as signals:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._on_signals, signals)
-                for slot in self.slots:
-                    nursery.start_soon(self._keep, slot)
-                with trio.move_on_after(self.startup_timeout):
-                    await self._all_ready.wait()
-                if self._ready_count < self.workers:
-                    status = 1
-                    audit.error(
-                        "popguard.workers.start_failed",
-                        ready=self._ready_count,
-                        workers=self.workers,
-                    )
-                    self.stop(signal.SIGTERM)
-                else:
-                    audit.event("popguard.workers.ready", workers=self.workers)
-                task_status.started()
-                while not self._all_exited():
-                    await self._exited.wait()
-                    self._exited = trio.Event()
-                nursery.cancel_scope.cancel()
+        try:
+            with trio.open_signal_receiver(*_SIGNALS) as signals:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._on_signals, signals)
+                    for slot in self.slots:
+                        nursery.start_soon(self._keep, slot)
+                    status = await self._startup()
+                    task_status.started()
+                    while not self._all_exited():
+                        await self._wait_change()
+                    nursery.cancel_scope.cancel()
+        finally:
+            os.close(self._lifeline_read)
+            os.close(self._lifeline_write)
         audit.event("popguard.stopped")
         return status
 
+    async def _startup(self) -> int:
+        with trio.move_on_after(self.startup_timeout):
+            while not (self.stopping or self._failed_start or self._ready_count == self.workers):
+                await self._wait_change()
+        self._startup_over = True
+        if self._ready_count == self.workers:
+            self.audit.event("popguard.workers.ready", workers=self.workers)
+            return 0
+        if self.stopping and not self._failed_start:
+            return 0  # asked to stop while starting: not a failure
+        self.audit.error(
+            "popguard.workers.start_failed", ready=self._ready_count, workers=self.workers
+        )
+        self.stop(signal.SIGTERM)
+        return 1
+
+    async def _wait_change(self) -> None:
+        await self._changed.wait()
+        self._changed = trio.Event()
+
     def _all_exited(self) -> bool:
-        return self.stopping and all(slot.process is None for slot in self.slots)
+        return self.stopping and all(
+            slot.process is None and not slot.spawning for slot in self.slots
+        )
 
     def _signal_workers(self, signum: int, *, ready_only: bool = False) -> None:
         for slot in self.slots:
@@ -305,12 +332,19 @@ class Supervisor:
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
         """Begin (SIGTERM) or hurry (SIGINT, the second time) a stop of every worker."""
-        if not self.stopping:
-            self.stopping = True
-            for ls in self.listeners:  # nothing new queues from now on
-                ls.close()
+        self.stopping = True
+        self._stop_signal = signum
+        self._close_sockets()
         self._signal_workers(signum)
-        self._exited.set()  # re-check: there may be no worker left
+        self._changed.set()
+
+    def _close_sockets(self) -> None:
+        """Nothing new queues once stopping; not while a child is being forked."""
+        if self._sockets_closed or any(slot.spawning for slot in self.slots):
+            return
+        self._sockets_closed = True
+        for ls in self.listeners:
+            ls.close()
 
     async def _on_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
@@ -332,8 +366,9 @@ class Supervisor:
             await self._run_once(slot)
             if self.stopping:
                 break
-            if not slot.ready and not self._all_ready.is_set():
-                self._all_ready.set()  # failed before its first ready: give up
+            if not slot.ready and not self._startup_over:
+                self._failed_start = True  # failed before its first ready: give up
+                self._changed.set()
                 break
             ran = trio.current_time() - slot.started_at
             if ran >= STABLE_AFTER:
@@ -353,26 +388,36 @@ class Supervisor:
             argv += ["--inherit-listener", f"{name}={','.join(map(str, fds))}"]
         return argv
 
+    async def _spawn(self, slot: _Slot, write_end: int) -> trio.Process:
+        inherited = [fd for fds in slot.fds.values() for fd in fds]
+        slot.spawning = True
+        try:
+            return await trio.lowlevel.open_process(
+                self._argv(slot, write_end),
+                pass_fds=(*inherited, write_end, self._lifeline_read),
+                start_new_session=True,
+            )
+        finally:
+            slot.spawning = False
+            os.close(write_end)  # the worker has its copy
+            if self.stopping:
+                self._close_sockets()  # deferred by stop() while forking
+                self._changed.set()
+
     async def _run_once(self, slot: _Slot) -> None:
         read_end, write_end = os.pipe()
-        inherited = [fd for fds in slot.fds.values() for fd in fds]
         slot.ready = False
         slot.started_at = trio.current_time()
         try:
-            try:
-                process = await trio.lowlevel.open_process(
-                    self._argv(slot, write_end),
-                    pass_fds=(*inherited, write_end, self._lifeline_read),
-                    start_new_session=True,
-                )
-            finally:
-                os.close(write_end)  # the worker has its copy
+            process = await self._spawn(slot, write_end)
         except OSError as exc:
             os.close(read_end)
             self.audit.error("popguard.worker.spawn_failed", slot=slot.index, error=str(exc))
             return
         slot.process = process
         self.audit.event("popguard.worker.started", slot=slot.index, pid=process.pid)
+        if self.stopping:
+            process.send_signal(self._stop_signal)  # the stop began while it started
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._await_ready, slot, read_end)
@@ -386,13 +431,13 @@ class Supervisor:
             fields["signal"] = signal.Signals(-code).name
         else:
             fields["exit_code"] = code
-        if self.stopping and code == 0:
+        if self.stopping and (code == 0 or not slot.ready):
             self.audit.event("popguard.worker.exited", **fields)
         else:
             # Its sessions' upstream connections were closed by the kernel,
             # without QUIT (RFC 1939 section 6): none of their DELEs took effect.
             self.audit.error("popguard.worker.died", **fields, upstream_quit=False)
-        self._exited.set()
+        self._changed.set()
 
     async def _await_ready(self, slot: _Slot, fd: int) -> None:
         await trio.lowlevel.wait_readable(fd)
@@ -400,10 +445,9 @@ class Supervisor:
             return  # exited first
         slot.ready = True
         self.audit.event("popguard.worker.ready", slot=slot.index)
-        if not self._all_ready.is_set():
+        if not self._startup_over:
             self._ready_count += 1
-            if self._ready_count == self.workers:
-                self._all_ready.set()
+            self._changed.set()
 
 
 def _format(address: tuple[str, int]) -> str:

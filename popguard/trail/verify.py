@@ -133,7 +133,8 @@ class ChainSummary:
     first_prev: str = GENESIS
     last_seq: int = 0
     last_hash: str = GENESIS
-    #: The writing process with ``workers:`` (0: the supervisor), else None.
+    #: The process that wrote its last record, with ``workers:`` (0: the
+    #: supervisor), else None.
     worker: int | None = None
     #: In a supervisor's chain: the worker count of its last start.
     workers: int | None = None
@@ -554,9 +555,6 @@ class _Verifier:
                     first_seq=rec.seq,
                     first_prev=rec.prev,
                 )
-                worker = record.get("worker")
-                if isinstance(worker, int) and not isinstance(worker, bool):
-                    summary.worker = worker
                 self.report.chains.append(summary)
             elif rec.prev != last.hash or rec.seq != last.seq + 1:
                 if file_records == 0 and prev_file is not None:
@@ -574,6 +572,13 @@ class _Verifier:
                         "this part of the chain was rewritten",
                     )
                 )
+            # The chain's writer is that of its last record: a supervisor may
+            # continue a single process's chain (an upgrade to workers: N),
+            # and a single process may continue the supervisor's (a downgrade).
+            worker = record.get("worker")
+            summary.worker = (
+                worker if isinstance(worker, int) and not isinstance(worker, bool) else None
+            )
             if rec.event == WORKERS_EVENT and summary.worker == 0:
                 count = record.get("workers")
                 summary.workers = count if isinstance(count, int) else None
