@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import poplib
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ from popguard.shell.workers import worker_audit_file
 from popguard.testing.dovecot import stored_form
 
 READY = "popguard.workers.ready"
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -354,3 +356,60 @@ def test_a_worker_that_cannot_start_stops_everything(dovecot, tmp_path):
     assert "popguard.workers.start_failed" in names
     assert names[-1] == "popguard.stopped"
     assert "popguard.worker.restarting" not in names
+
+
+def test_the_shipped_logrotate_snippet_rotates_every_workers_file(
+    dovecot, mailbox, make_messages, popguard_process, tmp_path
+):
+    """packaging/logrotate.d/popguard, run by a real logrotate, against a
+    workers: 2 deployment: every process's file is rotated, one SIGHUP (to the
+    parent) reopens them all, and verify passes over the rotated and new files."""
+    logrotate = shutil.which("logrotate") or "/usr/sbin/logrotate"
+    if not Path(logrotate).exists():
+        if os.environ.get("CI"):
+            pytest.fail("logrotate is required in CI")
+        pytest.skip("logrotate is not installed")
+    box = mailbox(make_messages(1, seed=68))
+    proxy = popguard_process("--workers", "2", ready=READY)
+    logs = proxy.audit_path.parent
+    audit_glob = f"{logs}/{proxy.audit_path.stem}*.jsonl"
+    snippet = (REPO / "packaging" / "logrotate.d" / "popguard").read_text()
+    assert "/var/log/popguard/audit*.jsonl {" in snippet
+    assert "systemctl reload popguard.service" in snippet
+    conf = tmp_path / "logrotate.conf"
+    conf.write_text(
+        snippet.replace("/var/log/popguard/audit*.jsonl", audit_glob)
+        .replace("create 0640 popguard popguard", "create 0640")
+        .replace("systemctl reload popguard.service", f"/bin/kill -HUP {proxy.pid}")
+    )
+    conf.chmod(0o644)
+    for _ in range(4):
+        full_session(proxy.address, box.user, box.password, 1)
+    current = [proxy.audit_path, worker_file(proxy, 1), worker_file(proxy, 2)]
+    wait_until(lambda: all(records(path) for path in current), "every file written")
+    result = subprocess.run(
+        [logrotate, "-f", "-s", str(tmp_path / "state"), str(conf)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    rotated = sorted(logs.glob(f"{proxy.audit_path.stem}*.jsonl-*"))  # dateext names
+    assert len(rotated) == 3, sorted(p.name for p in logs.iterdir())
+    for path in current:
+        wait_until(
+            lambda path=path: any(
+                r["event"] == "audit.chain.start" and r["reason"] == "reopen" for r in records(path)
+            ),
+            f"{path.name} reopened",
+        )
+    # One signal, to the parent: it reopened once and passed it on once, so
+    # every process recorded exactly one (in its file before the rotation).
+    for old in rotated:
+        assert [r["event"] for r in records(old)].count("popguard.signal") == 1, old.name
+    for _ in range(4):
+        full_session(proxy.address, box.user, box.password, 1)
+    assert proxy.terminate() == 0
+    result = verify(*rotated, *current)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("from its first record") == 3
