@@ -92,6 +92,24 @@ def set_nodelay(stream: trio.abc.Stream) -> None:
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
 
 
+class _PumpsLeft:
+    """Counts the running pumps; when the last one ends, cancels *scope*."""
+
+    __slots__ = ("_left", "_scope")
+
+    def __init__(self, count: int, scope: trio.CancelScope) -> None:
+        self._left = count
+        self._scope = scope
+
+    async def run(self, pump: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await pump()
+        finally:
+            self._left -= 1
+            if self._left == 0:
+                self._scope.cancel()
+
+
 class Relay:
     """Runs one session: connect upstream, pump bytes, close without QUIT."""
 
@@ -218,12 +236,14 @@ class Relay:
                 if self._implicit_tls and not await self._client_handshake(stls=False):
                     pass  # the session has ended; nothing was sent upstream
                 elif await self._connect():
+                    # One nursery, and the upstream pump in this task: each
+                    # task and nursery fewer is ~2 kB less per idle session.
+                    # The last pump to finish cancels the watchdog.
                     async with trio.open_nursery() as nursery:
+                        pumps = _PumpsLeft(2, nursery.cancel_scope)
                         nursery.start_soon(self._idle_watchdog)
-                        async with trio.open_nursery() as pumps:
-                            pumps.start_soon(self._pump_client)
-                            pumps.start_soon(self._pump_upstream)
-                        nursery.cancel_scope.cancel()  # the watchdog
+                        nursery.start_soon(pumps.run, self._pump_client)
+                        await pumps.run(self._pump_upstream)
             if self._scope.cancelled_caught and not session.finished:
                 session.end(self._abort_reason or EndReason.IDLE_TIMEOUT)
         except Exception as exc:  # a bug must end this session only, never the server
