@@ -42,6 +42,7 @@ from popguard.shell.server import Endpoint, ListenerSpec, ProxyServer, ServerSet
 from popguard.shell.tls import ListenerTLS
 from popguard.testing import dovecot as dovecot_tool
 from popguard.testing.dovecot import DovecotInstance
+from tests.listsink import ListSink
 
 _HERE = Path(__file__).parent
 _user_counter = itertools.count(1)
@@ -300,25 +301,6 @@ def sample_messages(count: int = len(_KINDS), *, seed: int = 0) -> list[bytes]:
 #   popguard serve`` as a real process on a free loopback port, with a JSON
 #   lines audit file; stopped (SIGTERM, then SIGKILL) at the end of the test.
 # * ``dovecot_log``: helpers over Dovecot's log for one user's sessions.
-
-
-class ListSink:
-    """An audit sink that keeps every event dict."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, object]] = []
-
-    def write(self, event_dict: object) -> None:
-        self.events.append(dict(event_dict))  # type: ignore[call-overload]
-
-    def close(self) -> None:
-        pass
-
-    def named(self, name: str) -> list[dict[str, object]]:
-        return [e for e in self.events if e["event"] == name]
-
-    def names(self) -> list[str]:
-        return [str(e["event"]) for e in self.events]
 
 
 class RunningProxy:

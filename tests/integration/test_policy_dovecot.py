@@ -39,6 +39,7 @@ from popguard.policy.load import load_policies
 from popguard.policy.session import PolicyHolder, PolicyShared
 from popguard.shell.server import Endpoint, ListenerSpec, ProxyServer, ServerSettings
 from popguard.testing.dovecot import stored_form
+from tests.listsink import ListSink
 
 in_thread = trio.to_thread.run_sync
 
@@ -83,20 +84,6 @@ def rule_line(path: Path, name: str) -> str:
 
 
 # -- popguard with policies, in process ---------------------------------------------
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def write(self, event_dict: Any) -> None:
-        self.events.append(dict(event_dict))
-
-    def close(self) -> None:
-        pass
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == name]
 
 
 @dataclass

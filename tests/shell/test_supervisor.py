@@ -32,6 +32,7 @@ import trio
 
 from popguard.audit import AuditLog
 from popguard.shell.workers import FIRST_BACKOFF, ListenerSockets, Supervisor, bind_reuseport
+from tests.listsink import ListSink
 
 LIMIT = 15.0  # seconds any one wait may take
 
@@ -186,29 +187,6 @@ sys.exit(status)
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
-
-
-class ListSink:
-    """An audit sink that keeps every event dict."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def write(self, event_dict: object) -> None:
-        self.events.append(dict(event_dict))  # type: ignore[call-overload]
-
-    def close(self) -> None:
-        pass
-
-    def named(self, name: str, **match: object) -> list[dict[str, Any]]:
-        return [
-            e
-            for e in self.events
-            if e["event"] == name and all(e.get(k) == v for k, v in match.items())
-        ]
-
-    def names(self) -> list[str]:
-        return [str(e["event"]) for e in self.events]
 
 
 @dataclass

@@ -25,6 +25,7 @@ from popguard.shell.workers import (
     worker_audit_file,
     worker_command,
 )
+from tests.listsink import ListSink
 
 # --------------------------------------------------------------------------
 # worker_audit_file
@@ -178,22 +179,6 @@ def test_ready_survives_a_parent_that_is_gone() -> None:
     WorkerRole(1, 2, write_end, -1).ready()
     with pytest.raises(OSError, match="Bad file descriptor"):
         os.fstat(write_end)
-
-
-class ListSink:
-    """An audit sink that keeps every event dict."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, object]] = []
-
-    def write(self, event_dict: object) -> None:
-        self.events.append(dict(event_dict))  # type: ignore[call-overload]
-
-    def close(self) -> None:
-        pass
-
-    def named(self, name: str) -> list[dict[str, object]]:
-        return [e for e in self.events if e["event"] == name]
 
 
 @pytest.fixture

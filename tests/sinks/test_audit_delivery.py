@@ -27,27 +27,11 @@ from popguard.core.records import AuditRecord, Event
 from popguard.sinks.base import Entry, QueuedSink, ThreadedSink
 from popguard.sinks.file import FileSink
 from popguard.sinks.stream import StdoutSink
+from tests.listsink import ListSink
 
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-
-    def write(self, event_dict: Any) -> None:
-        with self._lock:
-            self.events.append(dict(event_dict))
-
-    def close(self) -> None:
-        pass
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        with self._lock:
-            return [e for e in self.events if e["event"] == name]
 
 
 class GateSink(QueuedSink):

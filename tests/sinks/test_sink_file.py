@@ -21,29 +21,11 @@ from popguard.config import AuditConfig
 from popguard.core.records import AuditRecord, Event
 from popguard.sinks.file import FileSink
 from popguard.trail import chain as trail
+from tests.listsink import ListSink
 
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
-
-
-class ListSink:
-    """A plain sink (write/close only), like the shell tests use."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-
-    def write(self, event_dict: Any) -> None:
-        with self._lock:
-            self.events.append(dict(event_dict))
-
-    def close(self) -> None:
-        pass
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        with self._lock:
-            return [e for e in self.events if e["event"] == name]
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

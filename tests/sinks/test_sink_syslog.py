@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -31,6 +30,7 @@ from popguard.sinks.syslog import (
     escape_param_value,
 )
 from tests.ci import needs_tool
+from tests.listsink import ListSink
 
 # --------------------------------------------------------------------------
 # A strict RFC 5424 parser (the receiving side, for the tests)
@@ -242,20 +242,6 @@ def tcp() -> Iterator[TCPReceiver]:
     receiver = TCPReceiver()
     yield receiver
     receiver.close()
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def write(self, event_dict: Any) -> None:
-        self.events.append(dict(event_dict))
-
-    def close(self) -> None:
-        pass
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in list(self.events) if e["event"] == name]
 
 
 EVENT = {
