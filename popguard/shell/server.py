@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -49,7 +50,9 @@ from popguard.shell.admin import AdminServer, Readiness
 from popguard.shell.relay import Relay, UpstreamSecurity
 from popguard.shell.tcp import TCPStream
 from popguard.shell.tls import ListenerTLS, TLSContexts, UpstreamTLS, legacy_warnings
-from popguard.shell.workers import WorkerRole
+
+if TYPE_CHECKING:  # workers.py imports this module
+    from popguard.shell.workers import WorkerRole
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,7 +499,7 @@ async def serve(
                 audit.event("admin.listening", address=str(Endpoint(host, port)))
     if after_bind is not None:
         after_bind()  # e.g. drop root once ports 110/995 are bound
-    with trio.open_signal_receiver(*_SIGNALS) as signals:
+    with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_on_signals, signals, server, audit)
             if admin_server is not None:
@@ -532,15 +535,17 @@ def probe_connector(
     return connect
 
 
-_REOPEN_SIGNALS = frozenset({signal.SIGHUP, signal.SIGUSR1})
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, *_REOPEN_SIGNALS)
+#: Reopen the audit file, reload policies and certificates.
+RELOAD_SIGNALS = frozenset({signal.SIGHUP, signal.SIGUSR1})
+#: Everything a serving process (or the workers' parent) handles.
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, *RELOAD_SIGNALS)
 
 
 async def _on_signals(signals: AsyncIterator[int], server: ProxyServer, audit: AuditLog) -> None:
     count = 0
     async for signum in signals:
         audit.event("popguard.signal", signal=signal.Signals(signum).name)
-        if signum in _REOPEN_SIGNALS:
+        if signum in RELOAD_SIGNALS:
             audit.reopen()
             server.reload_policies()
             server.reload_tls()

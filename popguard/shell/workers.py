@@ -46,6 +46,7 @@ from typing import Final
 import trio
 
 from popguard.audit import AuditLog
+from popguard.shell.server import HANDLED_SIGNALS, RELOAD_SIGNALS, format_peer
 
 __all__ = [
     "LISTEN_BACKLOG",
@@ -278,11 +279,11 @@ class Supervisor:
         audit.event(
             "popguard.workers.started",
             workers=self.workers,
-            listeners={ls.name: [_format(a) for a in ls.addresses] for ls in self.listeners},
+            listeners={ls.name: [format_peer(a) for a in ls.addresses] for ls in self.listeners},
         )
         status = 0
         try:
-            with trio.open_signal_receiver(*_SIGNALS) as signals:
+            with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._on_signals, signals)
                     for slot in self.slots:
@@ -349,7 +350,7 @@ class Supervisor:
     async def _on_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
             self.audit.event("popguard.signal", signal=signal.Signals(signum).name)
-            if signum in _REOPEN_SIGNALS:
+            if signum in RELOAD_SIGNALS:
                 self.audit.reopen()
                 # Only to ready workers: before that a worker has no handler
                 # yet (SIGHUP would kill it), and it reads everything fresh.
@@ -448,15 +449,6 @@ class Supervisor:
         if not self._startup_over:
             self._ready_count += 1
             self._changed.set()
-
-
-def _format(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-_REOPEN_SIGNALS: Final = frozenset({signal.SIGHUP, signal.SIGUSR1})
-_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, *_REOPEN_SIGNALS)
 
 
 def worker_command(argv: Sequence[str]) -> list[str]:
