@@ -369,7 +369,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return _supervise(args, config, count)
     else:
         config = _as_worker(config, role, fds)
-        if admin is not None and admin[1] != 0:
+        if admin is not None:
             admin = (admin[0], admin[1] + role.index - 1)  # one admin port per worker
     metrics = None
     if admin is not None:

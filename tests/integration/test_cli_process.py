@@ -450,3 +450,18 @@ def test_user_flag_drops_root_after_binding(dovecot, mailbox, make_messages, pop
         assert read_line(sock).startswith(b"+OK")
     proxy.wait_for("session.closed")  # the audit file, opened as root, is still written
     assert proxy.terminate() == 0
+
+
+def test_admin_listener_is_named_in_the_trail(dovecot, popguard_process):
+    """The trail says where the admin listener is (with workers, one port each)."""
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proxy = popguard_process("--admin-listen", f"127.0.0.1:{port}")
+    (record,) = proxy.wait_for("admin.listening")
+    assert record["address"] == f"127.0.0.1:{port}"
+    with urllib.request.urlopen(f"http://{record['address']}/healthz", timeout=10) as reply:
+        assert reply.status == 200
+    assert proxy.terminate() == 0
