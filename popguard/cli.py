@@ -86,6 +86,7 @@ def settings_from_config(
         shutdown_grace=config.shutdown_grace,
         limits=config.limits,
         message_identity=config.audit.message_identity,
+        identity=config.identity,
     )
 
 
@@ -300,14 +301,18 @@ class Policies:
     def __init__(self, directory: str | None, config: Config) -> None:
         self.directory = os.path.abspath(directory) if directory else None
         self._listeners = [listener.name for listener in config.listeners]
+        self._identity = config.identity
         self.initial: PolicySet | None = None
         if self.directory is not None:
-            self.initial, warnings = load_policies(self.directory, listeners=self._listeners)
+            self.initial, warnings = self._load()
             _print_issues(warnings)
 
-    def load(self) -> PolicySet:
+    def _load(self) -> tuple[PolicySet, list[Issue]]:
         assert self.directory is not None
-        return load_policies(self.directory, listeners=self._listeners)[0]
+        return load_policies(self.directory, listeners=self._listeners, identity=self._identity)
+
+    def load(self) -> PolicySet:
+        return self._load()[0]
 
 
 def _policies(args: argparse.Namespace, config: Config) -> Policies:

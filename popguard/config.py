@@ -89,6 +89,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
 from popguard import yamlnodes
+from popguard.core.identity import DEFAULT_IDENTITY, IdentityRules
 from popguard.core.limits import Limits
 from popguard.shell.tls import (
     VERSIONS,
@@ -299,6 +300,8 @@ class Config:
     admin_listen: Address | None = None
     #: Worker processes (``"auto"``: one per CPU); 1 runs a single process.
     workers: Workers = 1
+    #: How the upstream maps login names to accounts (docs/identity.md).
+    identity: IdentityRules = DEFAULT_IDENTITY
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +323,7 @@ class PartialConfig:
     #: Where /metrics, /healthz and /readyz are served (None: nowhere).
     admin_listen: Address | None = None
     workers: Workers = 1
+    identity: IdentityRules = DEFAULT_IDENTITY
     #: The file it was read from, as given to :func:`read_config`.
     source: str | None = None
 
@@ -625,6 +629,7 @@ _SECTIONS: Final[Mapping[str, tuple[str, ...]]] = {
     "session": ("idle_timeout", "idle_notice"),
     "limits": _LIMIT_KEYS,
     "shutdown": ("grace_period",),
+    "identity": tuple(f.name for f in fields(IdentityRules)),
     "admin": ("listen",),
     "audit": (
         "file",
@@ -650,6 +655,7 @@ _TOP_KEYS: Final = (
     "policies",
     "admin",
     "workers",
+    "identity",
 )
 _LISTENER_KEYS: Final = (
     "name",
@@ -887,6 +893,7 @@ class _Walker:
         admin_listen = self.admin(section("admin"))
         workers_node = section("workers")
         workers = 1 if workers_node is None else self.workers(workers_node)
+        identity = self.identity(section("identity"))
         return PartialConfig(
             listeners=listeners,
             upstream_address=upstream_address,
@@ -901,6 +908,7 @@ class _Walker:
             policies=policies,
             admin_listen=admin_listen,
             workers=workers,
+            identity=identity,
             source=self.file,
         )
 
@@ -1326,6 +1334,45 @@ class _Walker:
             idle_notice=default.idle_notice if idle_notice is None else idle_notice,
         )
 
+    def identity(self, node: Node | None) -> IdentityRules:
+        """``identity:``: how the upstream maps a login name to an account."""
+        default = DEFAULT_IDENTITY
+        if node is None:
+            return default
+        entries = self.mapping(node, "identity")
+        if entries is None:
+            return default
+        self.check_keys(entries, _SECTIONS["identity"], "identity", "identity")
+        values: dict[str, object] = {}
+        choices = {
+            "case": ("lower", "exact"),
+            "domain": ("keep", "strip"),
+            "master_account": ("before", "after"),
+            "plain_authzid": ("account", "refuse"),
+        }
+        for name, allowed in choices.items():
+            if name in entries:
+                value = self.choice(entries[name][1], f"identity.{name}", allowed)
+                if value is not None:
+                    values[name] = value
+        for name in ("default_domain", "master_separator", "allowed_chars"):
+            if name not in entries:
+                continue
+            value_node = entries[name][1]
+            where = f"identity.{name}"
+            if self.is_null(value_node):
+                values[name] = None
+                continue
+            text = self.string(value_node, where)
+            if text is None:
+                continue
+            problem = _identity_problem(name, text)
+            if problem is not None:
+                self.report(value_node, f"{where}: {problem}")
+            else:
+                values[name] = text
+        return dataclasses.replace(default, **values)  # type: ignore[arg-type]
+
     def limits(self, node: Node | None) -> Limits:
         if node is None:
             return Limits()
@@ -1583,6 +1630,19 @@ class _Walker:
             self.report(value, "upstream: missing required key 'address'")
 
 
+def _identity_problem(name: str, text: str) -> str | None:
+    """Why an ``identity:`` string is unusable, or None."""
+    if not text:
+        return "empty (use null for none)"
+    if not text.isascii() or not text.isprintable() or " " in text:
+        return "printable ASCII without spaces expected"
+    if name == "master_separator" and len(text) != 1:
+        return f"one character expected (Dovecot's auth_master_user_separator), got {text!r}"
+    if name == "default_domain" and "@" in text:
+        return f"a domain without '@' expected, got {text!r}"
+    return None
+
+
 def _seconds_problem(value: float, *, allow_zero: bool) -> str | None:
     if not math.isfinite(value):
         return f"must be a finite number of seconds, got {value}"
@@ -1733,6 +1793,7 @@ def build_config(
             policies=base.policies,
             admin_listen=base.admin_listen,
             workers=base.workers,
+            identity=base.identity,
         )
     else:
         partial = base
@@ -1849,6 +1910,7 @@ def build_config(
         policies=partial.policies,
         admin_listen=partial.admin_listen,
         workers=partial.workers if workers is None else workers,
+        identity=partial.identity,
     )
     return config, issues
 

@@ -28,6 +28,8 @@ class Event(enum.StrEnum):
     UPSTREAM_PROTOCOL_ERROR = "upstream.protocol_error"
     AUTH_SUCCEEDED = "auth.succeeded"
     AUTH_FAILED = "auth.failed"
+    #: popguard refused a login whose account it cannot tell with certainty.
+    AUTH_REFUSED = "auth.refused"
     COMMAND_REJECTED = "command.rejected"
     MESSAGE_RETRIEVED = "message.retrieved"
     DELE_MARKED = "dele.marked"
@@ -64,6 +66,8 @@ class EndReason(enum.StrEnum):
     POLICY_DENIED = "policy_denied"
     #: A policy's ``max_session`` ran out.
     MAX_SESSION = "max_session"
+    #: The server accepted a login whose account popguard cannot tell.
+    IDENTITY_UNKNOWN = "identity_unknown"
 
 
 Scalar = str | int | bool | None

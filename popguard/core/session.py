@@ -17,7 +17,10 @@ Client bytes are split into lines.  A line is parsed (``grammar``); a
 malformed or over-long one is answered by popguard with ``-ERR`` and never
 forwarded.  Every other line is forwarded at once, in order (RFC 2449
 pipelining), and an entry for it is appended to ``pending``: the FIFO of
-replies the client is owed.  The greeting is the first entry.
+replies the client is owed.  The greeting is the first entry.  Two things
+hold lines back in the buffer: a login in progress (below), and the bound
+``max_pipelined`` on replies owed or made locally and not yet taken by the
+shell, so a client that pipelines without reading costs bounded memory.
 
 Only the command tells how its reply is framed (RFC 1939 §3), so the FIFO is
 what lets popguard find reply boundaries: the head entry says whether a
@@ -34,7 +37,9 @@ The server's bytes are read in one of three modes:
     ``+`` continuation during AUTH) and forward it unchanged.  Bytes that
     arrive when no reply is owed, and lines that are not status lines, are a
     protocol error: the session ends, because a reply must never be passed
-    off as the answer to the wrong command.
+    off as the answer to the wrong command.  Nothing of the read that held
+    such bytes reaches the client (a client owed a reply gets
+    ``-ERR [SYS/TEMP]``): the replies before them cannot be trusted either.
 ``BODY``
     stream a multi-line reply to the client as it arrives, without
     unstuffing, watching only for the terminator CRLF "." CRLF, however the
@@ -56,14 +61,30 @@ away anything the client pipelined behind ``STLS`` in the same plaintext
 TLS), and sets :attr:`ProxySession.starttls_pending`; the shell then does
 the handshake and calls :meth:`ProxySession.tls_started`.
 
+Identity (popguard.core.identity, popguard.core.sasl)
+-----------------------------------------------------
+Policies, limits and records name the *account* the server opens, which
+``identity`` (the config's ``identity:`` rules) derives from the login name
+the way the server does (Dovecot lowercases it, for one).  USER and APOP
+names, and names read from SASL responses, are mapped when the command
+passes; a name popguard cannot map with certainty is refused with
+``-ERR [AUTH]`` (record ``auth.refused``) and never reaches the server.
+Commands pipelined behind a login are held until its reply, so they run for
+a known account; if the server accepts a login whose account popguard does
+not know, the session ends there, without QUIT (``identity_unknown``).
+
 SASL (RFC 5034)
 ---------------
 After ``AUTH mech`` the next client line may be a SASL response rather than a
 command, and popguard cannot know which until the server answers.  So client
 lines that follow an AUTH are *held* until the server speaks: a ``+``
 continuation makes the next held line a SASL response, and the final
-+OK/-ERR makes them commands again.  SASL responses are relayed, and decoded
-only to learn the user name; they are never stored or logged.
++OK/-ERR makes them commands again.  Only mechanisms whose account popguard
+can read are let through (PLAIN, LOGIN, CRAM-MD5), and base64 goes upstream
+as popguard decoded it (canonically re-encoded), so the server reads the
+same name.  A response popguard must refuse cancels the exchange upstream
+with ``*``.  SASL responses are decoded only to learn the account; they are
+never stored or logged.
 
 Message identity
 ----------------
@@ -74,10 +95,9 @@ message whose identity popguard does not know yet, it sends ``UIDL n`` and
 ``LIST n`` upstream in the same write.  Their entries in ``pending`` are
 *internal*: the replies are read and kept, never shown to the client, so the
 client sees exactly the bytes it would see without popguard, in the same
-order.  Only commands forwarded in TRANSACTION are looked up (a command
-pipelined behind PASS is forwarded before popguard knows the login worked,
-and its record then carries the number only).  A server that answers UIDL
-with -ERR (UIDL is optional in RFC 1939) is not asked again.
+order.  Only commands forwarded in TRANSACTION are looked up (commands
+pipelined behind a login wait for its reply, so they are).  A server that
+answers UIDL with -ERR (UIDL is optional in RFC 1939) is not asked again.
 
 Durable deletions (fail-closed auditing)
 ----------------------------------------
@@ -107,19 +127,22 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from popguard.core.grammar import (
+    CRLF,
     MULTILINE_TERMINATOR,
     Command,
     CommandSyntaxError,
     Status,
-    decode_sasl,
     escape_text,
     is_multiline,
     parse_command,
     parse_status,
     reply_text,
+    strip_line_ending,
 )
+from popguard.core.identity import DEFAULT_IDENTITY, Account, IdentityRefused, IdentityRules
 from popguard.core.limits import Limits
 from popguard.core.records import AuditRecord, EndReason, Event, FieldValue, Scalar
+from popguard.core.sasl import DECODABLE, SaslLogin, mechanism_name
 from popguard.policy.session import SessionPolicy, Verdict
 
 
@@ -152,6 +175,9 @@ REPLY_STLS_ACTIVE = b"-ERR Already using TLS\r\n"
 REPLY_STLS_STATE = b"-ERR STLS is only allowed before login\r\n"
 REPLY_STLS_PIPELINED = b"-ERR STLS must not follow commands still in progress\r\n"
 REPLY_SASL_TOO_LONG = b"-ERR SASL response line too long\r\n"
+REPLY_IDENTITY_UNKNOWN = (
+    b"-ERR [AUTH] popguard cannot tell which account this login opened, disconnecting\r\n"
+)
 REPLY_AUDIT_UNAVAILABLE = (
     b"-ERR [SYS/TEMP] The audit trail cannot record this deletion now, try again later\r\n"
 )
@@ -178,18 +204,21 @@ class _Pending:
     #: A command popguard sent itself (message identity); its reply is
     #: consumed, never relayed.
     internal: bool = False
+    #: The account a USER or APOP names (``popguard.core.identity``).
+    account: Account | None = None
 
 
 @dataclass(slots=True)
 class _SaslExchange:
     mechanism: str
+    #: Reads the account from the responses (``popguard.core.sasl``).
+    login: SaslLogin
     #: Whose line comes next: the server's (challenge or result) or the
     #: client's (a response to a challenge).
     awaiting_server: bool = True
-    responses: int = 0
-    user: str | None = None
-    #: A policy refused the claimed user: the exchange was cancelled with
-    #: "*" and the client gets this reply instead of the server's -ERR.
+    #: popguard cancelled the exchange with "*" (a policy refused the
+    #: account, or popguard could not tell it): the client gets this reply
+    #: instead of the server's -ERR.
     denied: bytes | None = None
 
 
@@ -203,7 +232,10 @@ MAX_IDENTITY_CACHE = 100_000
 _LOGIN_VERBS = frozenset({"PASS", "APOP", "AUTH"})
 
 #: Commands whose first argument the session needs when the reply arrives.
-_KEEP_ARG = frozenset({"USER", "APOP", "RETR", "TOP", "DELE"})
+_KEEP_ARG = frozenset({"RETR", "TOP", "DELE"})
+
+#: Commands that name the account to log in to.
+_NAMING_VERBS = frozenset({"USER", "APOP"})
 
 
 class CommandObserver(Protocol):
@@ -225,6 +257,7 @@ class ProxySession:
         limits: Limits = _DEFAULT_LIMITS,
         idle_notice: bool = True,
         message_identity: bool = False,
+        identity: IdentityRules = DEFAULT_IDENTITY,
         durable_deletions: bool = False,
         policy: SessionPolicy | None = None,
         stls: bool = False,
@@ -249,6 +282,8 @@ class ProxySession:
         self.policy_epoch = 0
         self._refused_user: bytes | None = None
         self.idle_notice = idle_notice
+        #: How the upstream maps login names to accounts.
+        self.identity = identity
         self.message_identity = message_identity
         #: What popguard learnt about each message number this session.
         self._uidls: dict[int, str] = {}
@@ -262,6 +297,8 @@ class ProxySession:
         self.pending_durable: AuditRecord | None = None
         self._gated: Command | None = None
         self.state = State.AUTHORIZATION
+        #: The account the server opened (after login), and its name.
+        self.account: Account | None = None
         self.user: str | None = None
         self.finished = False
         self.end_reason: EndReason | None = None
@@ -279,10 +316,17 @@ class ProxySession:
         self._client_input_closed = False
         self._client_eof = False
         self._bad_commands = 0
-        self._claimed_user: str | None = None
+        #: The account of the last USER the server accepted (for PASS).
+        self._claimed: Account | None = None
         self._sasl: _SaslExchange | None = None
+        #: Local replies produced since the shell last took client output;
+        #: with ``_pending`` they bound what a client that never reads costs.
+        self._unsent_local = 0
+        self._input_held = False
 
         self._reader = _Reader.STATUS
+        self._read_mark = 0
+        self._read_owed = False
         self._server_buf = bytearray()
         self._tail = b""
         self._reply_bytes = 0
@@ -296,12 +340,21 @@ class ProxySession:
     # Outputs
     # ------------------------------------------------------------------
     def take_client_output(self) -> bytes:
-        """Bytes to send to the client, in order; empties the buffer."""
+        """Bytes to send to the client, in order; empties the buffer.
+
+        Command lines held back because too many replies were unsent (see
+        :meth:`_output_full`) are processed when the output is empty again,
+        so a shell that calls this until it returns nothing sends them all.
+        """
         out = self._client_out
+        if not out and self._input_held:
+            self._input_held = False
+            self._process_client_lines()
         if not out:
             return b""
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
+        self._unsent_local = 0
         self.bytes_to_client += len(data)
         return data
 
@@ -492,7 +545,7 @@ class ProxySession:
             sasl = self._sasl
             if sasl is not None and sasl.awaiting_server:
                 return  # held: the server has not said what the next line is
-            if sasl is None and self._held_for_login():
+            if sasl is None and (self._held_for_login() or self._output_full()):
                 return
             limit = self.limits.max_sasl_line if sasl else self.limits.max_command_line
             newline = buf.find(b"\n", 0, limit)
@@ -510,14 +563,31 @@ class ProxySession:
             else:
                 self._command(line)
 
+    def _output_full(self) -> bool:
+        """Whether replies owed or unsent have reached the pipelining bound.
+
+        Then further commands wait in the buffer (and the shell stops
+        reading, see :attr:`wants_client_data`): a client that pipelines
+        without reading costs at most ``max_pipelined`` replies, whether the
+        server or popguard makes them.
+        """
+        limit = self.limits.max_pipelined
+        if len(self._pending) < limit and self._unsent_local < limit:
+            return False
+        self._input_held = True
+        return True
+
     def _held_for_login(self) -> bool:
-        """While a policy is loaded, hold commands behind a login until its reply."""
-        policy = self.policy
-        return (
-            policy is not None
-            and self.state is State.AUTHORIZATION
-            and policy.active
-            and any(entry.verb in _LOGIN_VERBS for entry in self._pending)
+        """Hold commands behind a login until its reply.
+
+        Only then is it known which account they act for: the user's
+        policies apply to them, their records name the account and the
+        messages, and a login whose account popguard cannot tell ends the
+        session before any of them (a pipelined DELE and QUIT among them)
+        reached the server.
+        """
+        return self.state is State.AUTHORIZATION and any(
+            entry.verb in _LOGIN_VERBS for entry in self._pending
         )
 
     def _line_too_long(self, limit: int) -> None:
@@ -552,17 +622,32 @@ class ProxySession:
         if verb == "STLS":
             self._stls()
             return
-        if self.policy is not None and verb != "QUIT" and self._policy_refuses(command):
+        if verb == "PASS" and self._refused_user is not None:
+            # The USER before it was refused: its password goes nowhere.
+            self._queue_local(self._refused_user)
+            return
+        account: Account | None = None
+        if verb in _NAMING_VERBS:
+            account = self._login_name(command)
+            if account is None:
+                return
+        if verb == "USER":
+            self._refused_user = None
+        if self.policy is not None and verb != "QUIT" and self._policy_refuses(command, account):
             return
         if verb == "QUIT":
             # Whatever follows QUIT can never be answered (RFC 1939 §6).
             self._client_input_closed = True
             self._client_buf.clear()
         elif verb == "AUTH" and command.args:
-            self._start_sasl(command)
-            if self._sasl is not None and self._sasl_claim_refused(self._sasl):
+            forwarded = self._open_sasl(command)
+            if forwarded is None:
+                return
+            assert self._sasl is not None
+            if self._sasl_claim_refused(self._sasl):
                 self._sasl = None
                 return
+            command = forwarded
         elif verb == "DELE" and self.durable_deletions:
             self._gated = command
             msg = _message_number(command.args[0] if command.args else None)
@@ -570,7 +655,86 @@ class ProxySession:
                 Event.DELE_REQUESTED, self._with_user(self._identity(msg))
             )
             return
-        self._forward(command)
+        self._forward(command, account)
+
+    # ------------------------------------------------------------------
+    # Identity: which account a login opens (popguard.core.identity)
+    # ------------------------------------------------------------------
+    def _login_name(self, command: Command) -> Account | None:
+        """The account a USER or APOP names; None if refused (the -ERR is queued)."""
+        verb = command.verb
+        if verb == "USER":
+            raw = command.rest  # everything after "USER ", as servers read it
+        else:
+            # APOP name digest (RFC 1939 §7), one space apart: servers split
+            # at the first space, so any other spacing names someone else.
+            args = command.args
+            if len(args) != 2 or command.rest != args[0] + b" " + args[1]:
+                self._refuse_login(verb, None, "APOP takes a name and a digest, one space apart")
+                return None
+            raw = args[0]
+        try:
+            return self.identity.account(raw)
+        except IdentityRefused as exc:
+            self._refuse_login(verb, exc.login, str(exc))
+            return None
+
+    def _refuse_login(
+        self, mechanism: str, login: str | None, reason: str, *, reply: bool = True
+    ) -> bytes:
+        """popguard cannot tell the account: refuse, record, and say why."""
+        self._record(Event.AUTH_REFUSED, login=login, mechanism=mechanism, reason=reason)
+        text = b"-ERR [AUTH] Login refused: " + reason.encode("ascii", "backslashreplace") + CRLF
+        if mechanism == "USER":
+            self._refused_user = text
+        if reply:
+            self._queue_local(text)
+        return text
+
+    def _open_sasl(self, command: Command) -> Command | None:
+        """Follow an AUTH exchange; the AUTH line to forward, or None if refused."""
+        name, space, initial = command.rest.partition(b" ")
+        mechanism = mechanism_name(name)
+        label = mechanism or escape_text(name[:20])
+        login = SaslLogin(mechanism or "", self.identity)
+        try:
+            if mechanism is None:
+                raise IdentityRefused("a malformed AUTH command")
+            if mechanism not in DECODABLE:
+                raise IdentityRefused(
+                    f"popguard cannot tell which account {mechanism} logs in to; "
+                    "use " + ", ".join(sorted(DECODABLE))
+                )
+            if space and not initial:
+                raise IdentityRefused("an empty initial response")
+            forwarded = login.initial(initial if space else None)
+        except IdentityRefused as exc:
+            self._refuse_login(label, exc.login, str(exc))
+            return None
+        self._sasl = _SaslExchange(mechanism, login)
+        line = command.line[:5] + name
+        if forwarded is not None:
+            line += b" " + forwarded
+        return Command(command.verb, command.args, line + CRLF)
+
+    def _sasl_response(self, sasl: _SaslExchange, line: bytes) -> None:
+        """A client line during AUTH: relayed as popguard read it, or cancelled."""
+        sasl.awaiting_server = True
+        body = strip_line_ending(line)
+        if body.strip() == b"*":
+            self._upstream_out.append(b"*\r\n")  # the client cancels (RFC 5034 §4)
+            return
+        known = sasl.login.account is not None
+        try:
+            forwarded = sasl.login.response(body)
+        except IdentityRefused as exc:
+            sasl.denied = self._refuse_login(sasl.mechanism, exc.login, str(exc), reply=False)
+            self._upstream_out.append(b"*\r\n")  # cancel: nothing more reaches the server
+            return
+        if not known and self._sasl_claim_refused_in_exchange(sasl):
+            self._upstream_out.append(b"*\r\n")  # cancel (RFC 5034 §4): no credentials sent
+            return
+        self._upstream_out.append(forwarded + CRLF)
 
     # ------------------------------------------------------------------
     # STLS (RFC 2595), terminated here
@@ -619,8 +783,11 @@ class ProxySession:
     # ------------------------------------------------------------------
     # Policies
     # ------------------------------------------------------------------
-    def _policy_refuses(self, command: Command) -> bool:
-        """Ask the policies about a command; True if popguard answered it itself."""
+    def _policy_refuses(self, command: Command, account: Account | None) -> bool:
+        """Ask the policies about a command; True if popguard answered it itself.
+
+        ``account`` is the account a USER or APOP names.
+        """
         policy = self.policy
         assert policy is not None
         if not policy.active:
@@ -629,36 +796,31 @@ class ProxySession:
         if verb == "AUTH" and not command.args:
             return False  # the mechanism listing (RFC 5034 §4) decides nothing
         mechanism = command.args[0].decode("ascii", "replace").upper() if verb == "AUTH" else None
-        if verb == "PASS" and self._refused_user is not None:
-            # The USER before it was refused: its password goes nowhere.
-            self._queue_local(self._refused_user)
-            return True
         verdict = policy.check_command(verb, mechanism)
-        if (verdict is None or not verdict.enforced) and self.state is State.AUTHORIZATION:
-            claimed = None
-            if verb == "USER" and command.rest:
-                claimed = escape_text(command.rest)
-            elif verb == "APOP" and command.args:
-                claimed = escape_text(command.args[0])
-            if claimed is not None:
-                self.policy_epoch += 1  # claimed_user rules may set timers
-                on_claim = policy.claim(claimed)
-                if on_claim is not None and (verdict is None or on_claim.enforced):
-                    if verdict is not None:
-                        self._apply_verdict(verdict, verb)  # the dry run, recorded
-                    verdict = on_claim
+        if (
+            account is not None
+            and (verdict is None or not verdict.enforced)
+            and self.state is State.AUTHORIZATION
+        ):
+            self.policy_epoch += 1  # claimed_user rules may set timers
+            on_claim = policy.claim(account.name)
+            if on_claim is not None and (verdict is None or on_claim.enforced):
+                if verdict is not None:
+                    self._apply_verdict(verdict, verb)  # the dry run, recorded
+                verdict = on_claim
         refused = self._apply_verdict(verdict, verb)
         if verb == "USER":
             self._refused_user = verdict.reply if refused and verdict is not None else None
         return refused
 
     def _sasl_claim_refused(self, sasl: _SaslExchange) -> bool:
-        """The SASL user is known: may it log in?  True if refused."""
+        """The SASL account is known from the AUTH line: may it log in?  True if refused."""
         policy = self.policy
-        if policy is None or not policy.active or sasl.user is None:
+        account = sasl.login.account
+        if policy is None or not policy.active or account is None:
             return False
         self.policy_epoch += 1
-        return self._apply_verdict(policy.claim(sasl.user), "AUTH")
+        return self._apply_verdict(policy.claim(account.name), "AUTH")
 
     def _apply_verdict(self, verdict: Verdict | None, verb: str, *, reply: bool = True) -> bool:
         """Record a verdict; True if it is enforced (the command is refused)."""
@@ -686,13 +848,11 @@ class ProxySession:
             self._queue_local(REPLY_AUDIT_UNAVAILABLE)
         self._process_client_lines()
 
-    def _forward(self, command: Command) -> None:
+    def _forward(self, command: Command, account: Account | None = None) -> None:
         arg = command.args[0] if command.verb in _KEEP_ARG and command.args else None
-        if command.verb == "USER":
-            arg = command.rest
-        elif command.verb in ("RETR", "TOP", "DELE"):
+        if arg is not None:
             self._request_identity(_message_number(arg))
-        self._pending.append(_Pending(command.verb, arg, is_multiline(command)))
+        self._pending.append(_Pending(command.verb, arg, is_multiline(command), account=account))
         self._upstream_out.append(command.line)
         if self.observer is not None:
             self.observer.forwarded(command.verb)
@@ -751,60 +911,18 @@ class ProxySession:
     def _identities(self, messages: set[int]) -> tuple[Mapping[str, Scalar], ...]:
         return tuple(self._identity(msg) for msg in sorted(messages))
 
-    def _start_sasl(self, command: Command) -> None:
-        sasl = _SaslExchange(mechanism=escape_text(command.args[0].upper()))
-        self._sasl = sasl
-        if len(command.args) > 1:
-            self._learn_sasl_user(sasl, command.args[1])
-
-    def _sasl_response(self, sasl: _SaslExchange, line: bytes) -> None:
-        known = sasl.user is not None
-        self._learn_sasl_user(sasl, line)
-        sasl.awaiting_server = True
-        if not known and self._sasl_claim_refused_in_exchange(sasl):
-            self._upstream_out.append(b"*\r\n")  # cancel (RFC 5034 §4): no credentials sent
-            return
-        self._upstream_out.append(line if line.endswith(b"\r\n") else line[:-1] + b"\r\n")
-
     def _sasl_claim_refused_in_exchange(self, sasl: _SaslExchange) -> bool:
         policy = self.policy
-        if policy is None or not policy.active or sasl.user is None:
+        account = sasl.login.account
+        if policy is None or not policy.active or account is None:
             return False
         self.policy_epoch += 1
-        verdict = policy.claim(sasl.user)
+        verdict = policy.claim(account.name)
         if self._apply_verdict(verdict, "AUTH", reply=False):
             assert verdict is not None
             sasl.denied = verdict.reply
             return True
         return False
-
-    @staticmethod
-    def _learn_sasl_user(sasl: _SaslExchange, response: bytes) -> None:
-        """Learn the user name from the first SASL response, and forget the rest."""
-        sasl.responses += 1
-        if sasl.responses != 1:
-            return
-        payload = decode_sasl(response)
-        if payload is None:
-            return
-        name: bytes | None = None
-        mechanism = sasl.mechanism
-        if mechanism == "PLAIN":
-            # authzid NUL authcid NUL passwd (RFC 4616 §2)
-            parts = payload.split(b"\0")
-            if len(parts) == 3:
-                name = parts[0] or parts[1]
-        elif mechanism == "LOGIN":
-            name = payload
-        elif mechanism == "CRAM-MD5":
-            # user SP digest (RFC 2195 §2)
-            name = payload.rpartition(b" ")[0] or None
-        elif mechanism == "XOAUTH2":
-            first = payload.split(b"\x01", 1)[0]
-            if first.startswith(b"user="):
-                name = first[5:]
-        if name:
-            sasl.user = escape_text(name)
 
     # ------------------------------------------------------------------
     # Local replies
@@ -819,6 +937,7 @@ class ProxySession:
             entry = pending.popleft()
             assert entry.local_reply is not None
             self._client_out.append(entry.local_reply)
+            self._unsent_local += 1
             if entry.closes is not None:
                 self.end(entry.closes)
 
@@ -829,6 +948,10 @@ class ProxySession:
         if self.finished:
             return
         self.bytes_from_upstream += len(data)
+        # Where this read's output starts, in case it holds bytes no command
+        # asked for (see _unsolicited).
+        self._read_mark = len(self._client_out)
+        self._read_owed = bool(self._pending) and self._reader is _Reader.STATUS
         pos = 0
         size = len(data)
         while pos < size and not self.finished:
@@ -847,7 +970,7 @@ class ProxySession:
             if len(self._server_buf) > limit:
                 self._protocol_error(f"reply status line longer than {limit} octets")
             elif not self._pending:
-                self._protocol_error("data from the server when no reply was owed")
+                self._unsolicited("data from the server when no reply was owed")
             return len(data)
         if self._server_buf:
             self._server_buf += data[pos : newline + 1]
@@ -870,7 +993,7 @@ class ProxySession:
                 # client would take it as the answer to its next command.
                 self.end(EndReason.UPSTREAM_CLOSED, "upstream said: " + text)
                 return
-            self._protocol_error("data from the server when no reply was owed: " + text)
+            self._unsolicited("data from the server when no reply was owed: " + text)
             return
         entry = self._pending[0]
         status = parse_status(line)
@@ -890,6 +1013,7 @@ class ProxySession:
                 return
             self._client_out.append(line)
             sasl.awaiting_server = False
+            sasl.login.challenge(line)
             self._process_client_lines()
             return
         self._client_out.append(line)
@@ -953,22 +1077,48 @@ class ProxySession:
                 self._reader = _Reader.STATUS
                 self._complete(Status.OK, b"")
                 return pos
-            if not self._capa_keeps(line):
+            shown = self._capa_line(line)
+            if shown is None:
                 continue
-            self._client_out.append(line)
-            self._reply_bytes += len(line)
+            self._client_out.append(shown)
+            self._reply_bytes += len(shown)
         return pos
 
-    def _capa_keeps(self, line: bytes) -> bool:
-        """Whether a CAPA line reaches the client (RFC 2449 §6)."""
-        keyword = line.split(None, 1)[0].upper() if line.strip() else b""
+    def _capa_line(self, line: bytes) -> bytes | None:
+        """A CAPA line as it reaches the client (RFC 2449 §6), or None: dropped."""
+        words = line.split()
+        keyword = words[0].upper() if words else b""
         if keyword == b"STLS":
-            return False  # STLS is popguard's, never the upstream's
+            return None  # STLS is popguard's, never the upstream's
         if keyword in (b"USER", b"SASL") and not self.client_tls:
             policy = self.policy
             # Like Dovecot's disable_plaintext_auth: no login offered before TLS.
-            return policy is None or not policy.requires_tls()
-        return True
+            if policy is not None and policy.requires_tls():
+                return None
+        if keyword == b"SASL":
+            # Only mechanisms whose account popguard can read are offered:
+            # the others would be refused (popguard.core.sasl).
+            offered = [
+                word for word in words[1:] if word.upper().decode("ascii", "replace") in DECODABLE
+            ]
+            if len(offered) == len(words) - 1:
+                return line
+            return b" ".join([words[0], *offered]) + CRLF if offered else None
+        return line
+
+    def _unsolicited(self, detail: str) -> None:
+        """Server bytes that no command asked for: the session ends.
+
+        Once a server says more than it was asked, no reply in the same read
+        can be trusted to answer the command it seems to answer (response
+        injection), so none of this read's output reaches the client.  A
+        client that was owed a reply gets ``-ERR [SYS/TEMP]`` instead, unless
+        a multi-line reply was already under way (it is left cut short).
+        """
+        del self._client_out[self._read_mark :]
+        if self._read_owed:
+            self._client_out.append(REPLY_UPSTREAM_BROKEN)
+        self._protocol_error(detail)
 
     def _protocol_error(self, detail: str) -> None:
         self._record(Event.UPSTREAM_PROTOCOL_ERROR, detail=detail)
@@ -988,20 +1138,24 @@ class ProxySession:
                 self.end(EndReason.UPSTREAM_REFUSED, "upstream greeting was -ERR")
                 return
         elif verb == "USER":
-            if ok and entry.arg is not None:
-                self._claimed_user = escape_text(entry.arg)
+            if ok:
+                self._claimed = entry.account
         elif verb == "PASS":
-            self._auth_result(ok, self._claimed_user, "USER", line)
+            self._auth_result(ok, self._claimed, "USER", line)
         elif verb == "APOP":
-            user = escape_text(entry.arg) if entry.arg is not None else None
-            self._auth_result(ok, user, "APOP", line)
+            self._auth_result(ok, entry.account, "APOP", line)
         elif verb == "AUTH":
             sasl = self._sasl
             self._sasl = None
-            if sasl is not None and sasl.denied is not None and not ok:
+            if sasl is not None and sasl.denied is not None:
                 self._replace_reply(line, sasl.denied)  # the cancel's -ERR: say why
+                if ok:  # a server that logs in after a cancel: not on popguard's watch
+                    self.end(EndReason.IDENTITY_UNKNOWN, "the server accepted a cancelled login")
+                    return
             elif sasl is not None:
-                self._auth_result(ok, sasl.user, sasl.mechanism, line)
+                self._auth_result(ok, sasl.login.account, sasl.mechanism, line)
+                if self.finished:
+                    return
         elif verb in ("RETR", "TOP"):
             if ok:
                 self._record(
@@ -1024,15 +1178,36 @@ class ProxySession:
             self._process_client_lines()
         self._finish_if_idle_after_eof()
 
-    def _auth_result(self, ok: bool, user: str | None, mechanism: str, line: bytes) -> None:
+    def _auth_result(self, ok: bool, account: Account | None, mechanism: str, line: bytes) -> None:
         policy = self.policy
         if ok and self.state is State.AUTHORIZATION:
+            if account is None:
+                # The server opened a mailbox popguard cannot name (a USER it
+                # never saw accepted): no rule or record could be right, so
+                # the session ends here, without QUIT.
+                self._record(
+                    Event.AUTH_REFUSED,
+                    login=None,
+                    mechanism=mechanism,
+                    reason="the server accepted a login whose account popguard cannot tell",
+                )
+                self._replace_reply(line, REPLY_IDENTITY_UNKNOWN)
+                self.end(EndReason.IDENTITY_UNKNOWN, "account of the login unknown")
+                return
             self.state = State.TRANSACTION
-            self.user = user
-            self._record(Event.AUTH_SUCCEEDED, user=user, mechanism=mechanism)
-            if policy is not None and user is not None:
+            self.account = account
+            self.user = account.name
+            fields: dict[str, FieldValue] = {
+                "user": account.name,
+                "login": account.login,
+                "mechanism": mechanism,
+            }
+            if account.master is not None:
+                fields["master"] = account.master
+            self._record(Event.AUTH_SUCCEEDED, **fields)
+            if policy is not None:
                 self.policy_epoch += 1
-                verdict = policy.login_succeeded(user)
+                verdict = policy.login_succeeded(account.name)
                 if self._apply_verdict(verdict, mechanism, reply=False):
                     assert verdict is not None
                     # Logged in upstream, refused here: the client gets the
@@ -1040,14 +1215,16 @@ class ProxySession:
                     self._replace_reply(line, verdict.reply)
                     self.end(EndReason.POLICY_DENIED, verdict.reason)
         elif not ok:
+            failed = account.name if account is not None else None
             self._record(
                 Event.AUTH_FAILED,
-                user=user,
+                user=failed,
+                login=account.login if account is not None else None,
                 mechanism=mechanism,
                 reply=escape_text(reply_text(line)),
             )
             if policy is not None and policy.active:
-                for key, seconds in policy.login_failed(user):
+                for key, seconds in policy.login_failed(failed):
                     rule = policy.throttle_rule()
                     self._record(
                         Event.POLICY_LOGIN_BLOCKED,

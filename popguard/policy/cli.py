@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
+from popguard.core.identity import DEFAULT_IDENTITY, IdentityRules
 from popguard.policy.load import (
     DECIDED_AT,
     PHASES,
@@ -202,9 +203,14 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
-def _settings_from_config(args: argparse.Namespace) -> tuple[str, list[str] | None] | int:
-    """The directory and listener names to use; an exit code if ``--config`` is bad."""
+_Where = tuple[str, list[str] | None, IdentityRules]
+
+
+def _settings_from_config(args: argparse.Namespace) -> _Where | int:
+    """The directory, listener names and identity rules to use; an exit code
+    if ``--config`` is bad."""
     listeners: list[str] | None = None
+    identity = DEFAULT_IDENTITY
     directory = args.directory
     if args.config:
         from popguard.config import ConfigError, read_config
@@ -219,12 +225,15 @@ def _settings_from_config(args: argparse.Namespace) -> tuple[str, list[str] | No
             listeners = [listener.name for listener in partial.listeners]
         if directory is None and partial.policies is not None:
             directory = partial.policies
-    return (directory or DEFAULT_DIRECTORY), listeners
+        identity = partial.identity
+    return (directory or DEFAULT_DIRECTORY), listeners, identity
 
 
-def _load(directory: str, listeners: list[str] | None) -> tuple[PolicySet, list[Issue]] | None:
+def _load(
+    directory: str, listeners: list[str] | None, identity: IdentityRules
+) -> tuple[PolicySet, list[Issue]] | None:
     try:
-        return load_policies(directory, listeners=listeners)
+        return load_policies(directory, listeners=listeners, identity=identity)
     except PolicyError as exc:
         _print_issues(exc.issues)
         errors, warnings = len(exc.errors), len(exc.warnings)
@@ -239,8 +248,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     where = _settings_from_config(args)
     if isinstance(where, int):
         return where
-    directory, listeners = where
-    loaded = _load(directory, listeners)
+    directory, listeners, identity = where
+    loaded = _load(directory, listeners, identity)
     if loaded is None:
         return EXIT_INVALID
     policies, warnings = loaded
@@ -253,13 +262,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _context(args: argparse.Namespace) -> Context:
+def _context(args: argparse.Namespace, identity: IdentityRules) -> Context:
+    """The session to explain; user names as the accounts the upstream opens."""
+
+    def account(name: str | None) -> str | None:
+        return None if name is None else identity.canonical(name)
+
     return Context(
         client=args.client,
         listener=args.listener or "",
         tls=bool(args.tls),
-        claimed_user=args.claimed_user,
-        user=args.user,
+        claimed_user=account(args.claimed_user),
+        user=account(args.user),
     )
 
 
@@ -347,12 +361,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
     where = _settings_from_config(args)
     if isinstance(where, int):
         return where
-    directory, listeners = where
-    loaded = _load(directory, listeners)
+    directory, listeners, identity = where
+    loaded = _load(directory, listeners, identity)
     if loaded is None:
         return EXIT_INVALID
     policies, _ = loaded  # warnings: `policy check` shows them
-    context = _context(args)
+    context = _context(args, identity)
     try:
         if args.format == "json":
             _write_json(directory, policies, context)

@@ -51,6 +51,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
 from popguard import yamlnodes
+from popguard.core.identity import DEFAULT_IDENTITY, IdentityRules
 from popguard.policy.model import (
     DENIABLE,
     MECHANISMS,
@@ -276,9 +277,12 @@ class _Parsed:
 class _FileWalker:
     """Walks one composed policy file against the schema, collecting issues."""
 
-    def __init__(self, file: str, listeners: frozenset[str] | None) -> None:
+    def __init__(
+        self, file: str, listeners: frozenset[str] | None, identity: IdentityRules
+    ) -> None:
         self.file = file
         self.listeners = listeners
+        self.identity = identity
         self.issues: list[Issue] = []
         self.constructor = SafeConstructor()
         self.rules: list[_Parsed] = []
@@ -600,8 +604,16 @@ class _FileWalker:
             problem = _pattern_problem(pattern)
             if problem is not None:
                 self.report(item, f"{where}: {problem}")
-            elif pattern not in result:
-                result.append(pattern)
+                continue
+            account = _account_pattern(self.identity, pattern)
+            if account != pattern:
+                self.warn(
+                    item,
+                    f"{where}: {pattern!r} is matched as {account!r}, the account the "
+                    "upstream opens for it (identity: settings); write it so",
+                )
+            if account not in result:
+                result.append(account)
         return tuple(result) if self.error_count() == errors else None
 
     def clients(self, node: Node, where: str) -> tuple[IPNetwork, ...] | None:
@@ -909,6 +921,20 @@ def _pattern_problem(pattern: str) -> str | None:
     return None
 
 
+def _account_pattern(identity: IdentityRules, pattern: str) -> str:
+    """A user pattern as it must be written to match canonical account names.
+
+    A plain name becomes the account it names; a glob only has its case
+    folded (a default domain would narrow ``*`` to one domain); an
+    ``@domain`` pattern already compares case-insensitively.
+    """
+    if pattern.startswith("@"):
+        return pattern
+    if any(ch in pattern for ch in _GLOB_CHARS):
+        return identity.canonical_case(pattern)
+    return identity.canonical(pattern)
+
+
 def _parse_network(text: str) -> tuple[IPNetwork | None, str]:
     """A network from ``10.0.0.0/8``, ``2001:db8::/32`` or a single address."""
     if "%" in text:
@@ -948,8 +974,8 @@ def _syntax_issue(file: str, text: str, exc: yaml.YAMLError) -> Issue:
     return Issue(file, 0, 0, f"YAML syntax error: {exc}")
 
 
-def _read_file(file: str, listeners: frozenset[str] | None) -> _FileWalker:
-    walker = _FileWalker(file, listeners)
+def _read_file(file: str, listeners: frozenset[str] | None, identity: IdentityRules) -> _FileWalker:
+    walker = _FileWalker(file, listeners, identity)
     try:
         with open(file, "rb") as stream:
             data = stream.read()
@@ -1052,12 +1078,17 @@ def policy_files(directory: str | os.PathLike[str]) -> list[str]:
 
 
 def load_policies(
-    directory: str | os.PathLike[str], *, listeners: Iterable[str] | None = None
+    directory: str | os.PathLike[str],
+    *,
+    listeners: Iterable[str] | None = None,
+    identity: IdentityRules = DEFAULT_IDENTITY,
 ) -> tuple[PolicySet, list[Issue]]:
     """Load and validate every policy file in *directory*: ``(policies, warnings)``.
 
     *listeners*, when given, are the configured listener names: a rule
     matching only on other names can never apply, which is warned about.
+    *identity* maps user names in rules to the accounts sessions are
+    matched by (``Alice`` matches the account ``alice`` where names fold).
     Raises :class:`PolicyError` with every error of every file (and the
     warnings found alongside them) when anything is invalid, including a
     missing directory.  Rules of the returned set carry ``file`` paths
@@ -1084,7 +1115,7 @@ def load_policies(
         if os.path.isdir(file):
             issues.append(Issue(file, 0, 0, "a directory, not a policy file: skipped", "warning"))
             continue
-        walker = _read_file(file, known)
+        walker = _read_file(file, known, identity)
         issues.extend(walker.issues)
         parsed.extend(walker.rules)
 

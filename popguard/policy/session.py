@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 
+from popguard.core.identity import account_key
 from popguard.policy.model import (
     NO_POLICY,
     Context,
@@ -290,11 +291,11 @@ class SessionPolicy:
         throttle = setting.value
         now = self._shared.clock()
         started: list[tuple[str, float]] = []
-        for key in self._keys(throttle, user):
+        for key, label in self._keys(throttle, user):
             if self._shared.failures.failed(
                 key, now, failures=throttle.failures, window=throttle.window, block=throttle.block
             ):
-                started.append((key, throttle.block))
+                started.append((label, throttle.block))
         return started
 
     def throttle_rule(self) -> Rule | None:
@@ -302,12 +303,18 @@ class SessionPolicy:
         return None if setting is None else setting.rule
 
     # -- helpers -------------------------------------------------------------
-    def _keys(self, throttle: Throttle, user: str | None) -> list[str]:
+    def _keys(self, throttle: Throttle, user: str | None) -> list[tuple[str, str]]:
+        """The throttle's table keys for this session, each with its label for records.
+
+        A user is keyed by a fixed-size digest of the account, so the table
+        costs the same whatever names a spray of failed logins uses.
+        """
         keys = []
         if "client" in throttle.by:
-            keys.append("client:" + self.peer_host)
+            key = "client:" + self.peer_host
+            keys.append((key, key))
         if "user" in throttle.by and user:
-            keys.append("user:" + user)
+            keys.append(("user:" + account_key(user), "user:" + user))
         return keys
 
     def _access(self) -> Verdict | None:
@@ -331,7 +338,7 @@ class SessionPolicy:
         if kind == "client":
             key = "client:" + self.peer_host
         elif self.context.claimed_user is not None:
-            key = "user:" + self.context.claimed_user
+            key = "user:" + account_key(self.context.claimed_user)
         else:
             return None
         remaining = self._shared.failures.blocked_for(key, self._shared.clock())

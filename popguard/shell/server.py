@@ -31,6 +31,7 @@ import trio
 
 from popguard.audit import AuditLog, session_context
 from popguard.config import ProxyProtocolConfig
+from popguard.core.identity import DEFAULT_IDENTITY, IdentityRules
 from popguard.core.limits import Limits
 from popguard.core.proxy_protocol import (
     V1_UNKNOWN,
@@ -92,6 +93,8 @@ class ServerSettings:
     message_identity: bool = True
     #: TLS toward the upstream: none, implicit or starttls.
     upstream_tls: UpstreamTLS = field(default_factory=UpstreamTLS)
+    #: How the upstream maps a login name to an account (config ``identity:``).
+    identity: IdentityRules = DEFAULT_IDENTITY
 
 
 def format_peer(sockaddr: object) -> str:
@@ -321,6 +324,7 @@ class ProxyServer:
             limits=settings.limits,
             idle_notice=settings.idle_notice,
             message_identity=settings.message_identity,
+            identity=settings.identity,
             durable_deletions=self.audit.fail_closed,
             policy=policy,
             observer=self.metrics.command_timer(trio.current_time) if self.metrics else None,

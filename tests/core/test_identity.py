@@ -126,19 +126,22 @@ def test_missing_message_does_not_turn_uidl_lookups_off() -> None:
     assert (record["msg"], record["uidl"], record["size"]) == (1, "AAA", 12)
 
 
-def test_commands_pipelined_behind_pass_are_not_looked_up() -> None:
+def test_commands_pipelined_behind_pass_wait_for_it_and_are_looked_up() -> None:
+    # Held until the login's reply: only then is the account known, and
+    # the message can be named by UIDL like any other.
     steps = [
         S(GREETING),
         C(b"USER alice\r\nPASS pw\r\nRETR 1\r\n"),
-        S(b"+OK\r\n+OK\r\n" + RETR_REPLY),
+        S(b"+OK\r\n+OK\r\n"),
+        S(b"+OK 1 AAA-111\r\n+OK 1 12\r\n" + RETR_REPLY),
     ]
     out = run_all_modes(
         steps,
-        Expect(upstream=b"USER alice\r\nPASS pw\r\nRETR 1\r\n"),
+        Expect(upstream=b"USER alice\r\nPASS pw\r\nUIDL 1\r\nLIST 1\r\nRETR 1\r\n"),
         modes=MODES,
         message_identity=True,
     )
-    assert "uidl" not in out.record("message.retrieved").fields
+    assert out.record("message.retrieved")["uidl"] == "AAA-111"
 
 
 def test_local_error_keeps_its_place_behind_lookups() -> None:

@@ -112,10 +112,14 @@ def test_commands_pipelined_behind_pass_wait_for_the_login() -> None:
     assert out.record("policy.denied")["command"] == "DELE"
 
 
-def test_without_rules_pipelining_is_not_held() -> None:
+def test_without_rules_commands_behind_a_login_still_wait_for_it() -> None:
+    # Not for policies (there are none) but for identity: a login whose
+    # account popguard cannot tell must end before anything behind it ran.
     steps = [S(GREETING), C(b"USER alice\r\nPASS pw\r\nSTAT\r\n")]
     out = play(steps, policy=factory(shared()))
-    assert out.upstream == b"USER alice\r\nPASS pw\r\nSTAT\r\n"
+    assert out.upstream == b"USER alice\r\nPASS pw\r\n"
+    out.session.receive_server(b"+OK\r\n+OK\r\n")
+    assert out.session.take_upstream_output() == b"STAT\r\n"
 
 
 def test_dry_run_forwards_and_records_what_would_be_denied() -> None:

@@ -642,12 +642,13 @@ def test_sasl_continuation_outside_auth_is_a_protocol_error() -> None:
     run_all_modes(steps, Expect(end_reason=EndReason.UPSTREAM_PROTOCOL_ERROR))
 
 
-def test_user_name_with_control_characters_is_escaped_in_records() -> None:
+def test_user_name_with_control_characters_is_refused_and_escaped_in_records() -> None:
     name = base64.b64encode(b"\0mallory\r\nevent=forged\0pw")
-    steps = [S(GREETING), C(b"AUTH PLAIN " + name + b"\r\n"), S(b"+OK\r\n")]
-    out = run_all_modes(steps, Expect())
-    user = out.record("auth.succeeded")["user"]
-    assert isinstance(user, str)
-    assert "\r" not in user
-    assert "\n" not in user
-    assert user == "mallory\\u000d\\u000aevent=forged"
+    steps = [S(GREETING), C(b"AUTH PLAIN " + name + b"\r\n")]
+    refusal = b"-ERR [AUTH] Login refused: a name with spaces or control characters\r\n"
+    out = run_all_modes(steps, Expect(upstream=b"", client=GREETING + refusal, finished=False))
+    login = out.record("auth.refused")["login"]
+    assert isinstance(login, str)
+    assert "\r" not in login
+    assert "\n" not in login
+    assert login == "mallory\\u000d\\u000aevent=forged"

@@ -8,7 +8,7 @@ upstream bytes, client bytes and audit records:
 ``whole``      each step is one read;
 ``bytewise``   every byte is its own read;
 ``pipelined``  all client bytes arrive in one read before the server says
-               anything, then all server bytes in one read (only for
+               anything, then the server's steps in order (only for
                transcripts whose meaning does not depend on timing).
 """
 
@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from popguard.core.identity import DEFAULT_IDENTITY, IdentityRules
 from popguard.core.limits import Limits
 from popguard.core.records import AuditRecord, EndReason
 from popguard.core.session import ProxySession
@@ -100,9 +101,11 @@ def new_session(
     message_identity: bool = False,
     durable_deletions: bool = False,
     policy: Callable[[], SessionPolicy] | None = None,
+    identity: IdentityRules = DEFAULT_IDENTITY,
 ) -> ProxySession:
     """A session; ``policy`` makes a fresh SessionPolicy for each play."""
     return ProxySession(
+        identity=identity,
         policy=policy() if policy is not None else None,
         client="192.0.2.7:40000",
         listener="test",
@@ -146,13 +149,13 @@ def play(steps: Sequence[Step], mode: str = "whole", **session_args: Any) -> Out
 
     if mode == "pipelined":
         client_bytes = b"".join(s.data for s in steps if isinstance(s, C))
-        server_bytes = b"".join(s.data for s in steps if isinstance(s, S))
         session.receive_client(client_bytes)
         collect()
-        session.receive_server(server_bytes)
-        collect()
+        # The server's replies in order, each step one read: a reply can
+        # only follow the command popguard forwarded (and popguard holds
+        # commands pipelined behind a login until its reply).
         for step in steps:
-            if not isinstance(step, C | S):
+            if not isinstance(step, C):
                 _feed(session, step)
                 collect()
     else:
