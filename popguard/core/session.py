@@ -168,6 +168,11 @@ REPLY_UPSTREAM_BROKEN = b"-ERR [SYS/TEMP] Upstream POP3 server sent an invalid r
 REPLY_SHUTDOWN = b"-ERR [SYS/TEMP] popguard is shutting down, try again later\r\n"
 REPLY_IDLE = b"-ERR Disconnected for inactivity.\r\n"
 REPLY_MAX_SESSION = b"-ERR Session time limit reached, disconnecting.\r\n"
+#: ``session.login_timeout``: no response code, since RFC 3206 keeps [AUTH] for
+#: credential problems (a client would ask the user for the password again).
+REPLY_LOGIN_TIMEOUT = b"-ERR Login time limit reached, disconnecting.\r\n"
+#: ``upstream.greeting_timeout``: the server accepted the connection, never greeted.
+REPLY_UPSTREAM_TIMEOUT = b"-ERR [SYS/TEMP] Upstream POP3 server did not answer in time\r\n"
 REPLY_TOO_MANY_BAD = b"-ERR Too many invalid commands, closing connection\r\n"
 REPLY_STLS_UNAVAILABLE = b"-ERR STLS is not available through this proxy\r\n"
 REPLY_STLS_BEGIN = b"+OK Begin TLS negotiation\r\n"
@@ -404,6 +409,17 @@ class ProxySession:
         """A multi-line reply has started reaching the client and is not done."""
         return self._reader is not _Reader.STATUS
 
+    @property
+    def awaiting_greeting(self) -> bool:
+        """The upstream's greeting has not been received whole yet."""
+        pending = self._pending
+        return not self.finished and bool(pending) and pending[0].verb == "GREETING"
+
+    @property
+    def logged_in(self) -> bool:
+        """A login succeeded (the session left AUTHORIZATION)."""
+        return self.state is not State.AUTHORIZATION
+
     # ------------------------------------------------------------------
     # Inputs: connection events
     # ------------------------------------------------------------------
@@ -503,12 +519,17 @@ class ProxySession:
             return REPLY_IDLE if self.idle_notice else None
         if reason is EndReason.MAX_SESSION:
             return REPLY_MAX_SESSION
+        if reason is EndReason.LOGIN_TIMEOUT:
+            # Not into a client's TLS handshake, which expects no plaintext.
+            return None if self.starttls_pending else REPLY_LOGIN_TIMEOUT
         if reason is EndReason.SHUTDOWN:
             return REPLY_SHUTDOWN
         if not owed:
             return None
         if reason is EndReason.UPSTREAM_UNREACHABLE:
             return REPLY_UPSTREAM_UNAVAILABLE
+        if reason is EndReason.UPSTREAM_TIMEOUT:
+            return REPLY_UPSTREAM_TIMEOUT
         if reason is EndReason.UPSTREAM_PROTOCOL_ERROR:
             return REPLY_UPSTREAM_BROKEN
         if reason in (EndReason.UPSTREAM_CLOSED, EndReason.UPSTREAM_ERROR):
@@ -721,8 +742,10 @@ class ProxySession:
         """A client line during AUTH: relayed as popguard read it, or cancelled."""
         sasl.awaiting_server = True
         body = strip_line_ending(line)
-        if body.strip() == b"*":
-            self._upstream_out.append(b"*\r\n")  # the client cancels (RFC 5034 §4)
+        if body.strip() == b"*" or sasl.denied is not None:
+            # The client cancels (RFC 5034 §4); or popguard did, and a server
+            # that asks for more gets nothing of the client's but "*" again.
+            self._upstream_out.append(b"*\r\n")
             return
         known = sasl.login.account is not None
         try:
