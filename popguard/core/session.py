@@ -328,6 +328,8 @@ class ProxySession:
         #: with ``_pending`` they bound what a client that never reads costs.
         self._unsent_local = 0
         self._input_held = False
+        #: Logins forwarded and not yet answered (see _held_for_login).
+        self._logins_pending = 0
 
         self._reader = _Reader.STATUS
         self._read_mark = 0
@@ -607,9 +609,7 @@ class ProxySession:
         session before any of them (a pipelined DELE and QUIT among them)
         reached the server.
         """
-        return self.state is State.AUTHORIZATION and any(
-            entry.verb in _LOGIN_VERBS for entry in self._pending
-        )
+        return self._logins_pending > 0
 
     def _line_too_long(self, limit: int) -> None:
         if self._sasl is not None:
@@ -876,6 +876,8 @@ class ProxySession:
         if arg is not None:
             self._request_identity(_message_number(arg))
         self._pending.append(_Pending(command.verb, arg, is_multiline(command), account=account))
+        if command.verb in _LOGIN_VERBS:
+            self._logins_pending += 1
         self._upstream_out.append(command.line)
         if self.observer is not None:
             self.observer.forwarded(command.verb)
@@ -1154,6 +1156,8 @@ class ProxySession:
         entry = self._pending.popleft()
         ok = status is Status.OK
         verb = entry.verb
+        if verb in _LOGIN_VERBS:
+            self._logins_pending -= 1
         if self.observer is not None and verb != "GREETING":
             self.observer.answered(verb)
         if verb == "GREETING":
@@ -1203,7 +1207,19 @@ class ProxySession:
 
     def _auth_result(self, ok: bool, account: Account | None, mechanism: str, line: bytes) -> None:
         policy = self.policy
-        if ok and self.state is State.AUTHORIZATION:
+        if ok and self.state is not State.AUTHORIZATION:
+            # A second login accepted in one session (RFC 1939 allows none):
+            # which mailbox is open now is anyone's guess.
+            self._record(
+                Event.AUTH_REFUSED,
+                login=account.login if account is not None else None,
+                mechanism=mechanism,
+                reason="the server accepted a second login in one session",
+            )
+            self._replace_reply(line, REPLY_IDENTITY_UNKNOWN)
+            self.end(EndReason.IDENTITY_UNKNOWN, "a second login was accepted")
+            return
+        if ok:
             if account is None:
                 # The server opened a mailbox popguard cannot name (a USER it
                 # never saw accepted): no rule or record could be right, so

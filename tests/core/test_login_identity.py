@@ -444,3 +444,24 @@ def test_a_reply_in_an_earlier_read_stands() -> None:
     out = play(steps)
     assert out.client == GREETING + b"+OK\r\n"  # nobody owed: no -ERR either
     assert out.session.end_reason is EndReason.UPSTREAM_PROTOCOL_ERROR
+
+
+def test_a_second_login_the_server_accepts_ends_the_session() -> None:
+    steps = [
+        S(GREETING),
+        C(b"USER alice\r\n"),
+        S(b"+OK\r\n"),
+        C(b"PASS pw\r\n"),
+        S(b"+OK\r\n"),
+        C(b"USER bob\r\n"),
+        S(b"+OK\r\n"),
+        C(b"PASS pw2\r\n"),
+        S(b"+OK bob's maildrop\r\n"),
+        C(b"DELE 1\r\n"),
+    ]
+    out = run_all_modes(steps, Expect(end_reason=EndReason.IDENTITY_UNKNOWN))
+    assert b"bob's maildrop" not in out.client
+    assert b"DELE" not in out.upstream
+    assert out.record("auth.refused")["reason"] == (
+        "the server accepted a second login in one session"
+    )
