@@ -66,10 +66,12 @@ OUTCOMES: Final = (
     "client_closed",
     "client_error",
     "idle_timeout",
+    "login_timeout",
     "max_session",
     "upstream_error",
     "shutdown",
     "policy_denied",
+    "identity_unknown",
     "refused",
     "internal_error",
     "other",
@@ -81,14 +83,17 @@ _OUTCOME_OF_REASON: Final[Mapping[str, str]] = {
     "client_error": "client_error",
     "client_protocol_error": "client_error",
     "idle_timeout": "idle_timeout",
+    "login_timeout": "login_timeout",
     "max_session": "max_session",
     "upstream_unreachable": "upstream_error",
     "upstream_closed": "upstream_error",
     "upstream_error": "upstream_error",
     "upstream_protocol_error": "upstream_error",
     "upstream_refused": "upstream_error",
+    "upstream_timeout": "upstream_error",
     "shutdown": "shutdown",
     "policy_denied": "policy_denied",
+    "identity_unknown": "identity_unknown",
     "internal_error": "internal_error",
 }
 
@@ -296,7 +301,8 @@ class Metrics:
         )
         self.logins = Counter(
             "popguard_logins",
-            "Login attempts answered by the upstream (PASS, APOP, AUTH), by result and mechanism.",
+            "Login attempts (PASS, APOP, AUTH), by result and mechanism (ok, failed: the "
+            "upstream's answer; refused: popguard could not tell the account, docs/identity.md).",
             ["result", "mechanism"],
             registry=registry,
         )
@@ -427,6 +433,7 @@ class Metrics:
             "session.refused": self._session_refused,
             "auth.succeeded": self._auth_succeeded,
             "auth.failed": self._auth_failed,
+            "auth.refused": self._auth_refused,
             "command.rejected": self._command_rejected,
             "policy.denied": self._policy_denied,
             "policy.dry_run": self._policy_dry_run,
@@ -549,6 +556,10 @@ class Metrics:
     def _auth_failed(self, event: Mapping[str, Any]) -> None:
         mechanism = _from_set(event.get("mechanism"), MECHANISMS, upper=True)
         self._logins("failed", mechanism).inc()
+
+    def _auth_refused(self, event: Mapping[str, Any]) -> None:
+        mechanism = _from_set(event.get("mechanism"), MECHANISMS, upper=True)
+        self._logins("refused", mechanism).inc()
 
     def _command_rejected(self, event: Mapping[str, Any]) -> None:
         self.commands_rejected.inc()

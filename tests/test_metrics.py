@@ -553,3 +553,22 @@ def test_records_reach_the_sink_through_the_audit_log(metrics: Metrics) -> None:
     assert value(metrics, "popguard_sessions_total", outcome="refused") == 1
     assert value(metrics, "popguard_bytes_total", direction="upstream_to_client") == 42
     assert value(metrics, "popguard_sessions_active") == 0
+
+
+def test_logins_popguard_refused_are_counted_apart(metrics: Metrics) -> None:
+    feed(metrics, "auth.refused", mechanism="SCRAM-SHA-1", login=None, reason="x")
+    feed(metrics, "auth.refused", mechanism="USER", login="a b", reason="y")
+    feed(metrics, "auth.failed", mechanism="USER", user="alice")
+    value = metrics.registry.get_sample_value
+    assert value("popguard_logins_total", {"result": "refused", "mechanism": "SCRAM-SHA-1"}) == 1
+    assert value("popguard_logins_total", {"result": "refused", "mechanism": "USER"}) == 1
+    assert value("popguard_logins_total", {"result": "failed", "mechanism": "USER"}) == 1
+
+
+@pytest.mark.parametrize("reason", ["identity_unknown", "login_timeout"])
+def test_identity_and_login_time_outcomes_have_their_own_label(
+    metrics: Metrics, reason: str
+) -> None:
+    feed(metrics, "session.opened")
+    feed(metrics, "session.closed", reason=reason)
+    assert metrics.registry.get_sample_value("popguard_sessions_total", {"outcome": reason}) == 1

@@ -124,8 +124,11 @@ class IdentityRules:
         text = _checked(raw)
         separator = self.master_separator
         if separator is not None and separator in text:
+            if text.count(separator) > 1:
+                # Dovecot splits at the first; other servers at the last.
+                raise IdentityRefused("more than one master-user separator")
             if self.master_account == "before":
-                account, _, master = text.rpartition(separator)
+                account, _, master = text.partition(separator)
             else:
                 master, _, account = text.partition(separator)
             if not account or not master:

@@ -48,7 +48,9 @@ The server's bytes are read in one of three modes:
     a multi-line reply popguard reads line by line because it rewrites it
     (CAPA: the upstream's ``STLS`` is never relayed, since STLS is
     popguard's own business; popguard lists its own ``STLS`` where it offers
-    it, and drops ``USER``/``SASL`` before TLS where a policy requires TLS).
+    it, and drops ``USER``/``SASL`` before TLS where a policy requires TLS;
+    ``SASL`` and a bare ``AUTH``'s listing name only the mechanisms whose
+    account popguard can read).
 
 STLS (RFC 2595)
 ---------------
@@ -232,8 +234,8 @@ class _SaslExchange:
 #: by number only.
 MAX_IDENTITY_CACHE = 100_000
 
-#: Commands whose reply decides who is logged in; while a policy is loaded,
-#: later pipelined commands wait for it, so the user's policy applies to them.
+#: Commands whose reply decides who is logged in; later pipelined commands
+#: wait for it, so they run for a known account (see _held_for_login).
 _LOGIN_VERBS = frozenset({"PASS", "APOP", "AUTH"})
 
 #: Commands whose first argument the session needs when the reply arrives.
@@ -1044,7 +1046,7 @@ class ProxySession:
         self._client_out.append(line)
         if status is Status.OK and entry.multiline:
             self._reply_bytes = len(line)
-            if entry.verb == "CAPA":
+            if entry.verb in ("CAPA", "AUTH"):
                 self._reader = _Reader.LISTING
             else:
                 self._reader = _Reader.BODY
@@ -1093,8 +1095,9 @@ class ProxySession:
             if len(line) > limit:
                 self._protocol_error(f"multi-line reply line longer than {limit} octets")
                 return size
+            capa = self._pending[0].verb == "CAPA"
             if line == b".\r\n":
-                if self.stls and not self.client_tls and self.state is State.AUTHORIZATION:
+                if capa and self.stls and not self.client_tls and self.state is State.AUTHORIZATION:
                     self._client_out.append(b"STLS\r\n")  # popguard's own (RFC 2595 §4)
                     self._reply_bytes += 6
                 self._client_out.append(line)
@@ -1102,7 +1105,7 @@ class ProxySession:
                 self._reader = _Reader.STATUS
                 self._complete(Status.OK, b"")
                 return pos
-            shown = self._capa_line(line)
+            shown = self._capa_line(line) if capa else _mechanism_line(line)
             if shown is None:
                 continue
             self._client_out.append(shown)
@@ -1329,6 +1332,13 @@ class ProxySession:
         if self.user is not None and "user" not in merged:
             merged["user"] = self.user
         return merged
+
+
+def _mechanism_line(line: bytes) -> bytes | None:
+    """A line of a bare AUTH's mechanism listing, or None for one popguard refuses."""
+    words = line.split()
+    name = words[0].decode("ascii", "replace").upper() if words else ""
+    return line if name in DECODABLE else None
 
 
 def _is_uidl(word: bytes) -> bool:

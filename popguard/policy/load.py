@@ -52,6 +52,7 @@ from yaml.reader import ReaderError
 
 from popguard import yamlnodes
 from popguard.core.identity import DEFAULT_IDENTITY, IdentityRules
+from popguard.core.sasl import DECODABLE
 from popguard.policy.model import (
     DENIABLE,
     MECHANISMS,
@@ -162,8 +163,8 @@ _UNDENIABLE: Final[Mapping[str, str]] = {
     "use auth_mechanisms (e.g. [USER]) or access: deny",
     "AUTH": "login commands are not denied with deny_commands: "
     "use auth_mechanisms (e.g. [USER]) or access: deny",
-    "STLS": "STLS is not decided by policy: popguard answers it itself (it does not "
-    "terminate TLS yet, issue: TLS)",
+    "STLS": "STLS is not decided by policy: popguard terminates it itself "
+    "(use require_tls to demand TLS before credentials)",
 }
 
 
@@ -595,6 +596,7 @@ class _FileWalker:
         return False
 
     def user_patterns(self, node: Node, where: str, key: str) -> tuple[str, ...] | None:
+        """User patterns, as the canonical accounts they must match."""
         values = self.strings(node, where, '[alice, "*@example.org"]')
         if values is None or not self._non_empty(node, where, f"'{key}'"):
             return None
@@ -605,6 +607,12 @@ class _FileWalker:
             if problem is not None:
                 self.report(item, f"{where}: {problem}")
                 continue
+            if self.identity.domain == "strip" and "@" in pattern:
+                self.warn(
+                    item,
+                    f"{where}: {pattern!r} can never match: accounts have no domain "
+                    "(identity: domain: strip)",
+                )
             account = _account_pattern(self.identity, pattern)
             if account != pattern:
                 self.warn(
@@ -801,6 +809,12 @@ class _FileWalker:
             if mechanism in MECHANISMS:
                 if mechanism not in result:
                     result.append(mechanism)
+                if mechanism not in _READABLE:
+                    self.warn(
+                        item,
+                        f"{where}: {mechanism} is refused whatever this rule says: popguard "
+                        "cannot tell which account it logs in to (docs/identity.md)",
+                    )
                 continue
             if mechanism == "PASS":
                 self.report(item, f"{where}: PASS is part of USER/PASS: write USER")
@@ -919,6 +933,10 @@ def _pattern_problem(pattern: str) -> str | None:
                 f"glob write '*{pattern}'"
             )
     return None
+
+
+#: Login mechanisms popguard lets through (the others it always refuses).
+_READABLE: Final = frozenset({"USER", "APOP"}) | DECODABLE
 
 
 def _account_pattern(identity: IdentityRules, pattern: str) -> str:

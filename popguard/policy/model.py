@@ -116,8 +116,11 @@ class Match:
 def _user_matches(patterns: tuple[str, ...], user: str) -> bool:
     """Exact name, glob (``*``, ``?``, ``[...]``), or ``@domain`` (the part after @).
 
-    User names compare case-sensitively, as POP3 servers do by default; a
-    domain compares case-insensitively (RFC 5321 §2.4).
+    ``user`` is a canonical account (:mod:`popguard.core.identity`: the
+    name the upstream opens, case already folded where the server folds
+    it), and the patterns were made canonical when the rules were loaded
+    (``popguard.policy.load._account_pattern``), so names and globs compare
+    exactly; an ``@domain`` compares case-insensitively (RFC 5321 §2.4).
     """
     for pattern in patterns:
         if pattern.startswith("@"):

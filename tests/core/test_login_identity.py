@@ -111,8 +111,9 @@ def test_master_user_separator_names_the_account_before_it() -> None:
     rules = IdentityRules(master_separator="*", allowed_chars=None)
     account = rules.account(b"Alice*Admin")
     assert (account.name, account.master, account.login) == ("alice", "admin", "Alice*Admin")
-    # Dovecot splits at the last separator (strrchr).
-    assert rules.account(b"a*b*admin").name == "a*b"
+    # Dovecot splits at the first separator, other servers at the last.
+    with pytest.raises(IdentityRefused, match="more than one master-user separator"):
+        rules.account(b"a*b*admin")
     after = IdentityRules(master_separator="*", master_account="after", allowed_chars=None)
     assert after.account(b"admin*alice").name == "alice"
     for empty in (b"*admin", b"alice*"):
@@ -465,3 +466,12 @@ def test_a_second_login_the_server_accepts_ends_the_session() -> None:
     assert out.record("auth.refused")["reason"] == (
         "the server accepted a second login in one session"
     )
+
+
+def test_a_bare_auth_listing_offers_only_mechanisms_popguard_can_read() -> None:
+    listing = b"+OK\r\nPLAIN\r\nSCRAM-SHA-256\r\nlogin\r\nGSSAPI\r\n.\r\n"
+    out = run_all_modes(
+        [S(GREETING), C(b"AUTH\r\n"), S(listing), C(b"NOOP\r\n"), S(b"+OK\r\n")],
+        Expect(upstream=b"AUTH\r\nNOOP\r\n", finished=False),
+    )
+    assert out.client == GREETING + b"+OK\r\nPLAIN\r\nlogin\r\n.\r\n+OK\r\n"
