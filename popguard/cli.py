@@ -15,17 +15,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import ipaddress
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
 import prometheus_client
 import trio
+import yaml
 
 from popguard import __version__
 from popguard.audit import AuditLog, open_audit_log_from_config
 from popguard.config import (
+    COMMAND_LINE,
     MAX_WORKERS,
+    Address,
     Config,
     ConfigError,
     ConfigIssue,
@@ -81,7 +85,9 @@ def settings_from_config(
         upstream_tls=config.upstream.tls,
         upstream=Endpoint(config.upstream.address.host, config.upstream.address.port),
         connect_timeout=config.upstream.connect_timeout,
+        greeting_timeout=config.upstream.greeting_timeout,
         idle_timeout=config.session.idle_timeout,
+        login_timeout=config.session.login_timeout,
         idle_notice=config.session.idle_notice,
         shutdown_grace=config.shutdown_grace,
         limits=config.limits,
@@ -159,6 +165,20 @@ def _add_serve_flags(parser: argparse.ArgumentParser, *, upstream: bool = True) 
         type=float,
         metavar="SECONDS",
         help="give up connecting to the upstream after this long (default 10)",
+    )
+    parser.add_argument(
+        "--login-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="close a session not logged in this long after it connected, without QUIT "
+        "(default 60; 0: no limit)",
+    )
+    parser.add_argument(
+        "--greeting-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="give up on an upstream that sends no greeting this long after the "
+        "connection (default 30)",
     )
     parser.add_argument(
         "--user",
@@ -247,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Exits 1 on errors, 0 otherwise (warnings included).",
     )
     check.add_argument("--config", "-c", metavar="FILE", required=True)
+    check.add_argument(
+        "--admin-listen",
+        metavar="HOST:PORT",
+        help="check this admin address instead of the config's admin.listen, as serve "
+        "--admin-listen would use it",
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -282,6 +308,8 @@ def _resolve(args: argparse.Namespace, *, upstream: str | None) -> Config:
         audit_file=args.audit_file,
         idle_timeout=args.idle_timeout,
         connect_timeout=args.connect_timeout,
+        login_timeout=args.login_timeout,
+        greeting_timeout=args.greeting_timeout,
         console=args.console,
         listen_tls=args.tls,
         tls_cert=args.tls_cert,
@@ -470,14 +498,79 @@ def _admin_address(args: argparse.Namespace) -> tuple[str, int] | None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    flag = _admin_address(args)
     try:
-        _, warnings = read_config(args.config)
+        partial, warnings = read_config(args.config)
     except ConfigError as exc:
         _print_issues(exc.issues)
         return 1
-    _print_issues(warnings)
+    if flag is not None:
+        warning = _admin_exposure_warning("--admin-listen", Address(*flag), COMMAND_LINE, (0, 0))
+    elif partial.admin_listen is not None:
+        where = _yaml_position(args.config, ("admin", "listen"))
+        warning = _admin_exposure_warning("admin.listen", partial.admin_listen, args.config, where)
+    else:
+        warning = None
+    _print_issues([*warnings, *([warning] if warning is not None else [])])
     print(f"{args.config}: OK")
     return 0
+
+
+def _is_loopback_host(host: str) -> bool:
+    """Whether a listen host (an IP literal or ``localhost``) is loopback only.
+
+    127.0.0.0/8, ::1, ``localhost`` and IPv4-mapped loopback (::ffff:127.0.0.1)
+    are; the wildcards 0.0.0.0 and :: (every address) are not.
+    """
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def _admin_exposure_warning(
+    where: str, address: Address, file: str, position: tuple[int, int]
+) -> ConfigIssue | None:
+    """A warning when the admin listener would be reachable from other hosts."""
+    if _is_loopback_host(address.host):
+        return None
+    try:
+        wildcard = ipaddress.ip_address(address.host).is_unspecified
+    except ValueError:
+        wildcard = False
+    scope = "binds every address of this host" if wildcard else "is not a loopback address"
+    message = (
+        f"{where}: {address} {scope}: the admin endpoint has no authentication and "
+        "exposes metrics and health (/metrics, /healthz, /readyz) to anyone who can reach "
+        f"it; bind it to loopback (127.0.0.1:{address.port} or [::1]:{address.port}), or "
+        "firewall the port so that only your scraper and load balancer reach it"
+    )
+    line, column = position
+    return ConfigIssue(file, line, column, message, "warning")
+
+
+def _yaml_position(path: str, keys: Sequence[str]) -> tuple[int, int]:
+    """Where the value at ``keys`` (a path of mapping keys) is in a YAML file; (0, 0) if unknown.
+
+    Only for locating a warning in a file :func:`read_config` already accepted.
+    """
+    try:
+        with open(path, encoding="utf-8") as stream:
+            node: yaml.Node | None = yaml.compose(stream, Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return (0, 0)
+    for key in keys:
+        if not isinstance(node, yaml.MappingNode):
+            return (0, 0)
+        node = next((value for name, value in node.value if name.value == key), None)
+    if node is None:
+        return (0, 0)
+    return (node.start_mark.line + 1, node.start_mark.column + 1)
 
 
 async def _demo(args: argparse.Namespace) -> None:

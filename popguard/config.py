@@ -49,7 +49,8 @@ Conventions
   only for, boolean keys.
 * Messages about command-line values name the flags popguard's CLI is
   expected to use: ``--listen``, ``--upstream``, ``--audit-file``,
-  ``--idle-timeout``, ``--connect-timeout``, ``--tls``, ``--tls-cert``,
+  ``--idle-timeout``, ``--login-timeout``, ``--connect-timeout``,
+  ``--greeting-timeout``, ``--tls``, ``--tls-cert``,
   ``--tls-key``, ``--upstream-tls``, ``--upstream-ca-file``,
   ``--upstream-server-name``, ``--upstream-tls-insecure``.
 * Listeners without a ``name`` are called ``listener-<index>`` and listeners
@@ -139,6 +140,9 @@ COMMAND_LINE: Final = "<command line>"
 RFC1939_MIN_IDLE_TIMEOUT: Final = 600.0
 
 _DEFAULT_CONNECT_TIMEOUT: Final = 10.0
+#: From the upstream's TCP connection to its greeting.  A server that does a
+#: slow reverse-DNS or ident lookup before greeting still fits in 30 s.
+_DEFAULT_GREETING_TIMEOUT: Final = 30.0
 _DEFAULT_SHUTDOWN_GRACE: Final = 10.0
 #: ``workers:`` is a count of processes, or ``"auto"`` (one per CPU).
 Workers = int | Literal["auto"]
@@ -214,6 +218,8 @@ class ProxyProtocolConfig:
 class UpstreamConfig:
     address: Address
     connect_timeout: float = _DEFAULT_CONNECT_TIMEOUT
+    #: Seconds from the TCP connection to the upstream's greeting.
+    greeting_timeout: float = _DEFAULT_GREETING_TIMEOUT
     #: TLS toward the upstream (mode ``none``: plain POP3).
     tls: UpstreamTLS = field(default_factory=UpstreamTLS)
 
@@ -225,6 +231,8 @@ class SessionConfig:
     #: Send ``-ERR Disconnected for inactivity.`` before closing an idle
     #: session (Dovecot's behaviour); ``False`` closes silently (RFC 1939 §3).
     idle_notice: bool = True
+    #: Seconds from the client's connection to a successful login; 0: no limit.
+    login_timeout: float = 60.0
 
 
 FsyncPolicy = Literal["always", "interval", "never"]
@@ -314,6 +322,7 @@ class PartialConfig:
     listeners: tuple[ListenerConfig, ...] = ()
     upstream_address: Address | None = None
     connect_timeout: float = _DEFAULT_CONNECT_TIMEOUT
+    greeting_timeout: float = _DEFAULT_GREETING_TIMEOUT
     upstream_tls: UpstreamTLS = field(default_factory=UpstreamTLS)
     session: SessionConfig = SessionConfig()
     limits: Limits = field(default_factory=Limits)
@@ -620,13 +629,14 @@ _SECTIONS: Final[Mapping[str, tuple[str, ...]]] = {
     "upstream": (
         "address",
         "connect_timeout",
+        "greeting_timeout",
         "tls",
         "ca_file",
         "server_name",
         "tls_verify",
         "tls_min_version",
     ),
-    "session": ("idle_timeout", "idle_notice"),
+    "session": ("idle_timeout", "idle_notice", "login_timeout"),
     "limits": _LIMIT_KEYS,
     "shutdown": ("grace_period",),
     "identity": tuple(f.name for f in fields(IdentityRules)),
@@ -883,7 +893,9 @@ class _Walker:
             return entry[1] if entry is not None else None
 
         listeners = self.listeners(section("listeners"))
-        upstream_address, connect_timeout, upstream_tls = self.upstream(section("upstream"))
+        upstream_address, connect_timeout, greeting_timeout, upstream_tls = self.upstream(
+            section("upstream")
+        )
         session = self.session(section("session"))
         limits = self.limits(section("limits"))
         grace = self.shutdown(section("shutdown"))
@@ -900,6 +912,9 @@ class _Walker:
             connect_timeout=_DEFAULT_CONNECT_TIMEOUT
             if connect_timeout is None
             else connect_timeout,
+            greeting_timeout=_DEFAULT_GREETING_TIMEOUT
+            if greeting_timeout is None
+            else greeting_timeout,
             upstream_tls=upstream_tls,
             session=session,
             limits=limits,
@@ -1210,22 +1225,30 @@ class _Walker:
             return None
         return ListenerTLS(mode=mode, cert=pair, sni=sni, min_version=min_version)
 
-    def upstream(self, node: Node | None) -> tuple[Address | None, float | None, UpstreamTLS]:
+    def upstream(
+        self, node: Node | None
+    ) -> tuple[Address | None, float | None, float | None, UpstreamTLS]:
+        """Address, connect_timeout, greeting_timeout (None: not given) and TLS."""
         if node is None:
-            return (None, None, UpstreamTLS())
+            return (None, None, None, UpstreamTLS())
         entries = self.mapping(node, "upstream")
         if entries is None:
-            return (None, None, UpstreamTLS())
+            return (None, None, None, UpstreamTLS())
         self.check_keys(entries, _SECTIONS["upstream"], "upstream", "upstream")
         address: Address | None = None
         timeout: float | None = None
+        greeting: float | None = None
         if "address" in entries:
             address = self.address(entries["address"][1], "upstream.address", listen=False)
         if "connect_timeout" in entries:
             timeout = self.seconds(
                 entries["connect_timeout"][1], "upstream.connect_timeout", allow_zero=False
             )
-        return (address, timeout, self.upstream_tls(entries))
+        if "greeting_timeout" in entries:
+            greeting = self.seconds(
+                entries["greeting_timeout"][1], "upstream.greeting_timeout", allow_zero=False
+            )
+        return (address, timeout, greeting, self.upstream_tls(entries))
 
     def upstream_tls(self, entries: _Entries) -> UpstreamTLS:
         """The upstream's TLS keys (invalid ones fall back to their defaults)."""
@@ -1321,6 +1344,7 @@ class _Walker:
         self.check_keys(entries, _SECTIONS["session"], "session", "session")
         idle_timeout: float | None = None
         idle_notice: bool | None = None
+        login_timeout: float | None = None
         if "idle_timeout" in entries:
             value_node = entries["idle_timeout"][1]
             idle_timeout = self.seconds(value_node, "session.idle_timeout", allow_zero=False)
@@ -1329,9 +1353,20 @@ class _Walker:
                 self.report(value_node, warning, "warning")
         if "idle_notice" in entries:
             idle_notice = self.boolean(entries["idle_notice"][1], "session.idle_notice")
+        if "login_timeout" in entries:
+            value_node = entries["login_timeout"][1]
+            if self.is_null(value_node):
+                self.report(
+                    value_node,
+                    "session.login_timeout: expected a number of seconds, got null; "
+                    "write 0 for no limit",
+                )
+            else:
+                login_timeout = self.seconds(value_node, "session.login_timeout", allow_zero=True)
         return SessionConfig(
             idle_timeout=default.idle_timeout if idle_timeout is None else idle_timeout,
             idle_notice=default.idle_notice if idle_notice is None else idle_notice,
+            login_timeout=default.login_timeout if login_timeout is None else login_timeout,
         )
 
     def identity(self, node: Node | None) -> IdentityRules:
@@ -1633,6 +1668,8 @@ class _Walker:
 def _identity_problem(name: str, text: str) -> str | None:
     """Why an ``identity:`` string is unusable, or None."""
     if not text:
+        if name == "allowed_chars":
+            return "empty: no name could log in (null accepts any printable character)"
         return "empty (use null for none)"
     if not text.isascii() or not text.isprintable() or " " in text:
         return "printable ASCII without spaces expected"
@@ -1750,6 +1787,8 @@ def build_config(
     audit_file: str | None = None,
     idle_timeout: float | None = None,
     connect_timeout: float | None = None,
+    login_timeout: float | None = None,
+    greeting_timeout: float | None = None,
     console: bool | None = None,
     listen_tls: str | None = None,
     tls_cert: str | None = None,
@@ -1785,6 +1824,7 @@ def build_config(
             listeners=base.listeners,
             upstream_address=base.upstream.address,
             connect_timeout=base.upstream.connect_timeout,
+            greeting_timeout=base.upstream.greeting_timeout,
             upstream_tls=base.upstream.tls,
             session=base.session,
             limits=base.limits,
@@ -1869,16 +1909,30 @@ def build_config(
         else:
             timeout = float(connect_timeout)
 
+    greeting = partial.greeting_timeout
+    if greeting_timeout is not None:
+        problem = _seconds_problem(greeting_timeout, allow_zero=False)
+        if problem is not None:
+            report(f"--greeting-timeout: {problem}")
+        else:
+            greeting = float(greeting_timeout)
+
     session = partial.session
     if idle_timeout is not None:
         problem = _seconds_problem(idle_timeout, allow_zero=False)
         if problem is not None:
             report(f"--idle-timeout: {problem}")
         else:
-            session = SessionConfig(float(idle_timeout), session.idle_notice)
+            session = dataclasses.replace(session, idle_timeout=float(idle_timeout))
             warning = _idle_timeout_warning(idle_timeout, "--idle-timeout")
             if warning is not None:
                 report(warning, "warning")
+    if login_timeout is not None:
+        problem = _seconds_problem(login_timeout, allow_zero=True)
+        if problem is not None:
+            report(f"--login-timeout: {problem}")
+        else:
+            session = dataclasses.replace(session, login_timeout=float(login_timeout))
 
     audit = partial.audit
     if audit_file is not None:
@@ -1902,7 +1956,12 @@ def build_config(
     assert upstream_address is not None  # every path without one reported an error
     config = Config(
         listeners=listeners,
-        upstream=UpstreamConfig(upstream_address, timeout, upstream_tls_config),
+        upstream=UpstreamConfig(
+            upstream_address,
+            connect_timeout=timeout,
+            greeting_timeout=greeting,
+            tls=upstream_tls_config,
+        ),
         session=session,
         limits=partial.limits,
         shutdown_grace=partial.shutdown_grace,

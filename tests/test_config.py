@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from popguard.cli import settings_from_config
 from popguard.config import (
     COMMAND_LINE,
     Address,
@@ -30,6 +31,7 @@ from popguard.config import (
     read_config,
 )
 from popguard.core.limits import Limits
+from popguard.shell.server import ServerSettings
 from popguard.shell.tls import (
     CertKey,
     ListenerTLS,
@@ -164,6 +166,7 @@ def test_example_file_mentions_every_key() -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
     keys = ["name:", "listen:", "address:", "connect_timeout:", "idle_timeout:"]
     keys += ["idle_notice:", "grace_period:", "file:", "console:", "policies:"]
+    keys += ["login_timeout:", "greeting_timeout:"]
     keys += [f"{name}:" for name in Limits.__dataclass_fields__]
     for key in keys:
         assert key in text
@@ -690,8 +693,132 @@ def test_invalid_flags_are_all_reported() -> None:
 def test_partial_config_defaults_match_config() -> None:
     partial = PartialConfig()
     assert partial.connect_timeout == UpstreamConfig(Address("h", 1)).connect_timeout
+    assert partial.greeting_timeout == UpstreamConfig(Address("h", 1)).greeting_timeout
     fields = Config.__dataclass_fields__
     assert partial.shutdown_grace == fields["shutdown_grace"].default
+
+
+# --------------------------------------------------------------------------
+# Time limits before login: session.login_timeout, upstream.greeting_timeout
+# --------------------------------------------------------------------------
+
+
+def test_login_and_greeting_timeout_defaults(tmp_path: Path) -> None:
+    config, _ = load_config(write(tmp_path, MINIMAL))
+    assert config.session.login_timeout == 60.0
+    assert config.upstream.greeting_timeout == 30.0
+    settings = settings_from_config(config)
+    assert (settings.login_timeout, settings.greeting_timeout) == (60.0, 30.0)
+    # ServerSettings' own defaults are the same as the file's.
+    fields = ServerSettings.__dataclass_fields__
+    assert fields["login_timeout"].default == SessionConfig().login_timeout
+    assert fields["greeting_timeout"].default == UpstreamConfig(Address("h", 1)).greeting_timeout
+
+
+def test_login_and_greeting_timeouts_from_the_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        MINIMAL + "  greeting_timeout: 7.5\nsession:\n  login_timeout: 45\n",
+    )
+    config, warnings = load_config(path)
+    assert warnings == []
+    assert config.upstream == UpstreamConfig(
+        Address("127.0.0.1", 110), connect_timeout=10.0, greeting_timeout=7.5
+    )
+    assert config.session == SessionConfig(login_timeout=45.0)
+    assert isinstance(config.session.login_timeout, float)
+    settings = settings_from_config(config)
+    assert (settings.login_timeout, settings.greeting_timeout) == (45.0, 7.5)
+
+
+def test_login_timeout_zero_means_no_limit(tmp_path: Path) -> None:
+    config, warnings = load_config(write(tmp_path, MINIMAL + "session:\n  login_timeout: 0\n"))
+    assert warnings == []
+    assert config.session.login_timeout == 0.0
+
+
+@pytest.mark.parametrize(
+    ("extra", "line", "column", "fragment"),
+    [
+        # MINIMAL ends inside the upstream mapping, on line 5.
+        ("  greeting_timeout: 0\n", 6, 21, "upstream.greeting_timeout: must be greater than 0"),
+        ("  greeting_timeout: -1\n", 6, 21, "upstream.greeting_timeout: must be greater than 0"),
+        ("  greeting_timeout: '30'\n", 6, 21, "write numbers without quotes"),
+        ("  greeting_timeout: .inf\n", 6, 21, "finite"),
+        ("  greeting_timeout: null\n", 6, 21, "expected a number of seconds, got null"),
+        ("session:\n  login_timeout: -1\n", 7, 18, "session.login_timeout: must be at least 0"),
+        ("session:\n  login_timeout: null\n", 7, 18, "got null; write 0 for no limit"),
+        ("session:\n  login_timeout: true\n", 7, 18, "expected a number of seconds, got a bool"),
+        ("session:\n  login_timeout: .nan\n", 7, 18, "finite"),
+        ("session:\n  login_timout: 5\n", 7, 3, "(did you mean 'login_timeout'?)"),
+        ("session:\n  greeting_timeout: 5\n", 7, 3, "'upstream.greeting_timeout'"),
+    ],
+)  # fmt: skip
+def test_login_and_greeting_timeout_errors(
+    tmp_path: Path, extra: str, line: int, column: int, fragment: str
+) -> None:
+    found = errors(write(tmp_path, MINIMAL + extra))
+    assert len(found) == 1, found
+    assert (found[0].line, found[0].column) == (line, column)
+    assert fragment in found[0].message
+    assert found[0].severity == "error"
+
+
+def test_login_and_greeting_timeout_flags_win(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        MINIMAL + "  greeting_timeout: 20\nsession:\n  login_timeout: 45\n  idle_notice: false\n",
+    )
+    base, _ = load_config(path)
+    config, warnings = build_config(base=base, login_timeout=0, greeting_timeout=2.5)
+    assert warnings == []
+    assert config.session == SessionConfig(idle_notice=False, login_timeout=0.0)
+    assert config.upstream.greeting_timeout == 2.5
+    assert config.upstream.connect_timeout == 10.0
+    # Other flags keep the file's values (--idle-timeout used to rebuild the section).
+    config, _ = build_config(base=base, idle_timeout=900, connect_timeout=3)
+    assert config.session == SessionConfig(
+        idle_timeout=900.0, idle_notice=False, login_timeout=45.0
+    )
+    assert config.upstream.greeting_timeout == 20.0
+    partial, _ = read_config(path)
+    assert build_config(base=partial)[0].upstream.greeting_timeout == 20.0
+
+
+def test_invalid_login_and_greeting_timeout_flags() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config(
+            base=None,
+            listen=["127.0.0.1:1110"],
+            upstream="127.0.0.1:110",
+            login_timeout=-1,
+            greeting_timeout=0,
+        )
+    messages = [i.message for i in info.value.issues]
+    assert messages == [
+        "--greeting-timeout: must be greater than 0 seconds, got 0",
+        "--login-timeout: must be at least 0 seconds, got -1",
+    ]
+
+
+def test_serve_flags_reach_the_server_settings(tmp_path: Path) -> None:
+    from popguard.cli import _resolve, build_parser
+
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--listen",
+            "127.0.0.1:1110",
+            "--upstream",
+            "127.0.0.1:110",
+            "--login-timeout",
+            "12.5",
+            "--greeting-timeout",
+            "4",
+        ]
+    )
+    settings = settings_from_config(_resolve(args, upstream=args.upstream))
+    assert (settings.login_timeout, settings.greeting_timeout) == (12.5, 4.0)
 
 
 # --------------------------------------------------------------------------

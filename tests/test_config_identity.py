@@ -62,7 +62,7 @@ def test_every_key(tmp_path: Path) -> None:
         ("identity:\n  case: Lower\n", 7, 9, "did you mean 'lower'"),
         ("identity:\n  master_separator: '**'\n", 7, 21, "one character expected"),
         ("identity:\n  default_domain: '@x.org'\n", 7, 19, "without '@'"),
-        ("identity:\n  allowed_chars: ''\n", 7, 18, "empty (use null for none)"),
+        ("identity:\n  allowed_chars: ''\n", 7, 18, "empty: no name could log in"),
         ("identity:\n  allowed_chars: 'a b'\n", 7, 18, "printable ASCII without spaces"),
         ("identity:\n  master_separator: 5\n", 7, 21, "expected a string"),
         ("identity:\n  cases: exact\n", 7, 3, "unknown key 'cases'"),

@@ -68,6 +68,11 @@ class EndReason(enum.StrEnum):
     MAX_SESSION = "max_session"
     #: The server accepted a login whose account popguard cannot tell.
     IDENTITY_UNKNOWN = "identity_unknown"
+    #: ``session.login_timeout`` ran out before a login succeeded.
+    LOGIN_TIMEOUT = "login_timeout"
+    #: The upstream accepted the connection but sent no greeting within
+    #: ``upstream.greeting_timeout``.
+    UPSTREAM_TIMEOUT = "upstream_timeout"
 
 
 Scalar = str | int | bool | None

@@ -72,6 +72,10 @@ class UpstreamTLSError(Exception):
     """The upstream's TLS could not be set up; the session gets SYS/TEMP."""
 
 
+class _GreetingTimeout(Exception):
+    """The upstream sent no greeting (before STLS) within ``greeting_timeout``."""
+
+
 RecordSink = Callable[[AuditRecord], None]
 #: Writes a record and reports whether it is durably stored (fail-closed).
 DurableSink = Callable[[AuditRecord], Awaitable[bool]]
@@ -122,6 +126,8 @@ class Relay:
         upstream_label: str,
         connect_timeout: float,
         idle_timeout: float,
+        login_timeout: float = 0.0,
+        greeting_timeout: float = 0.0,
         emit: RecordSink,
         emit_durable: DurableSink | None = None,
         policy: SessionPolicy | None = None,
@@ -144,11 +150,19 @@ class Relay:
         self._upstream_label = upstream_label
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
+        #: Seconds from the client's connection to a successful login (0: no limit).
+        self._login_timeout = login_timeout
+        #: Seconds from the upstream's TCP connection to its greeting (0: no limit).
+        self._greeting_timeout = greeting_timeout
+        #: While the login timer runs: a login must re-read the timers.
+        self._before_login = login_timeout > 0
+        self._connected_at = 0.0
         self._emit = emit
         self._emit_durable = emit_durable
         self._settling = False
         self._scope = trio.CancelScope()
         self._abort_reason: EndReason | None = None
+        self._abort_detail: str | None = None
         #: Whether a task is draining the core's output for that side.
         self._client_sending = False
         self._upstream_sending = False
@@ -164,10 +178,11 @@ class Relay:
         self._dry_reported: set[str] = set()
 
     # ------------------------------------------------------------------
-    def abort(self, reason: EndReason) -> None:
-        """End the session from outside (shutdown), without QUIT upstream."""
+    def abort(self, reason: EndReason, detail: str | None = None) -> None:
+        """End the session from outside (shutdown, a timer), without QUIT upstream."""
         if self._abort_reason is None:
             self._abort_reason = reason
+            self._abort_detail = detail
         self._scope.cancel()
 
     def _touch(self) -> None:
@@ -183,17 +198,44 @@ class Relay:
         self._rearm.set()
 
     def _deadlines(self) -> list[Deadline]:
-        """When each timer fires: (time, setting, the policy rule or None)."""
+        """When each timer fires: (time, setting, the policy rule or None).
+
+        Before the upstream's greeting, ``greeting_timeout`` (from the TCP
+        connection); before a login, ``login_timeout`` (from the client's
+        connection).  On a tie these come first: they say more than idle.
+        """
+        session = self.session
+        timers: list[Deadline] = []
+        if self._greeting_timeout and session.awaiting_greeting:
+            timers.append((self._connected_at + self._greeting_timeout, "greeting_timeout", None))
+        if self._login_timeout and not session.logged_in:
+            timers.append((self._started_at + self._login_timeout, "login_timeout", None))
         idle: Deadline = (self._last_activity + self._idle_timeout, "idle_timeout", None)
         policy = self.policy
         if policy is None or not policy.active:
-            return [idle]
-        return policy.deadlines(
-            idle, self._last_activity, self._started_at, skip_dry_run=self._dry_reported
-        )
+            timers.append(idle)
+        else:
+            timers += policy.deadlines(
+                idle, self._last_activity, self._started_at, skip_dry_run=self._dry_reported
+            )
+        return timers
+
+    def _timer_end(self, name: str) -> tuple[EndReason, str | None]:
+        """How a server-wide timer (``rule`` None) or an enforced one ends the session."""
+        if name == "login_timeout":
+            return EndReason.LOGIN_TIMEOUT, f"no login within {self._login_timeout:g} s"
+        if name == "greeting_timeout":
+            return (
+                EndReason.UPSTREAM_TIMEOUT,
+                f"no greeting from the upstream within {self._greeting_timeout:g} s",
+            )
+        if name == "max_session":
+            return EndReason.MAX_SESSION, None
+        return EndReason.IDLE_TIMEOUT, None
 
     async def _idle_watchdog(self) -> None:
-        """The idle timer (RFC 1939 §3 autologout) and a policy's max_session."""
+        """The idle timer (RFC 1939 §3 autologout), a policy's max_session, and
+        the greeting and login time limits."""
         while True:
             when, name, rule = min(self._deadlines(), key=lambda timer: timer[0])
             self._rearm = trio.Event()
@@ -221,7 +263,7 @@ class Relay:
                 if rule.mode != "enforce":
                     self._dry_reported.add(name)
                     continue
-            self.abort(EndReason.MAX_SESSION if name == "max_session" else EndReason.IDLE_TIMEOUT)
+            self.abort(*self._timer_end(name))
             return
 
     # ------------------------------------------------------------------
@@ -245,7 +287,7 @@ class Relay:
                         nursery.start_soon(pumps.run, self._pump_client)
                         await pumps.run(self._pump_upstream)
             if self._scope.cancelled_caught and not session.finished:
-                session.end(self._abort_reason or EndReason.IDLE_TIMEOUT)
+                session.end(self._abort_reason or EndReason.IDLE_TIMEOUT, self._abort_detail)
         except Exception as exc:  # a bug must end this session only, never the server
             session.end(EndReason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
             raise
@@ -253,6 +295,11 @@ class Relay:
             await self._close()
 
     async def _connect(self) -> bool:
+        """Connect (``connect_timeout``), and set up the upstream's TLS if any.
+
+        The greeting is awaited for ``greeting_timeout`` from the TCP
+        connection: here before STLS, else by the watchdog while the pumps run.
+        """
         session = self.session
         greeting = b""
         upstream: trio.abc.Stream | None = None
@@ -262,8 +309,15 @@ class Relay:
                 set_nodelay(upstream)
                 if self._proxy_header is not None:
                     await upstream.send_all(self._proxy_header)
-                if self._upstream_tls is not None:
-                    upstream, greeting = await self._secure_upstream(upstream, self._upstream_tls)
+            self._connected_at = trio.current_time()
+            if self._upstream_tls is not None:
+                upstream, greeting = await self._secure_upstream(upstream, self._upstream_tls)
+        except _GreetingTimeout as exc:
+            assert upstream is not None
+            await trio.aclose_forcefully(upstream)  # nothing was sent: no QUIT
+            session.upstream_connected(self._upstream_label)  # TCP was up
+            session.end(EndReason.UPSTREAM_TIMEOUT, str(exc))
+            return False
         except (trio.TooSlowError, OSError, UpstreamTLSError, trio.BrokenResourceError) as exc:
             if upstream is not None:
                 await trio.aclose_forcefully(upstream)
@@ -357,31 +411,50 @@ class Relay:
     async def _secure_upstream(
         self, stream: trio.abc.Stream, security: UpstreamSecurity
     ) -> tuple[trio.SSLStream[trio.abc.Stream], bytes]:
-        """Implicit TLS, or STLS after the greeting (which is kept for the client)."""
+        """Implicit TLS, or STLS after the greeting (which is kept for the client).
+
+        The greeting gets ``greeting_timeout`` from the TCP connection; the
+        STLS exchange and the handshake then get ``HANDSHAKE_TIMEOUT`` together.
+        """
         greeting = b""
         if security.mode == "starttls":
-            greeting, rest = await _read_line(stream, b"")
+            greeting, rest = await self._read_greeting(stream)
             if rest:
                 raise UpstreamTLSError("upstream sent data after its greeting, before STLS")
             if parse_status(greeting) is not Status.OK:
                 # popguard was told to encrypt: it never goes on in plaintext.
                 raise UpstreamTLSError("upstream greeting was not +OK")
-            await stream.send_all(b"STLS\r\n")
-            reply, rest = await _read_line(stream, b"")
-            if rest:
-                # Bytes injected before the handshake must never reach anyone.
-                raise UpstreamTLSError("upstream sent data after +OK to STLS, before TLS")
-            if parse_status(reply) is not Status.OK:
-                raise UpstreamTLSError(
-                    "upstream refused STLS: " + reply[:80].decode("ascii", "replace").strip()
-                )
+        deadline = trio.current_time() + HANDSHAKE_TIMEOUT
+        if security.mode == "starttls":
+            with trio.move_on_at(deadline) as exchange:
+                await stream.send_all(b"STLS\r\n")
+                reply, rest = await _read_line(stream, b"")
+                if rest:
+                    # Bytes injected before the handshake must never reach anyone.
+                    raise UpstreamTLSError("upstream sent data after +OK to STLS, before TLS")
+                if parse_status(reply) is not Status.OK:
+                    raise UpstreamTLSError(
+                        "upstream refused STLS: " + reply[:80].decode("ascii", "replace").strip()
+                    )
+            if exchange.cancelled_caught:
+                raise UpstreamTLSError(f"no reply to STLS within {HANDSHAKE_TIMEOUT:g} s")
         tls = trio.SSLStream(stream, security.context, server_hostname=security.server_name)
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
+            with trio.fail_at(deadline):
                 await tls.do_handshake()
         except trio.BrokenResourceError as exc:
             raise UpstreamTLSError(f"TLS handshake failed: {exc.__cause__ or exc}"[:200]) from exc
+        except trio.TooSlowError as exc:
+            raise UpstreamTLSError("TLS handshake timed out") from exc
         return tls, greeting
+
+    async def _read_greeting(self, stream: trio.abc.Stream) -> tuple[bytes, bytes]:
+        """The greeting line before STLS, within ``greeting_timeout`` of the connection."""
+        timeout = self._greeting_timeout
+        deadline = self._connected_at + timeout if timeout else math.inf
+        with trio.move_on_at(deadline):
+            return await _read_line(stream, b"")
+        raise _GreetingTimeout(f"no greeting from the upstream within {timeout:g} s")
 
     async def _pump_upstream(self) -> None:
         session = self.session
@@ -441,6 +514,9 @@ class Relay:
         if self.session.policy_epoch != self._policy_epoch:
             self._policy_epoch = self.session.policy_epoch
             self.rearm()  # logged in: the user's timers apply from now
+        if self._before_login and self.session.logged_in:
+            self._before_login = False
+            self.rearm()  # the login timer no longer applies
         await self._settle_durable()
         await self._flush_client()
         await self._flush_upstream()

@@ -85,7 +85,11 @@ class ServerSettings:
     listeners: tuple[ListenerSpec, ...]
     upstream: Endpoint
     connect_timeout: float = 10.0
+    #: Seconds from the upstream's TCP connection to its greeting.
+    greeting_timeout: float = 30.0
     idle_timeout: float = 600.0
+    #: Seconds from the client's connection to a successful login (0: no limit).
+    login_timeout: float = 60.0
     idle_notice: bool = True
     shutdown_grace: float = 10.0
     limits: Limits = field(default_factory=Limits)
@@ -342,6 +346,8 @@ class ProxyServer:
             upstream_label=str(upstream),
             connect_timeout=settings.connect_timeout,
             idle_timeout=settings.idle_timeout,
+            login_timeout=settings.login_timeout,
+            greeting_timeout=settings.greeting_timeout,
             emit=self.audit.emit,
             emit_durable=self.audit.emit_durable,
             policy=policy,
