@@ -8,9 +8,15 @@ Robust by construction:
 * the request head (request line and headers) is at most
   :data:`MAX_REQUEST_HEAD` octets (414 if the request line alone is longer,
   431 otherwise) and :data:`MAX_HEADERS` lines;
-* the whole head must arrive within ``request_timeout`` seconds (slowloris),
-  else 408; sending the answer is bounded by the same timeout;
-* at most ``max_connections`` connections at once; more are closed at once;
+* the whole head must arrive within ``request_timeout`` seconds (2 s; a
+  deadline for the head, not for each read: slowloris), else 408; sending
+  the answer is bounded by the same timeout;
+* at most ``max_connections`` connections at once.  A connection beyond the
+  cap is served, and the oldest connection that has not yet sent a complete
+  request head is closed to make room (else the oldest one lingering after
+  its answer, else the oldest of all): idle or dribbling connections, however
+  many, can never keep a health check out.  Memory stays bounded by the cap
+  times the head limit;
 * malformed requests get 400, a method other than GET or HEAD 405, an HTTP
   version other than 1.0 or 1.1 505, an unknown path 404;
 * a failing handler answers 500 and never takes the proxy down.
@@ -48,9 +54,13 @@ DEFAULT_ADMIN_ADDRESS: Final = ("127.0.0.1", 9110)
 MAX_REQUEST_HEAD: Final = 8192
 #: Most header lines in one request.
 MAX_HEADERS: Final = 64
-#: Seconds a client has to send its request head (and to take the answer).
-REQUEST_TIMEOUT: Final = 5.0
-#: Connections served at once; more are closed without an answer.
+#: Seconds a client has to send its whole request head (and to take the answer).
+#: Short, because every real client (a scraper, a load balancer's or kubelet's
+#: probe) sends its head in one segment at once; 2 s still covers a few TCP
+#: retransmissions on a lossy management link.
+REQUEST_TIMEOUT: Final = 2.0
+#: Connections served at once; beyond it the oldest one without a complete
+#: request head is closed (shed) to make room for the newcomer.
 MAX_CONNECTIONS: Final = 64
 #: Seconds ``/readyz`` waits for the checks before answering 503.
 READY_TIMEOUT: Final = 3.0
@@ -219,6 +229,22 @@ def _safely(check: Callable[[], bool]) -> bool:
         return False
 
 
+# What a connection is doing, in the order connections are shed at the cap.
+_AWAITING_HEAD: Final = 0  # no valid request head yet (idle, slowloris, bad request)
+_LINGERING: Final = 1  # answered; draining the client's input before closing
+_SERVING: Final = 2  # a valid request: routing it, or sending the answer
+
+
+class _Slot:
+    """One admitted connection: its phase, and how to shed it."""
+
+    __slots__ = ("phase", "scope")
+
+    def __init__(self) -> None:
+        self.phase = _AWAITING_HEAD
+        self.scope = trio.CancelScope()
+
+
 class AdminServer:
     """Serves ``/metrics``, ``/healthz`` and ``/readyz`` on its own listeners."""
 
@@ -232,6 +258,8 @@ class AdminServer:
         max_connections: int = MAX_CONNECTIONS,
         max_head: int = MAX_REQUEST_HEAD,
     ) -> None:
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, got {max_connections}")
         self.metrics = metrics
         self.ready = ready
         self.request_timeout = request_timeout
@@ -241,9 +269,17 @@ class AdminServer:
         self.listeners: list[trio.SocketListener] = []
         #: The bound (host, port) of each listener, once open (port 0 resolved).
         self.bound: list[tuple[str, int]] = []
-        self._connections = 0
+        #: The admitted connections, oldest first (dicts keep insertion order).
+        self._slots: dict[_Slot, None] = {}
         #: Connections that ended in an unexpected error (a popguard bug).
         self.errors = 0
+        #: Connections closed to make room for a newer one (at the cap).
+        self.shed = 0
+
+    @property
+    def connections(self) -> int:
+        """Connections admitted and not yet finished or shed."""
+        return len(self._slots)
 
     async def open(self, address: tuple[str, int] = DEFAULT_ADMIN_ADDRESS) -> list[tuple[str, int]]:
         """Bind the admin address (port 0 is resolved).  Raises OSError."""
@@ -275,19 +311,36 @@ class AdminServer:
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """One connection: one request, one answer, close."""
-        if self._connections >= self.max_connections:
-            await trio.aclose_forcefully(stream)
-            return
-        self._connections += 1
+        # No checkpoint between counting and admitting: concurrent newcomers
+        # each see the registry as the others left it.
+        while len(self._slots) >= self.max_connections:
+            self._shed_one()
+        slot = _Slot()
+        self._slots[slot] = None
         try:
-            await self._serve_one(stream)
+            with slot.scope:
+                await self._serve_one(stream, slot)
         except Exception:
             self.errors += 1  # an admin connection must never take anything else down
         finally:
-            self._connections -= 1
+            self._slots.pop(slot, None)
             await trio.aclose_forcefully(stream)
 
-    async def _serve_one(self, stream: trio.abc.Stream) -> None:
+    def _shed_one(self) -> None:
+        """Make room: close the oldest connection in the cheapest phase to lose.
+
+        First one still without a valid request head (an idle or slowloris
+        connection: a real client sends its head at once), else one already
+        answered and only lingering, else the oldest of all.  The newcomer is
+        always served, so a flood of idle connections cannot keep a health
+        check out; a flooder can only push out its own older connections.
+        """
+        victim = min(self._slots, key=lambda slot: slot.phase)  # the oldest of the lowest phase
+        del self._slots[victim]
+        victim.scope.cancel()  # its task closes the socket at its next checkpoint
+        self.shed += 1
+
+    async def _serve_one(self, stream: trio.abc.Stream, slot: _Slot) -> None:
         head: bytes | None = None
         status_error: _BadRequest | None = None
         with trio.move_on_after(self.request_timeout) as scope:
@@ -298,11 +351,11 @@ class AdminServer:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return
         if scope.cancelled_caught:
-            await self._answer(stream, 408, b"request timeout\n", _TEXT, head_only=False)
+            await self._answer(stream, slot, 408, b"request timeout\n", _TEXT, head_only=False)
             return
         if status_error is not None:
             body = status_error.message.encode("ascii", "replace") + b"\n"
-            await self._answer(stream, status_error.status, body, _TEXT, head_only=False)
+            await self._answer(stream, slot, status_error.status, body, _TEXT, head_only=False)
             return
         if head is None:
             return  # the client closed before a complete request
@@ -311,13 +364,15 @@ class AdminServer:
         except _BadRequest as exc:
             extra = [("Allow", "GET, HEAD")] if exc.status == 405 else []
             body = exc.message.encode("ascii", "replace") + b"\n"
-            await self._answer(stream, exc.status, body, _TEXT, head_only=False, extra=extra)
+            await self._answer(stream, slot, exc.status, body, _TEXT, head_only=False, extra=extra)
             return
+        slot.phase = _SERVING
         try:
             status, body, content_type = await self._route(request)
         except Exception:
             status, body, content_type = 500, b"internal error\n", _TEXT
-        await self._answer(stream, status, body, content_type, head_only=request.method == "HEAD")
+        head_only = request.method == "HEAD"
+        await self._answer(stream, slot, status, body, content_type, head_only=head_only)
 
     async def _read_head(self, stream: trio.abc.Stream) -> bytes | None:
         """The request head without its blank line; None on EOF before it."""
@@ -373,6 +428,7 @@ class AdminServer:
     async def _answer(
         self,
         stream: trio.abc.Stream,
+        slot: _Slot,
         status: int,
         body: bytes,
         content_type: str,
@@ -396,6 +452,7 @@ class AdminServer:
                 await stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return
+            slot.phase = _LINGERING
             await _linger(stream)
 
 

@@ -312,19 +312,22 @@ async def test_a_client_that_closes_early_gets_nothing_and_harms_nothing() -> No
     assert server.errors == 0
 
 
-async def test_connections_beyond_the_limit_are_closed() -> None:
+async def test_at_the_limit_the_oldest_idle_connection_makes_room() -> None:
+    """The newcomer is served; the oldest connection without a request head is shed."""
     async with admin(max_connections=2, request_timeout=5) as (server, port):
         held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
-        await until(lambda: server._connections == 2)  # both wait for a head
-        try:
-            answer = await exchange(port, b"GET /healthz HTTP/1.0\r\n\r\n")
-        except trio.BrokenResourceError:
-            answer = b""  # closed before (or reset after) our request: either is fine
-        assert answer == b""
+        await until(lambda: server.connections == 2)  # both wait for a head
+        assert (await get(port, "/healthz")).status == 200
+        assert server.shed == 1
+        assert await held[0].receive_some(1) == b""  # the oldest: closed, unanswered
+        with trio.move_on_after(0.2) as still_open:
+            await held[1].receive_some(1)
+        assert still_open.cancelled_caught
         for stream in held:
             await stream.aclose()
-        await until(lambda: server._connections == 0)
+        await until(lambda: server.connections == 0)
         assert (await get(port, "/healthz")).status == 200
+    assert server.errors == 0
 
 
 async def test_serve_admin_reports_the_bound_address() -> None:
