@@ -40,9 +40,15 @@ from popguard.policy.session import Deadline, SessionPolicy
 from popguard.shell.tcp import TCPStream
 from popguard.shell.tls import HANDSHAKE_TIMEOUT, describe
 
-#: One read from either peer.  Large enough that bulk RETR costs few trips
+#: One read from the upstream.  Large enough that bulk RETR costs few trips
 #: through Python; the core forwards each read as one chunk.
 RECEIVE_SIZE: Final = 256 * 1024
+
+#: One read from the client: commands are small, and whatever a read holds
+#: beyond the pipelining bound waits in the core's buffer, so this bounds
+#: what a client that pipelines without reading costs (the longest line the
+#: core holds, a SASL response, is 16 KiB).
+CLIENT_RECEIVE_SIZE: Final = 32 * 1024
 
 #: How long a closing session may spend delivering its last words (a final
 #: +OK, or the -ERR saying why it closes) to a client that is not reading.
@@ -350,7 +356,9 @@ class Relay:
             scope = self._client_receive = trio.CancelScope()
             with scope:
                 if session.wants_client_data:
-                    data = await self._receive(self.client, EndReason.CLIENT_ERROR)
+                    data = await self._receive(
+                        self.client, EndReason.CLIENT_ERROR, CLIENT_RECEIVE_SIZE
+                    )
                 elif session.client_input_open:
                     self._client_may_send = trio.Event()
                     await self._client_may_send.wait()
@@ -501,10 +509,10 @@ class Relay:
         self._upstream_receive.cancel()
 
     async def _receive(
-        self, stream: trio.abc.Stream, on_error: EndReason
+        self, stream: trio.abc.Stream, on_error: EndReason, size: int = RECEIVE_SIZE
     ) -> bytes | bytearray | None:
         try:
-            return await stream.receive_some(RECEIVE_SIZE)
+            return await stream.receive_some(size)
         except _STREAM_ERRORS as exc:
             self.session.end(on_error, _describe(exc))
             return None

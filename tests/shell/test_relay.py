@@ -352,3 +352,29 @@ async def test_fail_closed_dele_waits_for_a_slow_durable_write(
         await recv_until(r.client, b"+OK\r\n")
         await r.client.aclose()
     assert r.record("dele.marked")["msg"] == 1
+
+
+async def test_a_flood_in_one_read_is_forwarded_only_up_to_the_bound(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """20,000 NOOPs in one write: at most max_pipelined reach the server
+    before it answers, and the rest waits (22,000 were forwarded at once)."""
+    async with rig() as r:
+        limit = r.relay.session.limits.max_pipelined
+        await r.server.send_all(GREETING)
+        await recv_until(r.client, b"\r\n")
+        await r.client.send_all(b"NOOP\r\n" * 20_000)
+        await trio.sleep(5)
+        forwarded = await r.server.receive_some()
+        assert forwarded.count(b"NOOP\r\n") == limit
+        # The core holds at most one client read beyond what it forwarded.
+        session = r.relay.session
+        assert len(session._client_buf) <= 32 * 1024
+        assert not session.wants_client_data
+        # Each answer lets one more through, never more than the bound owed.
+        await r.server.send_all(b"+OK\r\n" * 10)
+        await trio.sleep(1)
+        assert (await r.server.receive_some()).count(b"NOOP\r\n") == 10
+        assert session.replies_owed <= limit
+        await r.server.aclose()
+    assert r.record("session.closed")["reason"] == "upstream_closed"
