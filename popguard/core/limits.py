@@ -30,9 +30,11 @@ MAX_LISTING_LINE = 4096
 #: is told so and disconnected.
 MAX_BAD_COMMANDS = 10
 
-#: Commands forwarded and still waiting for their reply.  Past this, the
-#: shell stops reading from the client until replies drain, so a client that
-#: pipelines without end costs bounded memory.
+#: Replies owed: commands forwarded and still waiting for their reply, and
+#: replies popguard made itself that the shell has not taken yet.  Past this,
+#: further commands wait in the core's buffer and the shell stops reading
+#: from the client until replies drain, so a client that pipelines without
+#: end costs bounded memory.
 MAX_PIPELINED = 64
 
 
