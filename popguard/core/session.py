@@ -621,9 +621,15 @@ class ProxySession:
             self._sasl.awaiting_server = True
             self._upstream_out.append(b"*\r\n")
             return
-        self._reject(f"Command line too long (limit {limit} octets, RFC 2449)")
+        self._reject(
+            f"Command line too long (limit {limit} octets, RFC 2449)", bytes(self._client_buf[:5])
+        )
 
-    def _reject(self, reason: str) -> None:
+    def _reject(self, reason: str, line: bytes = b"") -> None:
+        """Answer a client line with -ERR; ``line`` is its start, where known."""
+        if line[:5].upper() == b"USER ":
+            # A USER popguard could not read: the PASS behind it goes nowhere.
+            self._refused_user = b"-ERR [AUTH] Login refused: no valid USER before PASS\r\n"
         self._bad_commands += 1
         self._record(Event.COMMAND_REJECTED, reason=reason)
         if self._bad_commands >= self.limits.max_bad_commands:
@@ -637,7 +643,7 @@ class ProxySession:
         try:
             command = parse_command(line)
         except CommandSyntaxError as exc:
-            self._reject(str(exc))
+            self._reject(str(exc), line)
             return
         verb = command.verb
         if self.observer is not None:
@@ -703,7 +709,7 @@ class ProxySession:
             return None
 
     def _refuse_login(
-        self, mechanism: str, login: str | None, reason: str, *, reply: bool = True
+        self, mechanism: str | None, login: str | None, reason: str, *, reply: bool = True
     ) -> bytes:
         """popguard cannot tell the account: refuse, record, and say why."""
         self._record(Event.AUTH_REFUSED, login=login, mechanism=mechanism, reason=reason)
@@ -718,7 +724,7 @@ class ProxySession:
         """Follow an AUTH exchange; the AUTH line to forward, or None if refused."""
         name, space, initial = command.rest.partition(b" ")
         mechanism = mechanism_name(name)
-        label = mechanism or escape_text(name[:20])
+        label = mechanism or escape_text(name[:20]) or None
         login = SaslLogin(mechanism or "", self.identity)
         try:
             if mechanism is None:

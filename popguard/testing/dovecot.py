@@ -27,6 +27,11 @@ Notes on how the instance is set up:
 * Messages are stored the way Dovecot stores them: LF line endings, in
   ``cur/`` with ``S=`` (size on disk) and ``W=`` (size on the wire, CRLF)
   in the file name.
+* How Dovecot maps a login name to an account can be changed per instance
+  (``username_format``, ``default_realm``, master users and
+  ``master_user_separator``), to test a proxy's idea of "which account did
+  this login open" against the real thing; :meth:`DovecotInstance.login_users`
+  reads back which accounts Dovecot opened.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -70,6 +75,13 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 # Dovecot's config parser and passwd-file "args" split on white space, and
 # UNIX socket paths under base_dir must stay below 108 bytes.
 _UNSAFE_PATH_RE = re.compile(r"[\s\"'#\\{}$%]")
+# auth_username_format: Dovecot %-variables and name characters only.
+_FORMAT_RE = re.compile(r"[A-Za-z0-9%{}._@:-]{1,64}\Z")
+_REALM_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,62}[A-Za-z0-9])?\Z")
+# One character, not white space, not special to Dovecot's config parser.
+_SEPARATOR_RE = re.compile(r"[!*+/=^|~]\Z")
+# "pop3-login: Info: Login: user=<alice>, method=PLAIN, rip=..., ..."
+_LOGIN_LINE_RE = re.compile(rb"pop3-login: Info: Login: user=<([^>\n]*)>")
 _MAX_BASE_DIR_LEN = 70
 _LOG_TAIL_LINES = 30
 _seq = itertools.count(1)
@@ -182,6 +194,25 @@ class DovecotInstance:
     penalty, which otherwise delays the *next* login from 127.0.0.1, even a
     correct one, by seconds, leaking time from one test into the next.  A
     failed login then still takes about 0.5 s.
+
+    How a login name becomes an account (all default to Dovecot's defaults,
+    and the default instance's config does not mention them):
+
+    * ``username_format``: ``auth_username_format``, e.g. ``%Lu`` (Dovecot's
+      default: lower case), ``%u`` (exact), ``%Ln`` (lower case, domain
+      dropped).  The passdb and the mail home use the formatted name, so a
+      user added as ``add_user("alice", ...)`` is the account ``alice``.
+    * ``default_realm``: ``auth_default_realm``, appended as ``@realm`` to
+      a name without ``@`` (add users as ``alice@realm`` then).
+    * ``master_users``: name -> password of master users, in a second
+      passdb (``master = yes``, ``pass = yes``: the master password opens
+      any account that exists in the normal passdb) with a users file of
+      its own (``masters``); :meth:`add_master_user` adds more.  A master
+      user logs in to an account with SASL PLAIN's authorization identity,
+      or, with ``master_user_separator`` (``auth_master_user_separator``,
+      one character such as ``*``), as ``account*master`` by USER/PASS,
+      PLAIN or LOGIN.  Dovecot 2.3 refuses master logins by APOP and
+      CRAM-MD5 (``-ERR [AUTH] Authorization failed``).
     """
 
     host = "127.0.0.1"
@@ -198,6 +229,10 @@ class DovecotInstance:
         debug: bool = False,
         auth_delays: bool = False,
         extra_config: str = "",
+        username_format: str | None = None,
+        default_realm: str | None = None,
+        master_users: Mapping[str, str] | None = None,
+        master_user_separator: str | None = None,
     ) -> None:
         self.base_dir = Path(base_dir).resolve()
         if _UNSAFE_PATH_RE.search(str(self.base_dir)):
@@ -212,6 +247,21 @@ class DovecotInstance:
         self.debug = debug
         self.auth_delays = auth_delays
         self.extra_config = extra_config
+        if username_format is not None and not _FORMAT_RE.match(username_format):
+            raise ValueError(f"username_format {username_format!r} must match {_FORMAT_RE.pattern}")
+        if default_realm is not None and not _REALM_RE.match(default_realm):
+            raise ValueError(f"default_realm {default_realm!r} must be a domain name")
+        if master_user_separator is not None and not _SEPARATOR_RE.match(master_user_separator):
+            raise ValueError(
+                f"master_user_separator {master_user_separator!r} must be one of !*+/=^|~"
+            )
+        self.username_format = username_format
+        self.default_realm = default_realm
+        self.master_user_separator = master_user_separator
+        self.master_users: dict[str, str] = {}
+        for name, password in (master_users or {}).items():
+            self._check_user(name, password)
+            self.master_users[name] = password
         self.instance_name = f"popguard-{os.getpid()}-{secrets.token_hex(4)}"
         self.as_root = os.geteuid() == 0
         if self.as_root:
@@ -223,6 +273,7 @@ class DovecotInstance:
         self.stderr_path = self.base_dir / "dovecot.stderr"
         self.state_dir = self.base_dir / "state"
         self.users_dir = self.base_dir / "users.d"
+        self.masters_path = self.base_dir / "masters"
         self.mail_dir = self.base_dir / "mail"
         self.cert_path: Path | None = None
         self.key_path: Path | None = None
@@ -285,6 +336,8 @@ class DovecotInstance:
         self._prepare_dirs()
         if self.tls and self.cert_path is None:
             self._make_certificate()
+        if self.master_users:
+            self._write_masters()
         self._run_dir = self._pick_run_dir()
         for attempt in range(5):
             self._pick_ports()
@@ -335,6 +388,34 @@ class DovecotInstance:
         except FileNotFoundError:
             return ""
 
+    def log_position(self) -> int:
+        """How many bytes Dovecot has logged so far: a mark for ``since=``."""
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def log_bytes(self, since: int = 0) -> bytes:
+        """What Dovecot logged from byte offset ``since`` on (see :meth:`log_position`)."""
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(since)
+                return f.read()
+        except FileNotFoundError:
+            return b""
+
+    def login_users(self, since: int = 0) -> list[str]:
+        """The accounts Dovecot opened, in order: ``user=<...>`` of its login lines.
+
+        A login line is ``pop3-login: Info: Login: user=<alice>, method=PLAIN,
+        rip=..., lip=..., mpid=..., session=<...>``; its ``user`` is the
+        account after Dovecot's own mapping (lower case, realm, master user
+        split off; the line of a master login names the account only, not
+        the master).  ``since``: only lines logged after that byte offset.
+        """
+        log = self.log_bytes(since)
+        return [m.decode("utf-8", "backslashreplace") for m in _LOGIN_LINE_RE.findall(log)]
+
     def _log_tail(self) -> str:
         try:
             with self.log_path.open("rb") as f:
@@ -364,9 +445,7 @@ class DovecotInstance:
         Messages may use CRLF or LF line endings; they are stored with LF,
         in order, so message N in POP3 is ``messages[N-1]``.
         """
-        self._check_name(name)
-        if not password or re.search(r"[:\x00-\x1f\x7f]", password):
-            raise ValueError("password must be non-empty without ':' or control characters")
+        self._check_user(name, password)
         self._prepare_dirs()
         user_file = self.users_dir / name
         maildir = self.maildir(name)
@@ -414,6 +493,35 @@ class DovecotInstance:
                 # Dovecot renamed a file (new flags) between listing and reading.
                 time.sleep(0.01)
         raise DovecotError(f"{maildir} keeps changing under us")
+
+    def add_master_user(self, name: str, password: str) -> None:
+        """Add a master user (see the class doc); the instance needs ``master_users``.
+
+        Dovecot re-reads the file at most once per second: a master user
+        added while it runs may be refused for up to a second.
+        """
+        self._check_user(name, password)
+        if not self.master_users:
+            raise DovecotError("the instance was started without master_users")
+        if name in self.master_users:
+            raise ValueError(f"master user {name!r} already exists")
+        self.master_users[name] = password
+        self._write_masters()
+
+    def _write_masters(self) -> None:
+        self._prepare_dirs()
+        temporary = self.base_dir / ".masters.tmp"
+        temporary.write_text(
+            "".join(f"{name}:{{PLAIN}}{pw}::::::\n" for name, pw in self.master_users.items())
+        )
+        temporary.chmod(0o600)
+        temporary.replace(self.masters_path)
+
+    @classmethod
+    def _check_user(cls, name: str, password: str) -> None:
+        cls._check_name(name)
+        if not password or re.search(r"[:\x00-\x1f\x7f]", password):
+            raise ValueError("password must be non-empty without ':' or control characters")
 
     @staticmethod
     def _check_name(name: str) -> None:
@@ -534,6 +642,21 @@ class DovecotInstance:
             lines += ["auth_verbose = yes", "auth_debug = yes", "mail_debug = yes"]
         if not self.auth_delays:
             lines.append("auth_failure_delay = 0")
+        if self.username_format is not None:
+            lines.append(f"auth_username_format = {self.username_format}")
+        if self.default_realm is not None:
+            lines.append(f"auth_default_realm = {self.default_realm}")
+        if self.master_user_separator is not None:
+            lines.append(f"auth_master_user_separator = {self.master_user_separator}")
+        if self.master_users:
+            lines += [
+                "passdb {",
+                "  driver = passwd-file",
+                f"  args = scheme=PLAIN username_format=%u {self.masters_path}",
+                "  master = yes",
+                "  pass = yes",
+                "}",
+            ]
         lines += [
             "passdb {",
             "  driver = passwd-file",

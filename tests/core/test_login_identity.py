@@ -475,3 +475,18 @@ def test_a_bare_auth_listing_offers_only_mechanisms_popguard_can_read() -> None:
         Expect(upstream=b"AUTH\r\nNOOP\r\n", finished=False),
     )
     assert out.client == GREETING + b"+OK\r\nPLAIN\r\nlogin\r\n.\r\n+OK\r\n"
+
+
+@pytest.mark.parametrize(
+    "user", [b"USER " + b"a" * 300 + b"\r\n", b"user ali\x01ce\r\n"], ids=["long", "control"]
+)
+def test_the_password_behind_a_user_line_popguard_rejected_goes_nowhere(user: bytes) -> None:
+    out = run_all_modes(
+        [S(GREETING), C(user), C(b"PASS secret\r\n")], Expect(upstream=b"", finished=False)
+    )
+    assert out.client.endswith(b"-ERR [AUTH] Login refused: no valid USER before PASS\r\n")
+
+
+def test_a_malformed_mechanism_is_recorded_as_none() -> None:
+    out = play([S(GREETING), C(b"AUTH  PLAIN\r\n")])
+    assert out.record("auth.refused")["mechanism"] is None

@@ -38,6 +38,8 @@ import pytest
 import trio
 
 from popguard.audit import AuditLog, ConsoleSink, JsonLinesSink
+from popguard.policy.load import load_policies
+from popguard.policy.session import PolicyHolder, PolicyShared
 from popguard.shell.server import Endpoint, ListenerSpec, ProxyServer, ServerSettings
 from popguard.shell.tls import ListenerTLS
 from popguard.testing import dovecot as dovecot_tool
@@ -289,6 +291,9 @@ def sample_messages(count: int = len(_KINDS), *, seed: int = 0) -> list[bytes]:
 #   an in-process ProxyServer on 127.0.0.1 (or ``host="::1"``) in front of the
 #   shared Dovecot (or ``upstream=(host, port)``), with every audit sink
 #   there is: a list of event dicts, a JSON-lines file and a console renderer.
+#   ``policies=DIR`` loads a policy directory (as ``serve --policies DIR``);
+#   ``secrets=[...]`` adds passwords (say, of users made without ``mailbox``)
+#   to the check that no password ever reaches a sink.
 #   Every proxy is shut down at the end of the test.
 # * ``tap`` (async, trio): ``await tap()`` a recording TCP pass-through to
 #   Dovecot, to put between popguard and Dovecot: it shows the exact bytes
@@ -307,12 +312,19 @@ class RunningProxy:
     """One in-process popguard, as started by the ``popguard`` fixture."""
 
     def __init__(
-        self, server: ProxyServer, sink: ListSink, json_path: Path, console: io.StringIO
+        self,
+        server: ProxyServer,
+        sink: ListSink,
+        json_path: Path,
+        console: io.StringIO,
+        secrets: Sequence[str] = (),
     ) -> None:
         self.server = server
         self.sink = sink
         self.json_path = json_path
         self.console = console
+        #: Passwords that must never be logged, besides the mailboxes'.
+        self.secrets = tuple(secrets)
         endpoint = next(iter(server.bound.values()))[0]
         self.host = endpoint.host
         self.port = endpoint.port
@@ -359,6 +371,8 @@ async def popguard(dovecot, mailbox, nursery, tmp_path):
         host: str = "127.0.0.1",
         upstream: tuple[str, int] | None = None,
         tls: ListenerTLS | None = None,
+        policies: Path | None = None,
+        secrets: Sequence[str] = (),
         **settings,
     ) -> RunningProxy:
         sink = ListSink()
@@ -371,9 +385,12 @@ async def popguard(dovecot, mailbox, nursery, tmp_path):
             upstream=Endpoint(up_host, up_port),
             **settings,
         )
-        server = ProxyServer(config, audit)
+        shared = None
+        if policies is not None:
+            shared = PolicyShared(PolicyHolder(load_policies(policies)[0]), trio.current_time)
+        server = ProxyServer(config, audit, policies=shared)
         await nursery.start(server.run)
-        proxy = RunningProxy(server, sink, json_path, console)
+        proxy = RunningProxy(server, sink, json_path, console, secrets)
         started.append(proxy)
         return proxy
 
@@ -383,7 +400,7 @@ async def popguard(dovecot, mailbox, nursery, tmp_path):
         proxy.server.audit.close()
     # A safety net under every proxied test: no password ever reaches a sink.
     for proxy in started:
-        proxy.assert_never_logged([box.password for box in mailbox.created])
+        proxy.assert_never_logged([box.password for box in mailbox.created] + [*proxy.secrets])
 
 
 class TapConnection:
