@@ -9,7 +9,7 @@
   ``seq``, ``prev``, ``alg``, ``hash``; HMAC-SHA256 when a key is
   configured) in the writer thread, in file order, exactly once: a retried
   write repeats the same bytes.  Lines are in the chain module's fixed form
-  (:func:`~popguard.trail.chain.render`), so ``verify --strict`` holds.
+  (:func:`~popguard.trail.chain.render`), so ``verify`` holds.
 * A new file begins with ``audit.chain.start`` (reason ``new``).  On startup
   the chain of an existing file is resumed (reason ``restart``).  A file
   whose chain cannot be resumed (not a popguard trail, a torn last line,

@@ -9,12 +9,14 @@ Every sealed record carries five fields::
     hash   hex digest of canonical(record): every field except ``hash``
 
 ``canonical`` is ``json.dumps(record without "hash", sort_keys=True,
-separators=(",", ":"), ensure_ascii=False)`` in UTF-8, so the digest covers
-the record's *values*: any JSON renderer may write the line (key order,
-spacing and ``\\uXXXX`` escapes do not matter), and the verifier recomputes
-the digest from the parsed line.  :func:`render` gives one fixed line form
-(sorted, compact, ASCII, ``hash`` last) that ``verify --strict`` can also
-check byte for byte.
+separators=(",", ":"), ensure_ascii=False)`` in UTF-8: the digest covers the
+record's *values*.  The line itself is written in one fixed form,
+:func:`render` (sorted, compact, ASCII, ``hash`` last), which is a function
+of those values; ``verify`` recomputes the digest from the parsed line *and*
+requires the line to be byte for byte ``render`` of what it parsed
+(:func:`is_rendered`), so the digest and that check together cover every
+byte: a line with a repeated key, another key order, other spacing, other
+``\\uXXXX`` or number spellings does not verify, even though its values may.
 
 Files: the first record of every file is an ``audit.chain.start`` record
 (:func:`start_record`) and a file that is rotated away ends with an
@@ -44,6 +46,8 @@ import stat
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
+from popguard.trail.reader import DuplicateKeyError, parse_record
+
 __all__ = [
     "ALG_HMAC",
     "ALG_SHA256",
@@ -57,6 +61,7 @@ __all__ = [
     "KeyFileError",
     "canonical",
     "digest",
+    "is_rendered",
     "load_key",
     "make_hasher",
     "new_chain_id",
@@ -187,10 +192,35 @@ def render(record: Mapping[str, Any]) -> str:
 
     Sorted keys, no spaces, ASCII only (so CR, LF, U+2028 and friends inside
     values stay escaped and one record is always one line), and ``hash``
-    last.  Writers may use any JSON renderer instead; ``verify --strict``
-    requires this form.
+    last.  Writers must write this form (or :meth:`Chain.seal_line`'s, the
+    same): ``verify`` requires it byte for byte.
     """
     return _render(_without_hash(record), record["hash"])
+
+
+def _rendered_line(body: str, record: Mapping[str, Any], hash_value: str) -> str:
+    """``render(record)``, given *body*, the canonical text of *record* less ``hash``.
+
+    *hash_value* must be 64 hex digits (a valid ``hash``).
+    """
+    if _plain_ascii(body):
+        return body[:-1] + ',"hash":"' + hash_value + '"}'
+    return _render({k: v for k, v in record.items() if k != "hash"}, hash_value)
+
+
+def is_rendered(line: bytes, record: Mapping[str, Any]) -> bool:
+    """True if *line* (without its newline) is exactly ``render(record)``.
+
+    *record* is what the line parsed to.  With the line's ``hash`` verified,
+    this is what makes every byte count: a line that parses to the same
+    values but is spelt differently (key order, spacing, escapes, numbers,
+    a repeated key) is not the line the writer wrote.
+    """
+    try:
+        expected = render(record)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return line == expected.encode("ascii")
 
 
 def _render(body_record: Mapping[str, Any], hash_value: Any) -> str:
@@ -300,10 +330,7 @@ class Chain:
     def seal_line(self, record: dict[str, Any]) -> str:
         """:meth:`seal`, then :func:`render`: the line to write (no newline)."""
         body = self._link(record)
-        hash_value: str = record["hash"]
-        if _plain_ascii(body):
-            return body[:-1] + ',"hash":"' + hash_value + '"}'
-        return _render({k: v for k, v in record.items() if k != "hash"}, hash_value)
+        return _rendered_line(body, record, record["hash"])
 
 
 def start_record(
@@ -407,19 +434,23 @@ def resume(path: str | os.PathLike[str], *, key: bytes | None = None) -> Chain:
     """A chain that continues the one ending in the file at *path*.
 
     Reads only the end of the file.  The last line must be a sealed record
-    whose ``hash`` verifies (under *key* if the chain is keyed); otherwise
-    :class:`ChainError` (the caller should then start a new file with a new
-    chain rather than append to a damaged one).  ``FileNotFoundError`` if
+    whose ``hash`` verifies (under *key* if the chain is keyed), written
+    exactly as :func:`render` writes it, without a repeated key -- what
+    ``verify`` requires of it; otherwise :class:`ChainError` (the caller
+    should then start a new file with a new chain rather than append to a
+    damaged one).  ``FileNotFoundError`` if
     there is no file.  Good practice after resuming: write a
     ``start_record(chain, reason="restart", previous_file=None)``.
     """
     line = _last_line(path)
     where = f"{os.fspath(path)}: last line"
     try:
-        record = json.loads(line.decode("utf-8"))
-    except ValueError as exc:
-        raise ChainError(f"{where} is not valid JSON: {exc}") from exc
-    if not isinstance(record, dict) or "hash" not in record:
+        record = parse_record(line)
+    except DuplicateKeyError as exc:
+        raise ChainError(f"{where} has a {exc} (an edited line)") from exc
+    except ValueError as exc:  # not UTF-8, invalid JSON, not an object
+        raise ChainError(f"{where} is not a sealed record ({exc})") from exc
+    if "hash" not in record:
         raise ChainError(f"{where} is not a sealed record")
     chain_id, seq, hash_value, alg = (record.get(f) for f in ("chain", "seq", "hash", "alg"))
     if (
@@ -439,8 +470,13 @@ def resume(path: str | os.PathLike[str], *, key: bytes | None = None) -> Chain:
         raise ChainError(f"{where} is sealed without a key: cannot continue it with one")
     try:
         expected = make_hasher(key)(canonical(record))
-    except TypeError as exc:  # pragma: no cover - json.loads yields JSON types
-        raise ChainError(f"{where}: {exc}") from exc
+    except (TypeError, UnicodeEncodeError) as exc:  # a lone surrogate (\\ud800)
+        raise ChainError(f"{where} does not verify: {exc}") from exc
     if not hmac.compare_digest(expected, hash_value):
         raise ChainError(f"{where} does not verify (altered record, or wrong key)")
+    if not is_rendered(line, record):
+        raise ChainError(
+            f"{where} does not verify: its values do, but it is not written the way "
+            "popguard writes lines (an edited line)"
+        )
     return Chain(key=key, prev=hash_value, seq=seq, chain_id=chain_id)

@@ -4,9 +4,11 @@ The main CLI mounts them with ``add_audit_commands(commands)`` and calls
 ``args.func(args)``; standalone: ``python -m popguard.trail.cli audit ...``.
 
 Exit status: 0 success (verify: the trail is intact), 1 verify found
-tampering or damage, 2 usage or I/O error (including a key file that is
-missing, too short or readable by others, and an HMAC-sealed trail given
-without a key).
+tampering or damage, or query/report met a line with a duplicate key (an
+edited line whose meaning depends on the JSON reader: it is left out of the
+results, and named on stderr), 2 usage or I/O error (including a key file
+that is missing, too short or readable by others, and an HMAC-sealed trail
+given without a key).
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ def add_audit_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     verify_parser.add_argument(
         "--strict",
         action="store_true",
-        help="also require each line in the canonical form chain.render() writes",
+        help="accepted for compatibility: verify always requires every line byte for "
+        "byte as popguard writes it (chain.render()); this flag changes nothing",
     )
     verify_parser.add_argument("--format", choices=("text", "json"), default="text")
     verify_parser.set_defaults(func=cmd_verify)
@@ -189,14 +192,29 @@ def _io_error(command: str, exc: OSError) -> int:
     return _error(command, f"{where}{exc.strerror or exc}")
 
 
-def _warn_skipped(command: str, skips: SkipLog) -> None:
+def _warn_skipped(command: str, skips: SkipLog) -> int:
+    """Name the skipped lines on stderr; the exit status they call for.
+
+    A line with a duplicate key is status 1: it was edited (no writer makes
+    one), and another reader could take its other value, so the results
+    given without it must not pass for complete.
+    """
     if not skips.count:
-        return
+        return EXIT_OK
     for item in skips.samples:
         print(f"popguard audit {command}: skipped {item}", file=sys.stderr)
     if skips.count > len(skips.samples):
         more = skips.count - len(skips.samples)
         print(f"popguard audit {command}: ... and {more} more", file=sys.stderr)
+    if not skips.ambiguous:
+        return EXIT_OK
+    lines = "1 line" if skips.ambiguous == 1 else f"{skips.ambiguous} lines"
+    print(
+        f"popguard audit {command}: {lines} with a duplicate key left out: such a line "
+        "was edited, and JSON readers disagree on its values; run popguard audit verify",
+        file=sys.stderr,
+    )
+    return EXIT_TAMPERED
 
 
 def _stdout_gone() -> int:
@@ -215,7 +233,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             return _error("verify", str(exc))
     try:
         files = _files(args)
-        report = verify(files, key=key, strict=args.strict, checkpoints=args.checkpoint)
+        # Always strict (exact bytes); --strict is kept as a no-op.
+        report = verify(files, key=key, strict=True, checkpoints=args.checkpoint)
     except OSError as exc:
         return _io_error("verify", exc)
     if report.exit_status == EXIT_USAGE:
@@ -284,8 +303,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         return _stdout_gone()
     except OSError as exc:
         return _io_error("query", exc)
-    _warn_skipped("query", skips)
-    return EXIT_OK
+    return _warn_skipped("query", skips)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -305,14 +323,14 @@ def cmd_report(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     except BrokenPipeError:
         return _stdout_gone()
-    _warn_skipped("report", skips)
+    status = _warn_skipped("report", skips)
     if undated.count:
         print(
             f"popguard audit report: {undated.count} records without a usable timestamp "
             "were not counted",
             file=sys.stderr,
         )
-    return EXIT_OK
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:

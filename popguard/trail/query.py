@@ -12,6 +12,11 @@ flag given (OR within a flag, AND across flags).  ``--event`` takes globs
 
 Memory is constant: records stream from the files to the output.  The table
 takes its column widths from the first rows.
+
+Query does not verify the chain.  A line with a duplicate key is never
+matched or printed (neither its first nor its last value is "the" value:
+another reader would take the other); it is counted in
+``SkipLog.ambiguous`` and the command exits 1 (see ``reader.iter_records``).
 """
 
 from __future__ import annotations
@@ -153,8 +158,9 @@ def query(
 ) -> Iterator[tuple[bytes, dict[str, Any]]]:
     """``(line, record)`` for every record in *paths* that *flt* keeps, in order.
 
-    Lines that are not records are skipped and counted in *skips*.
-    ``OSError`` propagates.
+    Lines that are not records are skipped and counted in *skips*, and so
+    are lines with a duplicate key (in ``skips.ambiguous`` too): they are
+    never matched on one of their values.  ``OSError`` propagates.
     """
     for _path, _number, data, record in iter_records(paths, skips):
         if flt.matches(record):

@@ -3,6 +3,14 @@
 Lines are split on ``\\n`` only (never on U+2028 or other separators that
 ``str.splitlines`` honours) and read with a length limit, so a trail of any
 size -- or a hostile line -- needs constant memory.
+
+A line whose JSON repeats a key in any object (``{"user":"mallory",...,
+"user":"alice"}``) is never read as a record: JSON readers disagree on
+which value counts (Python and most keep the last, others the first), so
+such a line could mean one thing to ``verify`` and another to the next tool.
+:func:`parse_record` raises :class:`DuplicateKeyError` for it; ``verify``
+reports it as ``duplicate_key``, and :func:`iter_records` (``query``,
+``report``) skips it and counts it in :attr:`SkipLog.ambiguous`.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import Any, Final, Protocol
 
 __all__ = [
     "MAX_LINE",
+    "DuplicateKeyError",
     "Line",
     "SkipLog",
     "Skipped",
@@ -117,14 +126,41 @@ def _skip_rest(f: ByteLines) -> None:
             return
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object in the line has the same key twice (after unescaping)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key = key
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _value in pairs:
+            if key in seen:
+                raise DuplicateKeyError(key)
+            seen.add(key)
+    return obj
+
+
+#: ``json.loads`` that refuses a repeated key in any object, nested ones too.
+_DECODER: Final = json.JSONDecoder(object_pairs_hook=_unique_pairs)
+
+
 def parse_record(data: bytes) -> dict[str, Any]:
-    """A line's JSON object; ``ValueError`` (with a short reason) otherwise."""
+    """A line's JSON object; ``ValueError`` (with a short reason) otherwise.
+
+    :class:`DuplicateKeyError` (a ``ValueError``) if any object in it has a
+    key twice: such a line is never read first-wins or last-wins.
+    """
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
-        value = json.loads(text)
+        value = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"invalid JSON: {exc.msg}, column {exc.colno}") from None
     except RecursionError:
@@ -153,9 +189,15 @@ class SkipLog:
     count: int = 0
     samples: list[Skipped] = field(default_factory=list)
     keep: int = 10
+    #: Of :attr:`count`, the lines skipped for a duplicate key: lines that
+    #: were edited (no writer makes them) and that another JSON reader could
+    #: read with different values.
+    ambiguous: int = 0
 
-    def add(self, item: Skipped) -> None:
+    def add(self, item: Skipped, *, ambiguous: bool = False) -> None:
         self.count += 1
+        if ambiguous:
+            self.ambiguous += 1
         if len(self.samples) < self.keep:
             self.samples.append(item)
 
@@ -166,8 +208,10 @@ def iter_records(
     """``(path, line number, line bytes, record)`` for each record, in order.
 
     Blank lines are ignored.  Lines that are not JSON objects, and the rest
-    of a corrupt gzip file, are skipped and counted in *skips*.  ``OSError``
-    propagates.
+    of a corrupt gzip file, are skipped and counted in *skips*.  So is a line
+    with a duplicate key (also counted in ``skips.ambiguous``): it is never
+    read first-wins or last-wins.  Nothing here checks the hash chain.
+    ``OSError`` propagates.
     """
     log = skips if skips is not None else SkipLog(keep=0)
     for path in paths:
@@ -180,6 +224,10 @@ def iter_records(
                     continue
                 try:
                     record = parse_record(line.data)
+                except DuplicateKeyError as exc:
+                    reason = f"{exc}: ambiguous (edited?), not used; run popguard audit verify"
+                    log.add(Skipped(path, line.number, reason), ambiguous=True)
+                    continue
                 except ValueError as exc:
                     log.add(Skipped(path, line.number, str(exc)))
                     continue

@@ -9,7 +9,9 @@ For each (user, day): ``logins`` (``auth.succeeded``), ``failed_logins``
 and ``discarded`` (messages in ``deletions.discarded``: marked for deletion,
 kept by the server because the session ended without QUIT).
 
-Memory grows with the number of (user, day) pairs only.
+Memory grows with the number of (user, day) pairs only.  A line with a
+duplicate key is not counted under either of its values; it is counted in
+``SkipLog.ambiguous`` instead, and the command exits 1.
 """
 
 from __future__ import annotations
@@ -76,7 +78,11 @@ def build_report(
     skips: SkipLog | None = None,
     undated: Unusable | None = None,
 ) -> Report:
-    """Count activity per (user, UTC day) over the records in *paths*."""
+    """Count activity per (user, UTC day) over the records in *paths*.
+
+    Lines that are not records, or have a duplicate key, are not counted;
+    they are counted in *skips* (see :func:`~popguard.trail.reader.iter_records`).
+    """
     report: Report = {}
     for _path, _number, _data, record in iter_records(paths, skips):
         event = record.get("event")

@@ -4,13 +4,22 @@
 :func:`order_rotated` sorts logrotate names), transparently gunzipping, and
 checks every line:
 
-* it is a JSON object (``malformed``; a broken last line is ``truncated``);
+* it is a JSON object (``malformed``; a broken last line is ``truncated``,
+  and so is a last line without its newline);
+* no object in it repeats a key (``duplicate_key``): JSON readers disagree
+  on which of two values counts, so the line is refused before anything
+  reads it;
 * it is sealed (``unchained`` if it has no ``hash``) by the expected chain
   (``mixed_chain``);
 * its ``hash`` matches its contents (``altered``; ``wrong_key`` when the
   very first record fails under the given key; ``unkeyed`` when a key is
   given but records are plain SHA-256; ``key_required`` when the records
   are HMAC-sealed and no key is given);
+* its bytes are exactly those the writer writes for those contents,
+  :func:`~popguard.trail.chain.render` (``noncanonical``).  The ``hash``
+  covers the record's values, and ``render`` is a function of the values,
+  so the two checks together cover every byte of the line: no respelling
+  (key order, spacing, escapes, numbers) of a sealed record verifies;
 * it links to the record before it: ``prev`` is that record's hash and
   ``seq`` is one more.  A break is classified by looking at the records
   around it: ``deleted`` (a gap in ``seq``), ``reordered``, ``inserted``
@@ -44,11 +53,16 @@ from popguard.trail.chain import (
     ROTATE_EVENT,
     START_EVENT,
     _encode_canonical,
-    _plain_ascii,
-    _render,
+    _rendered_line,
     make_hasher,
 )
-from popguard.trail.reader import TrailReadError, iter_lines, order_rotated, parse_record
+from popguard.trail.reader import (
+    DuplicateKeyError,
+    TrailReadError,
+    iter_lines,
+    order_rotated,
+    parse_record,
+)
 
 __all__ = [
     "ChainSummary",
@@ -75,7 +89,11 @@ class Kind(enum.StrEnum):
     OUT_OF_ORDER = "out_of_order"
     UNCHAINED = "unchained"
     MIXED_CHAIN = "mixed_chain"
+    #: The values verify, but the line's bytes are not those the writer
+    #: writes for them (``render``): spelt differently after sealing.
     NONCANONICAL = "noncanonical"
+    #: An object in the line has a key twice: readers disagree on its value.
+    DUPLICATE_KEY = "duplicate_key"
     #: A worker's trail is absent while the supervisor's says it ran.
     MISSING_WORKER = "missing_worker"
     #: Not tampering: the records are HMAC-sealed and no key was given.
@@ -213,6 +231,12 @@ _ALGS: Final = frozenset({ALG_SHA256, ALG_HMAC})
 WORKERS_EVENT: Final = "popguard.workers.started"
 
 
+def _excerpt(data: bytes, start: int, width: int = 24) -> str:
+    """``data[start:start+width]`` for a message, marked where it is cut."""
+    text = data[start : start + width].decode("utf-8", "backslashreplace")
+    return repr(("..." if start else "") + text + ("..." if len(data) > start + width else ""))
+
+
 class _Found(Exception):
     def __init__(self, problem: Problem) -> None:
         super().__init__(str(problem))
@@ -282,13 +306,13 @@ def _invalid_chain_field(record: dict[str, Any]) -> str | None:
     return None
 
 
-def _items(paths: Sequence[str]) -> Iterator[_Item]:
+def _items(paths: Sequence[str], exact: bool) -> Iterator[_Item]:
     for path in paths:
         last = 0
         try:
             for line in iter_lines(path):
                 last = line.number
-                yield _item(path, line.number, line.data, line.newline, line.overlong)
+                yield _item(path, line.number, line.data, line.newline, line.overlong, exact)
         except TrailReadError as exc:
             kind = Kind.TRUNCATED if exc.truncated else Kind.MALFORMED
             yield _Bad(Problem(kind, path, exc.line, exc.detail))
@@ -296,11 +320,17 @@ def _items(paths: Sequence[str]) -> Iterator[_Item]:
         yield _Eof(path, last)
 
 
-def _item(path: str, number: int, data: bytes, newline: bool, overlong: bool) -> _Item:
+def _item(path: str, number: int, data: bytes, newline: bool, overlong: bool, exact: bool) -> _Item:
     if overlong:
         return _Bad(Problem(Kind.MALFORMED, path, number, "line too long"))
     try:
         record = parse_record(data)
+    except DuplicateKeyError as exc:
+        detail = (
+            f"{exc}: JSON readers disagree on which of its values counts (Python keeps "
+            "the last, others the first); no writer makes such a line: it was edited"
+        )
+        return _Bad(Problem(Kind.DUPLICATE_KEY, path, number, detail))
     except ValueError as exc:
         if not newline:
             detail = f"the file ends in the middle of a line: {exc}"
@@ -308,6 +338,12 @@ def _item(path: str, number: int, data: bytes, newline: bool, overlong: bool) ->
         if not data.strip():
             return _Bad(Problem(Kind.MALFORMED, path, number, "blank line"))
         return _Bad(Problem(Kind.MALFORMED, path, number, str(exc)))
+    if exact and not newline:
+        detail = (
+            "the file ends without a newline after its last line "
+            "(a write cut short, or the newline was removed)"
+        )
+        return _Bad(Problem(Kind.TRUNCATED, path, number, detail))
     if "hash" not in record:
         event = record.get("event")
         what = f" ({event})" if isinstance(event, str) else ""
@@ -435,15 +471,29 @@ class _Verifier:
                 rec.verified = hmac.compare_digest(self.hasher(rec.body), hash_value)
         return rec.verified
 
-    def canonical_line(self, rec: _Rec) -> bool:
+    def canonical_line(self, rec: _Rec) -> Problem | None:
+        """``noncanonical`` unless the line is exactly ``render`` of its record.
+
+        Called once the hash verified (``rec.body`` is the canonical text).
+        """
         assert rec.body is not None
-        body = rec.body.decode("utf-8")
-        if _plain_ascii(body):
-            expected = body[:-1] + ',"hash":"' + rec.hash + '"}'
-        else:
-            record = {k: v for k, v in rec.record.items() if k != "hash"}
-            expected = _render(record, rec.hash)
-        return rec.data == expected.encode("ascii")
+        expected = _rendered_line(rec.body.decode("utf-8"), rec.record, rec.hash).encode("ascii")
+        found = rec.data
+        if found == expected:
+            return None
+        at = next(
+            (i for i, (a, b) in enumerate(zip(found, expected, strict=False)) if a != b),
+            min(len(found), len(expected)),
+        )
+        start = max(0, at - 8)
+        return Problem(
+            Kind.NONCANONICAL,
+            rec.path,
+            rec.line,
+            "the values verify, but the line is not written the way popguard writes it: "
+            f"its bytes were changed after sealing (first difference at byte {at + 1}: "
+            f"{_excerpt(found, start)} where the writer writes {_excerpt(expected, start)})",
+        )
 
     # -- one chain ----------------------------------------------------------
 
@@ -500,7 +550,7 @@ class _Verifier:
         prev_file: tuple[str, int, _Rec] | None = None
         last_line_of: tuple[str, int] = (paths[0], 0) if paths else ("", 0)
         checks = self.checkpoints.get(expected_id or "", {})
-        items = _Lookahead(_items(paths))
+        items = _Lookahead(_items(paths, self.strict))
         for item in items:
             if isinstance(item, _Bad):
                 raise _Found(item.problem)
@@ -536,16 +586,6 @@ class _Verifier:
                         "a file holds one chain only",
                     )
                 )
-            if self.strict and not self.canonical_line(rec):
-                raise _Found(
-                    Problem(
-                        Kind.NONCANONICAL,
-                        rec.path,
-                        rec.line,
-                        "the values verify but the line is not in canonical form "
-                        "(bytes changed without changing values, or not written with render())",
-                    )
-                )
             if last is None:
                 self.first(rec, items)
                 summary = ChainSummary(
@@ -572,6 +612,13 @@ class _Verifier:
                         "this part of the chain was rewritten",
                     )
                 )
+            # Last: a line whose record is sound but whose bytes are not the
+            # writer's (a respelling; or a forgery, whose link problem, if it
+            # has one, was the more telling report above).
+            if self.strict:
+                noncanonical = self.canonical_line(rec)
+                if noncanonical is not None:
+                    raise _Found(noncanonical)
             # The chain's writer is that of its last record: a supervisor may
             # continue a single process's chain (an upgrade to workers: N),
             # and a single process may continue the supervisor's (a downgrade).
@@ -785,15 +832,23 @@ def verify(
     paths: Sequence[str],
     *,
     key: bytes | None,
-    strict: bool = False,
+    strict: bool = True,
     checkpoints: Sequence[Checkpoint] = (),
 ) -> VerifyReport:
     """Verify the trail in *paths* (oldest first); report the first problem.
 
-    *key*: the HMAC key, if the trail is keyed.  *strict*: also require every
-    line in :func:`~popguard.trail.chain.render` form, so that even a byte
-    change that leaves every value the same is found.  *checkpoints*:
-    records known from elsewhere that the trail must contain.
+    *key*: the HMAC key, if the trail is keyed.  *checkpoints*: records known
+    from elsewhere that the trail must contain.
+
+    *strict* (the default, and what ``popguard audit verify`` always does):
+    every line must be exactly what popguard's writer wrote,
+    :func:`~popguard.trail.chain.render` of its record followed by a
+    newline, so that any byte change at all is found.  ``strict=False`` only
+    checks the records' *values*, for trails whose lines another JSON
+    renderer wrote from :meth:`~popguard.trail.chain.Chain.seal`'d records:
+    a respelling that keeps every value (``\\u00e9`` for ``\\u00E9``,
+    another key order, a missing final newline) then goes unnoticed.  A
+    repeated key is refused either way (``duplicate_key``).
 
     Reads each file once, line by line; memory does not grow with the size
     of the trail.  ``OSError`` for a file that cannot be read.

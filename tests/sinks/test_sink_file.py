@@ -156,7 +156,7 @@ def test_records_are_sealed_and_chained(audit_path: Path) -> None:
     check_chain(records)
     assert len({r["chain"] for r in records}) == 1
     assert [r["msg"] for r in records[1:6]] == [1, 2, 3, 4, 5]
-    # Lines are in the chain module's fixed form (verify --strict).
+    # Lines are in the chain module's fixed form (verify).
     for line, parsed in zip(audit_path.read_text().splitlines(), records, strict=True):
         assert line == trail.render(parsed)
     assert sink.lost == 0
