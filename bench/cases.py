@@ -21,6 +21,13 @@ Dovecot's own POP3S port.
 The ``workers`` case (only with ``--only workers``) always measures two
 popguards the same way, whatever the run's comparison: ``--workers 1`` and
 ``--workers 2`` (see :data:`CASE_COMPARISONS`).
+
+The *floor* (unless ``--no-floor``) is one more side in every case that
+measures the default popguard (bulk, ping-pong, concurrency, DELE, memory;
+not a case under a comparison, not workers): :mod:`bench.floor`, a bare
+trio relay that understands nothing of POP3, started and measured like
+popguard.  Those cases then run D P F, P F D, F D P, ...; the report gives
+popguard/direct, floor/direct and popguard/floor.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import auditlog, procs
-from bench.procs import BenchError, PopguardProcess
+from bench.procs import BenchError, FloorProcess, PopguardProcess
 from bench.swarm import SwarmPool, release, run_swarm, session_script
 from bench.target import Address, Target, TlsSpec
 from bench.wire import PopClient, bulk_retr, ping_pong
@@ -151,6 +158,19 @@ CASE_COMPARISONS = {
     "workers": Comparison("workers", WORKER_SIDES, ("workers",), base="w1"),
 }
 
+#: The floor's side: :mod:`bench.floor`, a bare trio relay, in the cases
+#: below whenever they measure the default popguard (not under a comparison).
+FLOOR = "floor"
+FLOOR_LABEL = "bare trio floor"
+FLOOR_CASES = ("bulk", "pingpong", "concurrency", "dele", "memory")
+
+
+def floor_applies(case: str, comparison: Comparison | None, floor: bool) -> bool:
+    """Whether ``case`` measures the floor: asked for, a floor case, no comparison in it."""
+    if not floor or case not in FLOOR_CASES or case in CASE_COMPARISONS:
+        return False
+    return comparison is None or case not in comparison.cases
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -246,6 +266,8 @@ class Env:
     direct_tls: Target | None = None
     dele_pool: list[tuple[str, str]] = field(default_factory=list)
     dele_maildirs: list[Path] = field(default_factory=list)
+    #: Measure the floor (bench.floor) too, where it applies (--no-floor: off).
+    floor: bool = False
     _seq: int = field(default=0)
 
     @property
@@ -266,6 +288,20 @@ class Env:
             client_tls=variant.client_tls,
             workers=variant.workers,
         )
+
+    def proxy(self, side: str) -> PopguardProcess:
+        """A fresh relay for ``side``: the floor, or a popguard (start it with ``with``)."""
+        if side != FLOOR:
+            return self.popguard(side)
+        self._seq += 1
+        return FloorProcess(self.upstream, self.workdir / f"floor-{self._seq}.log")
+
+    def has_floor(self, case: str) -> bool:
+        return floor_applies(case, self.comparison, self.floor)
+
+    def proxy_sides(self, case: str) -> tuple[str, ...]:
+        """Every side ``case`` starts a process for: its popguards, then the floor."""
+        return self.sides(case) + ((FLOOR,) if self.has_floor(case) else ())
 
     def compares(self, case: str) -> Comparison | None:
         """The comparison ``case`` takes part in, if any."""
@@ -289,6 +325,8 @@ class Env:
         return Target(*self.upstream)
 
     def label(self, side: str) -> str:
+        if side == FLOOR:
+            return FLOOR_LABEL
         variant = self.variants.get(side)
         return variant.label if variant else side
 
@@ -298,7 +336,7 @@ class Env:
 
     def order(self, case: str, rep: int) -> list[str]:
         """Sides in the order repetition ``rep`` runs them."""
-        sides = ["direct", *self.sides(case)]
+        sides = ["direct", *self.proxy_sides(case)]
         if len(sides) <= 2:
             return sides  # D P, as always
         k = rep % len(sides)
@@ -413,6 +451,8 @@ def assemble(
     vals = _values(runs, key)
     res = compare(vals["direct"], vals[env.main_side(case)])
     res["side"] = env.main_side(case)
+    if FLOOR in vals:
+        res["floor"] = floor_figures(vals["direct"], vals[FLOOR], vals[env.main_side(case)])
     if "off" in vals and "full" in vals:
         off, full = vals["off"], vals["full"]
         cost = compare(off, full)  # here "direct" is OFF and "popguard" is FULL
@@ -452,6 +492,17 @@ def assemble(
 
 def _ratio_only(cmp: dict[str, Any]) -> dict[str, Any]:
     return {"ratio": cmp["ratio"], "pair_ratios": cmp["pair_ratios"]}
+
+
+def floor_figures(
+    direct: Sequence[float], floor: Sequence[float], popguard: Sequence[float]
+) -> dict[str, Any]:
+    """The floor's summary, floor/direct and popguard/floor (medians, and per repetition)."""
+    return {
+        "value": summary(floor),
+        "vs_direct": _ratio_only(compare(direct, floor)),
+        "popguard_vs_floor": _ratio_only(compare(floor, popguard)),
+    }
 
 
 def tls_by_side(runs: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
@@ -498,10 +549,10 @@ def case_bulk(env: Env) -> dict[str, Any]:
     prm = env.params
     user, password = env.bulk_user
     limit = prm.time_limit
-    sides = env.sides("bulk")
+    sides = env.proxy_sides("bulk")  # the popguard, then the floor
     out: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
-        pgs = {side: stack.enter_context(env.popguard(side)) for side in sides}
+        pgs = {side: stack.enter_context(env.proxy(side)) for side in sides}
         # Warm-up: one whole pass each way (Dovecot builds its index and
         # reads the files into the page cache), hashing every byte, which
         # also checks that popguard relays exactly what Dovecot sends.
@@ -519,8 +570,12 @@ def case_bulk(env: Env) -> dict[str, Any]:
             measure(env, "bulk", side, pgs, hashed, sessions=1)
             digests[side] = digest.hexdigest()
         out["identical_bytes"] = all(d == digests["direct"] for d in digests.values())
+        out["identical_bytes_by_side"] = {
+            side: d == digests["direct"] for side, d in digests.items() if side != "direct"
+        }
         if not out["identical_bytes"]:
-            env.log("  WARNING: popguard's RETR bytes differ from Dovecot's")
+            differ = [side for side, same in out["identical_bytes_by_side"].items() if not same]
+            env.log(f"  WARNING: the RETR bytes through {', '.join(differ)} differ from Dovecot's")
 
         variants = {
             "bulk": {"nodelay": True, "fast": True, "count": prm.bulk_messages},
@@ -572,7 +627,7 @@ def case_bulk(env: Env) -> dict[str, Any]:
                         lambda r: (
                             f"{r['mb_per_s']:.0f} MB/s"
                             + (
-                                f" (popguard CPU {r['popguard_cpu_s'] / r['seconds']:.0%})"
+                                f" (CPU {r['popguard_cpu_s'] / r['seconds']:.0%})"
                                 if "popguard_cpu_s" in r
                                 else ""
                             )
@@ -605,6 +660,19 @@ def case_bulk(env: Env) -> dict[str, Any]:
             res["cpu_per_retr_us_by_side"] = side_summary(
                 {s: runs[s] for s in sides}, lambda r: r["popguard_cpu_s"] / r["messages"] * 1e6
             )
+            # CPU seconds per 10^9 bytes relayed (bytes on the wire, as MB/s).
+            res["cpu_s_per_gb_by_side"] = side_summary(
+                {s: runs[s] for s in sides}, lambda r: r["popguard_cpu_s"] / r["bytes"] * 1e9
+            )
+            res["cpu_s_per_gb"] = res["cpu_s_per_gb_by_side"][main]
+            if FLOOR in runs:
+                fl = runs[FLOOR]
+                res["floor"]["cpu_s_per_gb"] = res["cpu_s_per_gb_by_side"][FLOOR]
+                res["floor"]["cpu_us_per_retr"] = res["cpu_per_retr_us_by_side"][FLOOR]
+                res["floor"]["cpu_util"] = util[FLOOR]
+                res["floor"]["msg_p50_ms"] = summary([r["msg_p50_ms"] for r in fl])
+                res["floor"]["stalls_over_20ms"] = max(r["stalls_over_20ms"] for r in fl)
+                res["floor"]["msg_max_ms"] = max(r["msg_max_ms"] for r in fl)
             res["dovecot_cpu_us_per_retr_by_side"] = side_summary(
                 runs, lambda r: r["dovecot_cpu_s"] / r["messages"] * 1e6
             )
@@ -627,10 +695,10 @@ def case_pingpong(env: Env) -> dict[str, Any]:
     prm = env.params
     user, password = env.ping_user
     limit = prm.time_limit
-    sides = env.sides("pingpong")
+    sides = env.proxy_sides("pingpong")
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in ("direct", *sides)}
     with contextlib.ExitStack() as stack:
-        pgs = {side: stack.enter_context(env.popguard(side)) for side in sides}
+        pgs = {side: stack.enter_context(env.proxy(side)) for side in sides}
 
         def warm(target: Target) -> dict[str, Any]:
             return ping_pong(target, user, password, prm.pingpong_warmup, time_limit=limit)
@@ -656,7 +724,7 @@ def case_pingpong(env: Env) -> dict[str, Any]:
                     lambda r: (
                         f"{r['rt_per_s']:.0f}/s p50 {r['p50_us']:.0f} µs"
                         + (
-                            f" (popguard CPU {r['popguard_cpu_us_per_noop']:.0f} µs/NOOP)"
+                            f" (CPU {r['popguard_cpu_us_per_noop']:.0f} µs/NOOP)"
                             if "popguard_cpu_us_per_noop" in r
                             else ""
                         )
@@ -678,6 +746,11 @@ def case_pingpong(env: Env) -> dict[str, Any]:
         runs, lambda r: r["dovecot_cpu_us_per_noop"]
     )
     res["p50_us_by_side"] = side_summary(runs, lambda r: r["p50_us"])
+    res["p99_us_by_side"] = side_summary(runs, lambda r: r["p99_us"])
+    if FLOOR in runs:
+        res["floor"]["cpu_us_per_noop"] = res["cpu_us_per_noop_by_side"][FLOOR]
+        res["floor"]["p50_us"] = summary([r["p50_us"] for r in runs[FLOOR]])
+        res["floor"]["p99_us"] = summary([r["p99_us"] for r in runs[FLOOR]])
     res["tls_by_side"] = tls_by_side(runs)
     res["runs"] = runs
     return res
@@ -715,10 +788,10 @@ def _swarm_case(
     """
     prm = env.params
     limit = prm.time_limit
-    sides = env.sides(case)
+    sides = env.proxy_sides(case)
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in ("direct", *sides)}
     with SwarmPool(prm.client_procs) as swarm, contextlib.ExitStack() as stack:
-        pgs = {side: stack.enter_context(env.popguard(side)) for side in sides}
+        pgs = {side: stack.enter_context(env.proxy(side)) for side in sides}
 
         def go(target: Target, count: int = sessions) -> dict[str, Any]:
             before = _count_messages(maildirs) if maildirs else 0
@@ -755,7 +828,7 @@ def _swarm_case(
                     lambda r: (
                         f"{r['sessions_per_s']:.0f}/s"
                         + (
-                            f" (popguard {r['popguard_cpu_ms_per_session']:.2f} ms/session, "
+                            f" (CPU {r['popguard_cpu_ms_per_session']:.2f} ms/session, "
                             f"{r['popguard_cpu_util']:.0%} of a core)"
                             if "popguard_cpu_s" in r
                             else ""
@@ -802,6 +875,14 @@ def _swarm_case(
     res["client_cpu_ms_per_session_by_side"] = side_summary(
         runs, lambda r: sum(r["client_cpu_s"]) / r["ok"] * 1e3
     )
+    res["latency_p50_ms_by_side"] = side_summary(runs, lambda r: r["latency_p50_ms"])
+    res["latency_p99_ms_by_side"] = side_summary(runs, lambda r: r["latency_p99_ms"])
+    if FLOOR in runs:
+        res["floor"]["cpu_per_session_ms"] = res["cpu_per_session_ms_by_side"][FLOOR]
+        res["floor"]["cpu_util"] = res["popguard_cpu_util_by_side"][FLOOR]
+        res["floor"]["dovecot_cpu_ms_per_session"] = res["dovecot_cpu_ms_per_session_by_side"][
+            FLOOR
+        ]
     res["tls_by_side"] = tls_by_side(runs)
     res["audit_file"] = audit_summary(runs, "session")
     if maildirs:
@@ -1018,15 +1099,61 @@ def _wait_tree_size(root: int, at_most: int, timeout: float = 20.0) -> None:
         time.sleep(0.1)
 
 
+def _hold_through(env: Env, proc: PopguardProcess, n: int, wind_down: float) -> dict[str, Any]:
+    """One repetition of (d) through a fresh relay (popguard or the floor): hold
+    ``n`` sessions, VmRSS and file descriptors before and after, NOOPs meanwhile."""
+    prm = env.params
+    user, password = env.ping_user
+    with proc as pg:
+        held: list[socket.socket] = []
+        ping = PopClient(pg.address)
+        try:
+            ping.login(user, password)
+            ping_pong(pg.address, user, password, 100, client=ping)
+            warm, _ = _hold(env, pg.address, min(50, n))
+            release(warm)
+            time.sleep(0.5)
+            rss0 = procs.vm_rss_kib(pg.pid)
+            fds0 = procs.fd_count(pg.pid)
+            held, hold_s = _hold(env, pg.address, n)
+            time.sleep(0.5)
+            rss1 = procs.vm_rss_kib(pg.pid)
+            fds1 = procs.fd_count(pg.pid)
+            lat = ping_pong(pg.address, user, password, prm.noop_while_held, client=ping)
+            alive = _check_alive(held)
+            rss2 = procs.vm_rss_kib(pg.pid)
+            all_alive, all_s = _noop_all(held, wind_down)
+            return {
+                "held": len(held),
+                "hold_s": hold_s,
+                "rss_before_kib": rss0,
+                "rss_after_kib": rss1,
+                "rss_after_noops_kib": rss2,
+                "kib_per_session": (rss1 - rss0) / n,
+                "popguard_fds": fds1,
+                "fds_per_session": (fds1 - fds0) / n,
+                "noop_p50_us": lat["p50_us"],
+                "noop_p99_us": lat["p99_us"],
+                "held_alive_sample": alive,
+                "held_alive_all": all_alive,
+                "noop_all_s": all_s,
+            }
+        finally:
+            release(held, timeout=wind_down)
+            with contextlib.suppress(OSError):
+                ping.quit()
+
+
 def case_memory(env: Env) -> dict[str, Any]:
     """(d) ``held`` idle authenticated sessions, DIRECT then THROUGH one popguard.
 
     Each repetition: Dovecot holds them (PSS growth over its process tree,
     one ``pop3`` process per session), then a fresh popguard holds as many
-    (VmRSS growth / sessions).  While they are held a separate session,
-    logged in before, runs ``noop_while_held`` NOOPs (p50, p99: popguard's
-    against DIRECT's of the same repetition), a sample of 20 held sessions
-    answers a NOOP one by one, then every held session gets a NOOP at once.
+    (VmRSS growth / sessions), then (unless --no-floor) a fresh floor.
+    While they are held a separate session, logged in before, runs
+    ``noop_while_held`` NOOPs (p50, p99: popguard's against DIRECT's of the
+    same repetition), a sample of 20 held sessions answers a NOOP one by
+    one, then every held session gets a NOOP at once.
     """
     prm = env.params
     n = prm.held
@@ -1034,6 +1161,7 @@ def case_memory(env: Env) -> dict[str, Any]:
     wind_down = _hold_seconds(prm, n) / 4
     direct_runs: list[dict[str, Any]] = []
     proxied_runs: list[dict[str, Any]] = []
+    floor_runs: list[dict[str, Any]] = []
     for rep in range(prm.reps):
         # DIRECT: Dovecot's own memory per session (sum of PSS over its
         # process tree: one pop3 process per session) and NOOP latency.
@@ -1069,47 +1197,18 @@ def case_memory(env: Env) -> dict[str, Any]:
 
         # THROUGH popguard: a fresh process each repetition, so that freed
         # but retained memory from an earlier round does not hide growth.
-        with env.popguard() as pg:
-            held = []
-            ping = PopClient(pg.address)
-            try:
-                ping.login(user, password)
-                ping_pong(pg.address, user, password, 100, client=ping)
-                warm, _ = _hold(env, pg.address, min(50, n))
-                release(warm)
-                time.sleep(0.5)
-                rss0 = procs.vm_rss_kib(pg.pid)
-                fds0 = procs.fd_count(pg.pid)
-                held, hold_s = _hold(env, pg.address, n)
-                time.sleep(0.5)
-                rss1 = procs.vm_rss_kib(pg.pid)
-                fds1 = procs.fd_count(pg.pid)
-                lat = ping_pong(pg.address, user, password, prm.noop_while_held, client=ping)
-                alive = _check_alive(held)
-                rss2 = procs.vm_rss_kib(pg.pid)
-                all_alive, all_s = _noop_all(held, wind_down)
-                run = {
-                    "held": len(held),
-                    "hold_s": hold_s,
-                    "rss_before_kib": rss0,
-                    "rss_after_kib": rss1,
-                    "rss_after_noops_kib": rss2,
-                    "kib_per_session": (rss1 - rss0) / n,
-                    "popguard_fds": fds1,
-                    "fds_per_session": (fds1 - fds0) / n,
-                    "noop_p50_us": lat["p50_us"],
-                    "noop_p99_us": lat["p99_us"],
-                    "held_alive_sample": alive,
-                    "held_alive_all": all_alive,
-                    "noop_all_s": all_s,
-                }
-                proxied_runs.append(run)
-            finally:
-                release(held, timeout=wind_down)
-                with contextlib.suppress(OSError):
-                    ping.quit()
+        proxied_runs.append(_hold_through(env, env.popguard(), n, wind_down))
         _wait_tree_size(env.dovecot_pid, base_procs, wind_down)
         d, p = direct_runs[-1], proxied_runs[-1]
+        floor_text = ""
+        if env.has_floor("memory"):
+            floor_runs.append(_hold_through(env, env.proxy(FLOOR), n, wind_down))
+            _wait_tree_size(env.dovecot_pid, base_procs, wind_down)
+            f = floor_runs[-1]
+            floor_text = (
+                f"; floor {f['kib_per_session']:.1f} kB/session, NOOP p50 "
+                f"{f['noop_p50_us']:.0f} µs, alive {f['held_alive_all']} of {n}"
+            )
         env.log(
             f"  memory rep {rep + 1}/{prm.reps}: popguard {p['kib_per_session']:.1f} kB/session "
             f"(VmRSS {p['rss_before_kib'] / 1024:.1f} -> {p['rss_after_kib'] / 1024:.1f} MB, "
@@ -1119,9 +1218,9 @@ def case_memory(env: Env) -> dict[str, Any]:
             f"{d['noop_p50_us']:.0f} p99 {d['noop_p99_us']:.0f} µs, popguard p50 "
             f"{p['noop_p50_us']:.0f} p99 {p['noop_p99_us']:.0f} µs; alive: sample "
             f"{d['held_alive_sample']}/{p['held_alive_sample']}, all "
-            f"{d['held_alive_all']}/{p['held_alive_all']} of {n}"
+            f"{d['held_alive_all']}/{p['held_alive_all']} of {n}" + floor_text
         )
-    return {
+    res: dict[str, Any] = {
         "held": n,
         "kib_per_session": summary([r["kib_per_session"] for r in proxied_runs]),
         "fds_per_session": summary([r["fds_per_session"] for r in proxied_runs]),
@@ -1150,6 +1249,33 @@ def case_memory(env: Env) -> dict[str, Any]:
         },
         "runs": {"direct": direct_runs, "popguard": proxied_runs},
     }
+    if floor_runs:
+        res["runs"][FLOOR] = floor_runs
+
+        def three(key: str) -> dict[str, Any]:
+            return floor_figures(
+                [r[key] for r in direct_runs],
+                [r[key] for r in floor_runs],
+                [r[key] for r in proxied_runs],
+            )
+
+        res["floor"] = {
+            # No floor/direct here: Dovecot's figure is PSS over its processes.
+            "kib_per_session": summary([r["kib_per_session"] for r in floor_runs]),
+            "popguard_vs_floor": _ratio_only(
+                compare(
+                    [r["kib_per_session"] for r in floor_runs],
+                    [r["kib_per_session"] for r in proxied_runs],
+                )
+            ),
+            "fds_per_session": summary([r["fds_per_session"] for r in floor_runs]),
+            "noop_p50_us": three("noop_p50_us"),
+            "noop_p99_us": three("noop_p99_us"),
+            "hold_s": three("hold_s"),
+            "held_alive": min(r["held_alive_sample"] for r in floor_runs),
+            "held_alive_all": min(r["held_alive_all"] for r in floor_runs),
+        }
+    return res
 
 
 CASES: dict[str, Callable[[Env], dict[str, Any]]] = {

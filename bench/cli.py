@@ -23,11 +23,14 @@ from bench.cases import (
     CASES,
     COMPARISONS,
     DEFAULT_SIDES,
+    FLOOR,
+    FLOOR_LABEL,
     Comparison,
     Env,
     Params,
     Variant,
     dele_messages_per_user,
+    floor_applies,
     make_variants,
     params_dict,
 )
@@ -54,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Measure popguard against a private Dovecot on loopback: each case "
-        "DIRECT to Dovecot, then THROUGH popguard, and print popguard/direct.",
+        "DIRECT to Dovecot, THROUGH popguard and THROUGH a bare trio relay (the floor), and "
+        "print popguard/direct, floor/direct and popguard/floor.",
     )
     parser.add_argument(
         "--quick", action="store_true", help="small counts, one repetition: a smoke check"
@@ -114,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="bulk, ping-pong, concurrency and dele over TLS: DIRECT to Dovecot's POP3S port, "
         "popguard with TLS on both sides, and TLS offload (TLS to popguard, plaintext to "
         "Dovecot), in the same run",
+    )
+    parser.add_argument(
+        "--floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure bench/floor.py, a bare trio relay, as a third side of bulk, "
+        "pingpong, concurrency, dele and memory, except in a case under a comparison "
+        "(default: on; --no-floor: popguard and DIRECT only)",
     )
     parser.add_argument(
         "--popguard-arg",
@@ -212,12 +224,15 @@ def _notes(results: dict[str, Any]) -> list[str]:
                 f"{tag} client not saturated: busiest client process at most {busiest:.0%} "
                 "of a core"
             )
-        single = [r for side, rs in cc["runs"].items() if side != "w2" for r in rs]
+        single = [r for side, rs in cc["runs"].items() if side not in ("w2", FLOOR) for r in rs]
         pg = max((r.get("popguard_cpu_util", 0.0) for r in single), default=0.0)
         if pg > 0.9:
             notes.append(
                 f"popguard used {pg:.0%} of a core in {tag}: its single trio thread is the limit"
             )
+        fl = max((r["popguard_cpu_util"] for r in cc["runs"].get(FLOOR, [])), default=0.0)
+        if fl > 0.9:
+            notes.append(f"the floor used {fl:.0%} of a core in {tag}: the floor is the limit")
         for side, ex in cc.get("expunged", {}).items():
             if ex["expunged"] != ex["sessions"]:
                 notes.append(
@@ -467,12 +482,14 @@ def run(
     popguard_args: Sequence[str] = (),
     login_processes: int | None = None,
     comparison: Comparison | None = None,
+    floor: bool = True,
 ) -> dict[str, Any]:
     """Start Dovecot under ``workdir``, run ``cases``, stop everything; return the results.
 
     ``comparison`` (:data:`bench.cases.COMPARISONS`): several popguards side
     by side in the cases it covers (--audit-compare, --policy-compare,
-    --tls-compare).
+    --tls-compare).  ``floor``: also measure :mod:`bench.floor` in the cases
+    where it applies (:func:`bench.cases.floor_applies`).
     """
     from popguard import __version__ as popguard_version
     from popguard.testing import dovecot as dovecot_tool
@@ -502,6 +519,8 @@ def run(
             if comparison and comparison.name == "audit"
             else [],
             "workdir_fs": procs.filesystem_of(workdir),
+            "floor": floor,
+            "floor_cases": [c for c in cases if floor_applies(c, comparison, floor)],
         },
         "params": params_dict(params),
         "cases": {},
@@ -518,7 +537,8 @@ def run(
     )
     try:
         sides = comparison.sides if comparison and "dele" in comparison.cases else DEFAULT_SIDES
-        users = _setup_users(dovecot, cases, params, log, dele_sides=1 + len(sides))
+        dele_sides = 1 + len(sides) + floor_applies("dele", comparison, floor)
+        users = _setup_users(dovecot, cases, params, log, dele_sides=dele_sides)
         dovecot.start()
         assert dovecot.pid is not None
         log(
@@ -536,6 +556,7 @@ def run(
             variants.update(more)
             results["meta"]["tls"] = info
         results["meta"]["side_labels"] = {name: v.label for name, v in variants.items()}
+        results["meta"]["side_labels"][FLOOR] = FLOOR_LABEL
         env = Env(
             upstream=dovecot.address,
             dovecot_pid=dovecot.pid,
@@ -550,6 +571,7 @@ def run(
             direct_tls=direct_tls,
             dele_pool=users["dele_pool"],
             dele_maildirs=users["dele_maildirs"],
+            floor=floor,
         )
         if comparison and comparison.name == "audit":
             log(
@@ -565,6 +587,11 @@ def run(
                 + (" (Dovecot's POP3S)" if tls else "")
                 + " and popguard as "
                 + ", ".join(env.variants[s].label for s in comparison.sides)
+            )
+        if results["meta"]["floor_cases"]:
+            log(
+                f"floor: {', '.join(results['meta']['floor_cases'])} also run through "
+                "bench/floor.py, a bare trio relay (--no-floor to skip)"
             )
         for name in cases:
             log(f"case {name}")
@@ -654,6 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             popguard_args=args.popguard_arg,
             login_processes=args.login_processes,
             comparison=comparison,
+            floor=args.floor,
         )
     except KeyboardInterrupt:
         print("\ninterrupted: popguard and Dovecot stopped", file=sys.stderr)

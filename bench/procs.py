@@ -251,6 +251,8 @@ class PopguardProcess:
     """``python -m popguard serve`` as a separate process, on a free loopback port."""
 
     host = "127.0.0.1"
+    #: What the process is called in errors.
+    name = "popguard"
 
     def __init__(
         self,
@@ -295,7 +297,7 @@ class PopguardProcess:
     @property
     def pid(self) -> int:
         if self._proc is None:
-            raise BenchError("popguard is not running")
+            raise BenchError(f"{self.name} is not running")
         return self._proc.pid
 
     def argv(self) -> list[str]:
@@ -321,7 +323,7 @@ class PopguardProcess:
 
     def start(self) -> PopguardProcess:
         if self._proc is not None:
-            raise BenchError("popguard already started")
+            raise BenchError(f"{self.name} already started")
         for _attempt in range(3):
             self.port = free_port(self.host)
             with self.log_path.open("ab") as log:
@@ -336,7 +338,7 @@ class PopguardProcess:
             if self._wait_ready():
                 return self
             self.stop()
-        raise BenchError(f"popguard did not start; its log:\n{self.log_tail()}")
+        raise BenchError(f"{self.name} did not start; its log:\n{self.log_tail()}")
 
     def _wait_ready(self) -> bool:
         proc = self._proc
@@ -347,11 +349,11 @@ class PopguardProcess:
                 tail = self.log_tail()
                 if "Address already in use" in tail:
                     return False  # the port was taken between pick and bind
-                raise BenchError(f"popguard exited with {proc.returncode}:\n{tail}")
+                raise BenchError(f"{self.name} exited with {proc.returncode}:\n{tail}")
             if probe_greeting(self.address, tls=self.client_tls).startswith(b"+OK"):
                 return self._wait_workers(deadline)
             time.sleep(0.05)
-        raise BenchError(f"popguard gave no greeting within {self.startup_timeout:g} s")
+        raise BenchError(f"{self.name} gave no greeting within {self.startup_timeout:g} s")
 
     def _wait_workers(self, deadline: float) -> bool:
         """With ``workers`` > 1: wait until the parent has that many children, then
@@ -427,3 +429,32 @@ class PopguardProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+#: The floor relay, started by path so that its process imports trio and
+#: nothing of the bench or of popguard.
+FLOOR_SCRIPT = Path(__file__).resolve().with_name("floor.py")
+
+
+class FloorProcess(PopguardProcess):
+    """``bench/floor.py``, the bare trio relay, as a separate process.
+
+    Started, probed (a greeting relayed from Dovecot), measured (utime +
+    stime from ``/proc``) and stopped exactly like popguard.
+    """
+
+    name = "floor"
+
+    def __init__(self, upstream: tuple[str, int], log_path: Path) -> None:
+        super().__init__(upstream, log_path)
+
+    def argv(self) -> list[str]:
+        up_host, up_port = self.upstream
+        return [
+            sys.executable,
+            str(FLOOR_SCRIPT),
+            "--listen",
+            f"{self.host}:{self.port}",
+            "--upstream",
+            f"{up_host}:{up_port}",
+        ]

@@ -777,15 +777,276 @@ def tls_rows(results: dict[str, Any]) -> list[Row]:
 
 
 def _table(head: Row, body: list[Row]) -> list[str]:
-    table = [head, *body]
     cols = ("label", "direct", "proxied", "ratio", "goal", "verdict", "ref")
-    widths = {c: max(len(getattr(r, c)) for r in table) for c in cols}
+    return _grid([[getattr(r, c) for c in cols] for r in (head, *body)])
+
+
+def _grid(table: list[list[str]]) -> list[str]:
+    """Columns padded to their widest cell; a rule under the first row (the head)."""
+    width = max(len(r) for r in table)
+    table = [r + [""] * (width - len(r)) for r in table]
+    widths = [max(len(r[c]) for r in table) for c in range(width)]
     lines = []
     for i, r in enumerate(table):
-        lines.append("  ".join(getattr(r, c).ljust(widths[c]) for c in cols).rstrip())
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
         if i == 0:
             lines.append("-" * len(lines[-1]))
     return lines
+
+
+# -- the floor: popguard against a bare trio relay (bench/floor.py) ----------------
+
+FLOOR_HEAD = [
+    "case",
+    "DIRECT (Dovecot)",
+    "THROUGH floor",
+    "floor / direct",
+    "THROUGH popguard",
+    "popguard / direct",
+    "popguard / floor",
+]
+
+
+def _with_pairs(r: dict[str, Any]) -> str:
+    return ratio_text(r["ratio"]) + pair_spread(r.get("pair_ratios", []))
+
+
+def _floor_rate_row(label: str, res: dict[str, Any], unit: str) -> list[str]:
+    """A rate (MB/s, rt/s, sess/s) DIRECT, floor and popguard, and the three ratios."""
+    fl = res["floor"]
+    return [
+        label,
+        spread(res["direct"], unit),
+        spread(fl["value"], unit),
+        _with_pairs(fl["vs_direct"]),
+        spread(res["popguard"], unit),
+        _with_pairs(res),
+        _with_pairs(fl["popguard_vs_floor"]),
+    ]
+
+
+def _floor_cost_row(label: str, by_side: dict[str, Any], main: str, unit: str) -> list[str]:
+    """A cost of the relay process (CPU per GB, per NOOP, per session), floor and
+    popguard, and popguard / floor (medians): how many floors popguard costs."""
+    fl, pg = by_side.get("floor"), by_side.get(main)
+    if fl is None or pg is None:
+        return []
+    if unit == "%":
+        return [label, "", f"{fl['median']:.0%} of a core", "", f"{pg['median']:.0%} of a core"]
+    times = pg["median"] / fl["median"] if fl["median"] else float("nan")
+    return [label, "", spread(fl, unit), "", spread(pg, unit), "", ratio_text(times)]
+
+
+def _added(value: float, base: float, unit: str) -> str:
+    diff = value - base
+    return f"{'+' if diff >= 0 else ''}{num(diff)} {unit}"
+
+
+def _floor_latency_row(label: str, by_side: dict[str, Any], main: str, unit: str) -> list[str]:
+    """A latency DIRECT, floor and popguard, with what each relay adds to DIRECT."""
+    d, fl, pg = by_side.get("direct"), by_side.get("floor"), by_side.get(main)
+    if d is None or fl is None or pg is None:
+        return []
+    return [
+        label,
+        spread(d, unit),
+        spread(fl, unit),
+        _added(fl["median"], d["median"], unit),
+        spread(pg, unit),
+        _added(pg["median"], d["median"], unit),
+    ]
+
+
+def floor_rows(results: dict[str, Any]) -> list[list[str]]:
+    """The floor table: every case DIRECT, through the floor, through popguard."""
+    cases = results.get("cases", {})
+    out: list[list[str]] = []
+
+    bulk = cases.get("bulk", {})
+    fast = bulk.get("bulk", {})
+    if "floor" in fast:
+        main = fast.get("side", "popguard")
+        size = results["params"]["bulk_size"] // 1000
+        out.append(_floor_rate_row(f"(a) bulk: RETR {fast['messages']} x {size} kB", fast, "MB/s"))
+        out.append(
+            _floor_cost_row(
+                "      proxy CPU per GB relayed", fast.get("cpu_s_per_gb_by_side", {}), main, "s"
+            )
+        )
+        out.append(
+            _floor_cost_row(
+                "      proxy CPU per RETR", fast.get("cpu_per_retr_us_by_side", {}), main, "µs"
+            )
+        )
+        out.append(
+            _floor_cost_row(
+                "      proxy CPU while relaying",
+                fast.get("popguard_cpu_util_by_side", {}),
+                main,
+                "%",
+            )
+        )
+        lat = fast["msg_p50_ms"]
+        out.append(
+            _floor_latency_row(
+                "      one RETR, p50 (NODELAY)",
+                {
+                    "direct": _scaled(lat["direct"], 1e3),
+                    "floor": _scaled(fast["floor"]["msg_p50_ms"], 1e3),
+                    main: _scaled(lat["popguard"], 1e3),
+                },
+                main,
+                "µs",
+            )
+        )
+        plain = bulk.get("bulk_plain", {})
+        if "floor" in plain:
+            out.append(_floor_rate_row("    same, client Nagle on, 8 KiB reads", plain, "MB/s"))
+            st, mx, fl = plain["stalls_over_20ms"], plain["msg_max_ms"], plain["floor"]
+            out.append(
+                [
+                    "      RETRs over 20 ms / slowest (Nagle on)",
+                    f"{st['direct']:.0f} / {num(mx['direct'])} ms",
+                    f"{fl['stalls_over_20ms']:.0f} / {num(fl['msg_max_ms'])} ms",
+                    "",
+                    f"{st['popguard']:.0f} / {num(mx['popguard'])} ms",
+                ]
+            )
+        same = bulk.get("identical_bytes_by_side", {})
+        if "floor" in same:
+            out.append(
+                [
+                    "      bytes relayed unchanged",
+                    "",
+                    "yes" if same["floor"] else "NO",
+                    "",
+                    "yes" if same.get(main) else "NO",
+                ]
+            )
+
+    pp = cases.get("pingpong", {})
+    if "floor" in pp:
+        main = pp.get("side", "popguard")
+        out.append(_floor_rate_row(f"(b) ping-pong: {pp['count']:,} NOOPs", pp, "rt/s"))
+        out.append(
+            _floor_cost_row(
+                "      proxy CPU per NOOP", pp.get("cpu_us_per_noop_by_side", {}), main, "µs"
+            )
+        )
+        out.append(
+            _floor_latency_row("      latency p50", pp.get("p50_us_by_side", {}), main, "µs")
+        )
+        out.append(
+            _floor_latency_row("      latency p99", pp.get("p99_us_by_side", {}), main, "µs")
+        )
+
+    for name, tag in (("concurrency", "(c) concurrency"), ("dele", "(f) DELE-heavy")):
+        cc = cases.get(name, {})
+        if "floor" not in cc:
+            continue
+        main = cc.get("side", "popguard")
+        out.append(
+            _floor_rate_row(
+                f"{tag}: {cc['sessions']} sessions, {cc['parallel']} at a time", cc, "sess/s"
+            )
+        )
+        out.append(
+            _floor_cost_row(
+                "      proxy CPU per session", cc.get("cpu_per_session_ms_by_side", {}), main, "ms"
+            )
+        )
+        out.append(
+            _floor_cost_row(
+                "      proxy CPU during the run",
+                cc.get("popguard_cpu_util_by_side", {}),
+                main,
+                "%",
+            )
+        )
+        dv = cc.get("dovecot_cpu_ms_per_session_by_side", {})
+        if {"direct", "floor", main} <= dv.keys():
+            out.append(
+                [
+                    "      Dovecot CPU per session",
+                    spread(dv["direct"], "ms"),
+                    spread(dv["floor"], "ms"),
+                    "",
+                    spread(dv[main], "ms"),
+                ]
+            )
+        out.append(
+            _floor_latency_row(
+                "      session latency p50", cc.get("latency_p50_ms_by_side", {}), main, "ms"
+            )
+        )
+        ex = cc.get("expunged", {})
+        if {"direct", "floor", main} <= ex.keys():
+            out.append(
+                ["      messages expunged / DELE sessions"]
+                + [
+                    f"{ex[side]['expunged']}/{ex[side]['sessions']}" if side else ""
+                    for side in ("direct", "floor", "", main)
+                ]
+            )
+
+    mem = cases.get("memory", {})
+    if "floor" in mem:
+        fl = mem["floor"]
+        out.append(
+            [
+                f"(d) memory per idle session ({mem['held']} held)",
+                "Dovecot " + spread(mem["dovecot_pss_kib_per_session"], "kB PSS"),
+                spread(fl["kib_per_session"], "kB RSS"),
+                "",
+                spread(mem["kib_per_session"], "kB RSS"),
+                "",
+                _with_pairs(fl["popguard_vs_floor"]),
+            ]
+        )
+        out.append(
+            [
+                "      file descriptors per session",
+                "",
+                spread(fl["fds_per_session"]),
+                "",
+                spread(mem["fds_per_session"]),
+            ]
+        )
+        for pct in ("p50", "p99"):
+            key = f"noop_{pct}_us"
+            three = fl[key]
+            out.append(
+                [
+                    f"      NOOP with {mem['held']} held, {pct}",
+                    spread(mem[key]["direct"], "µs"),
+                    spread(three["value"], "µs"),
+                    _with_pairs(three["vs_direct"]) + " latency",
+                    spread(mem[key]["popguard"], "µs"),
+                    _with_pairs(mem[key]) + " latency",
+                    _with_pairs(three["popguard_vs_floor"]) + " latency",
+                ]
+            )
+        every = mem["held_alive_all"]
+        out.append(
+            [
+                "      all held sessions: NOOP at once, answered",
+                f"{every['direct']}/{every['held']}",
+                f"{fl['held_alive_all']}/{every['held']}",
+                "",
+                f"{every['popguard']}/{every['held']}",
+            ]
+        )
+    return [r for r in out if r]
+
+
+def _scaled(s: dict[str, Any], factor: float) -> dict[str, Any]:
+    """A summary with every figure multiplied by ``factor`` (ms to µs)."""
+    return {
+        "median": s["median"] * factor,
+        "min": s["min"] * factor,
+        "max": s["max"] * factor,
+        "samples": [v * factor for v in s.get("samples", [])],
+    }
 
 
 def render(results: dict[str, Any]) -> str:
@@ -874,6 +1135,21 @@ def render(results: dict[str, Any]) -> str:
                 ),
                 body,
             )
+    body_floor = floor_rows(results)
+    if body_floor:
+        lines += [
+            "",
+            "Floor: popguard against bench/floor.py, a bare trio relay in the same run (raw "
+            "non-blocking sockets, one trio wait only when a call would block, 64 KiB reads, "
+            "nothing of POP3): the best a trio proxy can do here",
+            "  each repetition runs DIRECT POPGUARD FLOOR, rotated by one per repetition "
+            "(memory: not rotated, a fresh relay each time); proxy CPU = the relay process's "
+            "utime + stime over the run",
+            "  popguard / floor: for a rate, the part of the floor's rate popguard reaches; for "
+            "CPU, memory and latency, how many times the floor's",
+            "",
+        ]
+        lines += _grid([FLOOR_HEAD, *body_floor])
     body = audit_rows(results) if compare_mode else []
     if body:
         lines += [
