@@ -44,6 +44,10 @@ from popguard.shell.tls import HANDSHAKE_TIMEOUT, describe
 #: through Python; the core forwards each read as one chunk.
 RECEIVE_SIZE: Final = 256 * 1024
 
+#: Reads in a row a pump may make without waiting before it lets other
+#: sessions run (a peer that always has data must not starve the others).
+FAIRNESS_READS: Final = 16
+
 #: One read from the client: commands are small, and whatever a read holds
 #: beyond the pipelining bound waits in the core's buffer, so this bounds
 #: what a client that pipelines without reading costs (the longest line the
@@ -174,8 +178,18 @@ class Relay:
         self._upstream_sending = False
         self._last_activity = 0.0
         self._client_may_send = trio.Event()
-        self._client_receive = trio.CancelScope()
-        self._upstream_receive = trio.CancelScope()
+        #: Each pump's cancel scope, and whether the pump is parked in a wait
+        #: for input: only such a wait is ever cancelled (see _stop_receiving).
+        self._client_scope = trio.CancelScope()
+        self._upstream_scope = trio.CancelScope()
+        self._client_waiting = False
+        self._upstream_waiting = False
+        #: Reads in a row that found data without waiting (fairness).
+        self._client_run = 0
+        self._upstream_run = 0
+        #: The plain TCP connections, read directly on the hot path.
+        self._client_tcp = client if isinstance(client, TCPStream) else None
+        self._upstream_tcp: TCPStream | None = None
         self._started_at = 0.0
         #: Set to re-read the timers (login, policy reload).
         self._rearm = trio.Event()
@@ -336,6 +350,8 @@ class Relay:
             session.upstream_failed(self._upstream_label, error)
             return False
         self.upstream = upstream
+        if isinstance(upstream, TCPStream):
+            self._upstream_tcp = upstream
         session.upstream_connected(self._upstream_label)
         if isinstance(upstream, trio.SSLStream):
             assert self._upstream_tls is not None
@@ -349,42 +365,103 @@ class Relay:
         return True
 
     async def _pump_client(self) -> None:
+        """Client to core.  One cancel scope for the pump, entered again only
+        after :meth:`_interrupt` woke it from a wait for input."""
         session = self.session
         while not session.finished:
-            # A scope around each wait for input only, never around a send
-            # (see _stop_receiving).  Entered inline: this is the hot path.
-            scope = self._client_receive = trio.CancelScope()
+            scope = self._client_scope = trio.CancelScope()
             with scope:
-                if session.wants_client_data:
-                    data = await self._receive(
-                        self.client, EndReason.CLIENT_ERROR, CLIENT_RECEIVE_SIZE
-                    )
-                elif session.client_input_open:
-                    self._client_may_send = trio.Event()
-                    await self._client_may_send.wait()
-                    continue
-                else:
-                    return  # QUIT sent: the upstream pump finishes the session
-            if scope.cancelled_caught and session.starttls_pending and not session.finished:
+                await self._client_loop()
+            if not scope.cancelled_caught:
+                break
+            if session.starttls_pending and not session.finished:
                 # An STLS that was held (behind a login) was answered from the
                 # upstream pump: the handshake is this task's to do.
                 if not await self._client_handshake(stls=True):
                     break
                 continue
-            if scope.cancelled_caught or data is None:
-                break
+            break  # woken to stop: the session is over
+        if session.finished:
+            self._stop_receiving()
+        # Else the client half-closed, or sent QUIT: the replies it is owed
+        # still flow, and the upstream pump finishes the session.
+
+    async def _client_loop(self) -> None:
+        session = self.session
+        while not session.finished:
+            if session.starttls_pending:
+                # Answered while this pump was busy: no interrupt was needed.
+                if not await self._client_handshake(stls=True):
+                    return
+                continue
+            if session.wants_client_data:
+                data = await self._receive_client()
+            elif session.client_input_open:
+                self._client_may_send = event = trio.Event()
+                self._client_waiting = True
+                try:
+                    await event.wait()
+                finally:
+                    self._client_waiting = False
+                continue
+            else:
+                return  # QUIT sent: the upstream pump finishes the session
+            if data is None:
+                return
             if not data:
                 session.client_eof()
                 if not session.finished:
                     self._emit_records()
-                    return  # half-closed: owed replies still flow
-                break
+                return  # half-closed: owed replies still flow
             self._touch()
-            session.receive_client(bytes(data) if isinstance(data, bytearray) else data)
+            session.receive_client(data)
             await self._flush_both()
-            if session.starttls_pending and not session.finished:
-                await self._client_handshake(stls=True)
-        self._stop_receiving()
+
+    async def _receive_client(self) -> bytes | None:
+        """One read from the client (b"" at EOF; None: the session ended).
+
+        On a plain TCP connection the socket is read directly, and trio is
+        entered only when there is nothing to read (as bench/floor.py does):
+        every trio stream call is a scheduler pass even when the data is
+        already there.
+        """
+        tcp = self._client_tcp
+        if tcp is None:
+            self._client_waiting = True
+            try:
+                data = await self.client.receive_some(CLIENT_RECEIVE_SIZE)
+            except _STREAM_ERRORS as exc:
+                self.session.end(EndReason.CLIENT_ERROR, _describe(exc))
+                return None
+            finally:
+                self._client_waiting = False
+            return bytes(data) if isinstance(data, bytearray) else data
+        if tcp.pushback:
+            return tcp.take_pushback(CLIENT_RECEIVE_SIZE)
+        sock = tcp.socket
+        while True:
+            try:
+                data = sock.recv(CLIENT_RECEIVE_SIZE)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                self.session.end(EndReason.CLIENT_ERROR, _describe(exc))
+                return None
+            else:
+                self._client_run += 1
+                if self._client_run >= FAIRNESS_READS:
+                    self._client_run = 0
+                    await trio.lowlevel.checkpoint()  # never starve other sessions
+                return data
+            self._client_run = 0
+            self._client_waiting = True
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            except trio.ClosedResourceError as exc:
+                self.session.end(EndReason.CLIENT_ERROR, _describe(exc))
+                return None
+            finally:
+                self._client_waiting = False
 
     async def _client_handshake(self, *, stls: bool) -> bool:
         """TLS with the client: POP3S at connect, or after popguard's +OK to STLS.
@@ -409,6 +486,7 @@ class Relay:
         finally:
             self._client_sending = False
         self.client = tls
+        self._client_tcp = None
         if stls:
             session.tls_started(**describe(tls))
         else:
@@ -465,7 +543,57 @@ class Relay:
         raise _GreetingTimeout(f"no greeting from the upstream within {timeout:g} s")
 
     async def _pump_upstream(self) -> None:
+        """Upstream to core; see :meth:`_pump_client`."""
         session = self.session
+        scope = self._upstream_scope = trio.CancelScope()
+        with scope:
+            while not session.finished:
+                data = await self._receive_upstream()
+                if data is None:
+                    break
+                if not data:
+                    session.server_eof()
+                    break
+                session.receive_server(data)
+                await self._flush_both()
+                if session.starttls_pending:
+                    self._interrupt_client()  # the client pump does the handshake
+                elif session.wants_client_data:
+                    self._client_may_send.set()
+        self._stop_receiving()
+
+    async def _receive_upstream(self) -> bytes | None:
+        """One read from the upstream (b"" at EOF; None: the session ended)."""
+        tcp = self._upstream_tcp
+        if tcp is None:
+            return await self._receive_upstream_stream()
+        sock = tcp.socket
+        while True:
+            try:
+                data = sock.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                self.session.end(EndReason.UPSTREAM_ERROR, _describe(exc))
+                return None
+            else:
+                self._upstream_run += 1
+                if self._upstream_run >= FAIRNESS_READS:
+                    self._upstream_run = 0
+                    await trio.lowlevel.checkpoint()  # never starve other sessions
+                return data
+            self._upstream_run = 0
+            self._upstream_waiting = True
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            except trio.ClosedResourceError as exc:
+                self.session.end(EndReason.UPSTREAM_ERROR, _describe(exc))
+                return None
+            finally:
+                self._upstream_waiting = False
+
+    async def _receive_upstream_stream(self) -> bytes | None:
+        """One read from a TLS (or test) upstream stream."""
         upstream = self.upstream
         assert upstream is not None
         # A TLS upstream yields one TLS record per receive (Dovecot writes
@@ -475,47 +603,36 @@ class Relay:
         incoming = (
             getattr(upstream, "_incoming", None) if isinstance(upstream, trio.SSLStream) else None
         )
-        while not session.finished:
-            scope = self._upstream_receive = trio.CancelScope()
-            with scope:
-                data = await self._receive(upstream, EndReason.UPSTREAM_ERROR)
-                while (
-                    data and incoming is not None and incoming.pending and len(data) < RECEIVE_SIZE
-                ):
-                    more = await self._receive(upstream, EndReason.UPSTREAM_ERROR)
-                    if not more:
-                        break  # close_notify: let the next receive report it
-                    data += more
-            if scope.cancelled_caught or data is None:
-                break
-            if not data:
-                session.server_eof()
-                break
-            session.receive_server(bytes(data) if isinstance(data, bytearray) else data)
-            await self._flush_both()
-            if session.starttls_pending:
-                self._client_receive.cancel()  # the client pump does the handshake
-            elif session.wants_client_data:
-                self._client_may_send.set()
-        self._stop_receiving()
+        self._upstream_waiting = True
+        try:
+            data = await upstream.receive_some(RECEIVE_SIZE)
+            while data and incoming is not None and incoming.pending and len(data) < RECEIVE_SIZE:
+                more = await upstream.receive_some(RECEIVE_SIZE)
+                if not more:
+                    break  # close_notify: let the next receive report it
+                data += more
+        except _STREAM_ERRORS as exc:
+            self.session.end(EndReason.UPSTREAM_ERROR, _describe(exc))
+            return None
+        finally:
+            self._upstream_waiting = False
+        return bytes(data) if isinstance(data, bytearray) else data
+
+    def _interrupt_client(self) -> None:
+        """Wake the client pump from its wait for input (never from a send)."""
+        if self._client_waiting:
+            self._client_scope.cancel()
 
     def _stop_receiving(self) -> None:
-        """Cancel the waits for input, once the session has ended.
+        """Wake both pumps from their waits for input, once the session has ended.
 
         Only waits for input are cancelled that way, never a send in
         progress: the last reply (QUIT's +OK) must reach the client whole.
+        A pump that is sending sees the session finished when it is done.
         """
-        self._client_receive.cancel()
-        self._upstream_receive.cancel()
-
-    async def _receive(
-        self, stream: trio.abc.Stream, on_error: EndReason, size: int = RECEIVE_SIZE
-    ) -> bytes | bytearray | None:
-        try:
-            return await stream.receive_some(size)
-        except _STREAM_ERRORS as exc:
-            self.session.end(on_error, _describe(exc))
-            return None
+        self._interrupt_client()
+        if self._upstream_waiting:
+            self._upstream_scope.cancel()
 
     async def _flush_both(self) -> None:
         """Send what the core produced, in order, to each side."""
@@ -525,7 +642,8 @@ class Relay:
         if self._before_login and self.session.logged_in:
             self._before_login = False
             self.rearm()  # the login timer no longer applies
-        await self._settle_durable()
+        if self.session.pending_durable is not None:
+            await self._settle_durable()
         await self._flush_client()
         await self._flush_upstream()
         self._emit_records()
@@ -564,7 +682,7 @@ class Relay:
         try:
             while data := session.take_client_output():
                 try:
-                    await self.client.send_all(data)
+                    await _send(self.client, self._client_tcp, data)
                 except _STREAM_ERRORS as exc:
                     session.end(EndReason.CLIENT_ERROR, _describe(exc))
                     return
@@ -582,7 +700,7 @@ class Relay:
         try:
             while data := session.take_upstream_output():
                 try:
-                    await upstream.send_all(data)
+                    await _send(upstream, self._upstream_tcp, data)
                 except _STREAM_ERRORS as exc:
                     session.end(EndReason.UPSTREAM_ERROR, _describe(exc))
                     return
@@ -656,6 +774,20 @@ class Relay:
                 fields["duration_ms"] = math.floor(duration * 1000)
                 record = AuditRecord(record.event, fields)
             self._emit(record)
+
+
+async def _send(stream: trio.abc.Stream, tcp: TCPStream | None, data: bytes) -> None:
+    """Send all of ``data``: straight to a plain TCP socket, entering trio
+    only when the kernel will not take it all at once."""
+    if tcp is None:
+        await stream.send_all(data)
+        return
+    try:
+        sent = tcp.socket.send(data)
+    except BlockingIOError:
+        sent = 0
+    if sent < len(data):
+        await tcp.send_all(memoryview(data)[sent:])
 
 
 async def _read_line(stream: trio.abc.Stream, buffered: bytes) -> tuple[bytes, bytes]:

@@ -51,6 +51,17 @@ class TCPStream(trio.abc.HalfCloseableStream):
         """Have the next receives return ``data`` first (bytes read too early)."""
         self._pushback = data + self._pushback
 
+    @property
+    def pushback(self) -> bool:
+        """Whether bytes given to :meth:`unread` are still to be read."""
+        return bool(self._pushback)
+
+    def take_pushback(self, size: int) -> bytes:
+        """Up to ``size`` of the bytes given to :meth:`unread` (for a caller
+        that reads :attr:`socket` itself)."""
+        data, self._pushback = self._pushback[:size], self._pushback[size:]
+        return data
+
     def setsockopt(self, level: int, option: int, value: int | bool) -> None:
         self.socket.setsockopt(level, option, value)
 
