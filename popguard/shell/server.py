@@ -17,6 +17,7 @@ and a DELE is forwarded only once its record is on disk.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import secrets
 import signal
@@ -25,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 
@@ -141,7 +142,7 @@ class ProxyServer:
         self._grace_over = trio.Event()
         #: The bound address of each listener, once serving (port 0 resolved).
         self.bound: dict[str, list[Endpoint]] = {}
-        self._opened: list[tuple[ListenerSpec, list[trio.SocketListener]]] = []
+        self._opened: list[tuple[ListenerSpec, list[socket.socket]]] = []
 
     @property
     def active_sessions(self) -> int:
@@ -198,20 +199,16 @@ class ProxyServer:
                 if spec.fds:
                     listeners = [_inherited_listener(fd) for fd in spec.fds]
                 else:
-                    listeners = await trio.open_tcp_listeners(
-                        spec.endpoint.port, host=spec.endpoint.host
-                    )
+                    listeners = await _open_listeners(spec.endpoint)
             except OSError as exc:
                 for _, opened in self._opened:
-                    for listener in opened:
-                        await listener.aclose()
+                    for sock in opened:
+                        sock.close()
                 raise OSError(
                     exc.errno, f"cannot listen on {spec.endpoint}: {exc.strerror or exc}"
                 ) from exc
             self._opened.append((spec, listeners))
-            self.bound[spec.name] = [
-                Endpoint(*listener.socket.getsockname()[:2]) for listener in listeners
-            ]
+            self.bound[spec.name] = [Endpoint(*sock.getsockname()[:2]) for sock in listeners]
 
     async def run(
         self, *, task_status: trio.TaskStatus[ProxyServer] = trio.TASK_STATUS_IGNORED
@@ -235,18 +232,16 @@ class ProxyServer:
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as acceptors:
                 for spec, listeners in opened:
-                    handler = partial(self._handle, spec.name)
-                    acceptors.start_soon(
-                        partial(trio.serve_listeners, handler, listeners, handler_nursery=sessions)
-                    )
+                    for sock in listeners:
+                        acceptors.start_soon(self._accept, spec.name, sock, sessions)
                 task_status.started(self)
                 await self._shutdown.wait()
                 acceptors.cancel_scope.cancel()
             # Stop queueing new connections for the grace period: a balancer
             # (or a client) is refused at once and tries elsewhere.
             for _, listeners in opened:
-                for listener in listeners:
-                    listener.socket.close()
+                for sock in listeners:
+                    sock.close()
             self.audit.event(
                 "popguard.stopping",
                 active_sessions=len(self._relays),
@@ -260,18 +255,48 @@ class ProxyServer:
                 relay.abort(EndReason.SHUTDOWN)
         self.audit.event("popguard.stopped")
 
-    async def _handle(self, listener: str, stream: trio.SocketStream) -> None:
+    async def _accept(self, listener: str, sock: socket.socket, sessions: trio.Nursery) -> None:
+        """Accept connections on one listening socket, each into a session task.
+
+        The socket is used directly (as the relay's pumps do): ``accept``
+        until it would block, then one wait.  Running out of file
+        descriptors or memory pauses accepting briefly instead of ending
+        the server (as trio's ``serve_listeners`` does).
+        """
+        accepted = 0
+        while True:
+            try:
+                conn, peername = sock.accept()
+            except BlockingIOError:
+                accepted = 0
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RESOURCE_ERRNOS:
+                    self.audit.error("popguard.accept_failed", error=exc.strerror or str(exc))
+                    await trio.sleep(_ACCEPT_SLEEP)
+                    continue
+                if exc.errno in _ACCEPT_TRANSIENT_ERRNOS:
+                    continue
+                raise
+            sessions.start_soon(self._handle, listener, conn, peername)
+            accepted += 1
+            if accepted >= _ACCEPT_BATCH:
+                accepted = 0
+                await trio.lowlevel.checkpoint()  # let the sessions run
+
+    async def _handle(self, listener: str, conn: socket.socket, peername: object) -> None:
+        tcp = TCPStream(conn)
         try:
-            peername = stream.socket.getpeername()
-            sockname = stream.socket.getsockname()
+            sockname = conn.getsockname()
         except OSError:
-            await trio.aclose_forcefully(stream)  # gone before we could look
+            tcp.close_now()  # gone before we could look
             return
+        assert isinstance(peername, tuple)
         client = format_peer(peername)
         endpoints = ((str(peername[0]), int(peername[1])), (str(sockname[0]), int(sockname[1])))
         session_id = secrets.token_hex(8)
         context: dict[str, str] = {"session": session_id, "client": client, "listener": listener}
-        tcp = TCPStream.adopt(stream)
         spec = self._specs[listener]
         if spec.proxy_protocol is not None:
             relayed = await self._proxy_header(tcp, spec.proxy_protocol, context, endpoints)
@@ -458,10 +483,53 @@ def _literal_family(host: str) -> socket.AddressFamily | None:
         return None
 
 
-def _inherited_listener(fd: int) -> trio.SocketListener:
+#: accept() errors that mean "out of a resource": wait, then accept again.
+_ACCEPT_RESOURCE_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
+#: accept() errors about one connection (gone before it was accepted).
+_ACCEPT_TRANSIENT_ERRNOS: Final = frozenset(
+    {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
+)
+_ACCEPT_SLEEP: Final = 0.1
+#: Connections accepted in a row before the accept loop lets sessions run.
+_ACCEPT_BATCH: Final = 16
+#: The listen queue (trio's open_tcp_listeners default: the kernel's maximum).
+_BACKLOG: Final = 0xFFFF
+
+
+def _inherited_listener(fd: int) -> socket.socket:
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
-    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    return sock
+
+
+async def _open_listeners(endpoint: Endpoint) -> list[socket.socket]:
+    """Listening sockets for ``endpoint`` (each address it resolves to), as
+    ``trio.open_tcp_listeners`` makes them, but plain non-blocking sockets."""
+    infos = await trio.socket.getaddrinfo(
+        endpoint.host, endpoint.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    seen: set[tuple[int, object]] = set()
+    listeners: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, sockaddr in infos:
+            if (family, sockaddr) in seen:
+                continue
+            seen.add((family, sockaddr))
+            sock = socket.socket(family, kind, proto)
+            listeners.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(_BACKLOG)
+            sock.setblocking(False)
+    except OSError:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners
 
 
 async def _wait_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
