@@ -30,7 +30,7 @@ the client after the replies to the commands sent before it.
 
 Replies
 -------
-The server's bytes are read in one of three modes:
+The server's bytes are read in one of four modes:
 
 ``STATUS``
     collect the reply's first line, classify it (+OK, -ERR, or a SASL
@@ -44,6 +44,11 @@ The server's bytes are read in one of three modes:
     stream a multi-line reply to the client as it arrives, without
     unstuffing, watching only for the terminator CRLF "." CRLF, however the
     reads split it.  Memory use does not depend on the message size.
+``INDEX``
+    a client's UIDL or LIST listing with ``message_identity`` on: streamed
+    like ``BODY`` (the same terminator search, the bytes unchanged), and
+    also read line by line to learn each message's UIDL or size (see
+    "Message identity").
 ``LISTING``
     a multi-line reply popguard reads line by line because it rewrites it
     (CAPA: the upstream's ``STLS`` is never relayed, since STLS is
@@ -91,15 +96,34 @@ never stored or logged.
 Message identity
 ----------------
 Message numbers mean nothing outside one session, so records name messages
-by UIDL and size as well (RFC 1939 §7: UIDs are stable across sessions).
-With ``message_identity`` on, before forwarding a RETR, TOP or DELE for a
-message whose identity popguard does not know yet, it sends ``UIDL n`` and
-``LIST n`` upstream in the same write.  Their entries in ``pending`` are
-*internal*: the replies are read and kept, never shown to the client, so the
-client sees exactly the bytes it would see without popguard, in the same
-order.  Only commands forwarded in TRANSACTION are looked up (commands
-pipelined behind a login wait for its reply, so they are).  A server that
-answers UIDL with -ERR (UIDL is optional in RFC 1939) is not asked again.
+by UIDL and size as well (RFC 1939 §7: UIDs are stable across sessions, and
+a number names the same message for the whole session).  With
+``message_identity`` on, popguard first learns them from the replies to the
+client's own commands: the listings of a bare ``UIDL`` (``n uid`` lines) and
+``LIST`` (``n size``), read as they stream past (the ``INDEX`` reader: one
+bounded partial line held, lines unstuffed as RFC 1939 §3 says, malformed or
+over-long lines and entries past ``MAX_IDENTITY_CACHE`` simply not learnt),
+and the single-line replies to ``UIDL n`` and ``LIST n``.  Many clients list
+before they retrieve (fetchmail 6.4 sends ``LIST n`` before each ``RETR n``),
+so little is left to ask.
+
+What is still unknown when a RETR, TOP or DELE is forwarded, popguard asks
+for itself, in the same write, before the command: ``UIDL n`` unless the UIDL
+is known (or the server has none), ``LIST n`` unless the size is.  Their
+entries in ``pending`` are *internal*: the replies are read and kept, never
+shown to the client, so the client sees exactly the bytes it would see
+without popguard, in the same order.  Only commands forwarded and replies
+received in TRANSACTION count (commands pipelined behind a login wait for
+its reply); a RETR pipelined behind the client's own UIDL is looked up all
+the same, since it is forwarded before the listing arrives.
+
+UIDL is optional in RFC 1939.  popguard stops asking for it once the server
+is known to lack it: a bare ``UIDL`` answered -ERR, or ``UIDL n`` answered
+-ERR for a message that exists (its size is known, from a listing or from
+the ``LIST n`` sent behind it, and it is not marked deleted); ``UIDL n``
+-ERR alone can mean "no such message".  A -ERR carrying a response code
+(``[SYS/TEMP]``, ``[IN-USE]``, RFC 2449 §8) is about something else and
+proves nothing.
 
 Durable deletions (fail-closed auditing)
 ----------------------------------------
@@ -123,6 +147,7 @@ the only QUIT that goes upstream is a client's line, forwarded.
 from __future__ import annotations
 
 import enum
+import re
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -159,6 +184,7 @@ class State(enum.StrEnum):
 class _Reader(enum.Enum):
     STATUS = enum.auto()
     BODY = enum.auto()
+    INDEX = enum.auto()
     LISTING = enum.auto()
 
 
@@ -229,9 +255,10 @@ class _SaslExchange:
     denied: bytes | None = None
 
 
-#: At most this many messages per session get identity lookups (bounded
-#: memory for a client that walks a huge mailbox); later ones are recorded
-#: by number only.
+#: At most this many messages per session get identity lookups, and at most
+#: this many UIDLs and sizes are learnt (bounded memory for a client that
+#: walks or lists a huge mailbox: some 250 octets per message learnt); later
+#: ones are recorded by number only.
 MAX_IDENTITY_CACHE = 100_000
 
 #: Commands whose reply decides who is logged in; later pipelined commands
@@ -239,7 +266,25 @@ MAX_IDENTITY_CACHE = 100_000
 _LOGIN_VERBS = frozenset({"PASS", "APOP", "AUTH"})
 
 #: Commands whose first argument the session needs when the reply arrives.
-_KEEP_ARG = frozenset({"RETR", "TOP", "DELE"})
+_KEEP_ARG = frozenset({"RETR", "TOP", "DELE", "UIDL", "LIST"})
+
+#: Commands whose message popguard names by UIDL and size (message identity).
+_LOOKUP_VERBS = frozenset({"RETR", "TOP", "DELE"})
+
+#: Digits in a message number or size that are learnt (int() stays cheap).
+_MAX_NUMBER_DIGITS = 20
+
+#: The lines of a UIDL and of a LIST listing that are learnt from, as RFC
+#: 1939 §7 and §5 write them: "n SP unique-id" and "n SP size", the latter
+#: perhaps followed by SP and more (bounded here), each ending in CRLF.  A
+#: leading "." is byte-stuffing (§3): the line is read as the client reads it.
+#: Anything else (bare LF, extra spaces, an invalid unique-id) is relayed
+#: like any other line, just not learnt.
+_UIDL_LINES = re.compile(rb"^\.?(\d{1,20}) ([\x21-\x7e]{1,70})\r$", re.MULTILINE)
+_LIST_LINES = re.compile(rb"^\.?(\d{1,20}) (\d{1,20})(?: [^\r\n]{0,400})?\r$", re.MULTILINE)
+
+#: Longest listing line held across reads: no longer line could be learnt.
+_MAX_INDEX_LINE = 512
 
 #: Commands that name the account to log in to.
 _NAMING_VERBS = frozenset({"USER", "APOP"})
@@ -299,6 +344,11 @@ class ProxySession:
         self._uidl_supported = True
         # A UIDL -ERR only means "no UIDL here" if LIST then finds the message.
         self._uidl_refused_for: int | None = None
+        # The INDEX reader: a UIDL (True) or LIST listing, its partial line,
+        # and whether the current line is too long to learn from.
+        self._index_uidl = False
+        self._index_buf = bytearray()
+        self._index_skip = False
         self.durable_deletions = durable_deletions
         #: A record the shell must write durably before the session goes on.
         self.pending_durable: AuditRecord | None = None
@@ -881,7 +931,7 @@ class ProxySession:
 
     def _forward(self, command: Command, account: Account | None = None) -> None:
         arg = command.args[0] if command.verb in _KEEP_ARG and command.args else None
-        if arg is not None:
+        if arg is not None and command.verb in _LOOKUP_VERBS:
             self._request_identity(_message_number(arg))
         self._pending.append(_Pending(command.verb, arg, is_multiline(command), account=account))
         if command.verb in _LOGIN_VERBS:
@@ -891,45 +941,67 @@ class ProxySession:
             self.observer.forwarded(command.verb)
 
     def _request_identity(self, msg: int | None) -> None:
-        """Ask the server for a message's UIDL and size, invisibly to the client."""
+        """Ask the server for what is unknown of a message's UIDL and size, invisibly."""
         if (
             msg is None
             or not self.message_identity
             or self.state is not State.TRANSACTION
             or msg in self._identity_requested
-            or len(self._identity_requested) >= MAX_IDENTITY_CACHE
         ):
+            return
+        want_uidl = self._uidl_supported and msg not in self._uidls
+        want_size = msg not in self._sizes
+        if not (want_uidl or want_size) or len(self._identity_requested) >= MAX_IDENTITY_CACHE:
             return
         self._identity_requested.add(msg)
         number = str(msg).encode("ascii")
-        if self._uidl_supported:
+        if want_uidl:
             self._pending.append(_Pending("UIDL", number, internal=True))
             self._upstream_out.append(b"UIDL " + number + b"\r\n")
-        self._pending.append(_Pending("LIST", number, internal=True))
-        self._upstream_out.append(b"LIST " + number + b"\r\n")
+        if want_size:
+            self._pending.append(_Pending("LIST", number, internal=True))
+            self._upstream_out.append(b"LIST " + number + b"\r\n")
 
     def _internal_reply(self, entry: _Pending, status: Status, line: bytes) -> None:
         """Keep what an identity lookup answered; the client never sees it."""
         self._pending.popleft()
         msg = _message_number(entry.arg)
-        words = reply_text(line).split()
-        value = words[1] if status is Status.OK and len(words) >= 2 else b""
+        ok = status is Status.OK
         if msg is None:
             pass
         elif entry.verb == "UIDL":
-            # A UIDL -ERR means either "no UIDL command" or "no such message";
-            # the LIST lookup that follows tells which.
-            self._uidl_refused_for = None if status is Status.OK else msg
-            if _is_uidl(value):
-                self._uidls[msg] = value.decode("ascii")
+            if ok:
+                self._uidl_refused_for = None
+                self._learn(True, msg, reply_text(line))
+            else:
+                self._uidl_refused(msg, line)
         elif entry.verb == "LIST":
-            if value.isdigit():
-                self._sizes[msg] = int(value)
-                if self._uidl_refused_for == msg:
-                    self._uidl_supported = False  # the message exists; UIDL does not
+            if ok and self._learn(False, msg, reply_text(line)) and self._uidl_refused_for == msg:
+                self._uidl_supported = False  # the message exists; UIDL does not
             self._uidl_refused_for = None
         self._flush_local()
         self._finish_if_idle_after_eof()
+
+    def _uidl_refused(self, msg: int, line: bytes) -> None:
+        """``UIDL msg`` got -ERR: "no UIDL command", or "no such message"?"""
+        self._uidl_refused_for = None
+        if not _no_uidl(line):
+            return
+        if msg not in self._sizes:
+            # The LIST lookup sent behind it tells which.
+            self._uidl_refused_for = msg
+        elif msg not in self.marked_for_deletion:
+            self._uidl_supported = False  # the message exists; UIDL does not
+
+    def _learn_reply(self, entry: _Pending, ok: bool, line: bytes) -> None:
+        """The reply to a client's own UIDL or LIST (a listing was learnt as it passed)."""
+        if entry.multiline:
+            if not ok and entry.verb == "UIDL" and _no_uidl(line):
+                self._uidl_supported = False  # a bare UIDL fails only where there is none
+            return
+        msg = _message_number(entry.arg)
+        if ok and msg is not None:
+            self._learn(entry.verb == "UIDL", msg, reply_text(line))
 
     def _identity(self, msg: int | None) -> dict[str, Scalar]:
         """``msg``, plus ``uidl`` and ``size`` where known, for a record."""
@@ -990,6 +1062,8 @@ class ProxySession:
         while pos < size and not self.finished:
             if self._reader is _Reader.BODY:
                 pos = self._relay_body(data, pos)
+            elif self._reader is _Reader.INDEX:
+                pos = self._relay_index(data, pos)
             elif self._reader is _Reader.LISTING:
                 pos = self._relay_listing(data, pos)
             else:
@@ -1054,6 +1128,16 @@ class ProxySession:
             self._reply_bytes = len(line)
             if entry.verb in ("CAPA", "AUTH"):
                 self._reader = _Reader.LISTING
+            elif (
+                entry.verb in ("UIDL", "LIST")
+                and self.message_identity
+                and self.state is State.TRANSACTION
+            ):
+                self._reader = _Reader.INDEX
+                self._tail = b"\r\n"
+                self._index_uidl = entry.verb == "UIDL"
+                self._index_buf.clear()
+                self._index_skip = False
             else:
                 self._reader = _Reader.BODY
                 self._tail = b"\r\n"
@@ -1082,6 +1166,109 @@ class ProxySession:
         self._reader = _Reader.STATUS
         self._complete(Status.OK, b"")
         return end
+
+    def _relay_index(self, data: bytes, pos: int) -> int:
+        """Stream a UIDL or LIST listing through unchanged, learning its lines.
+
+        The client gets exactly the bytes ``_relay_body`` would pass (the
+        same terminator search); the same chunks are then read line by line
+        (``_learn_index``).  The bulk path (``BODY``) is not touched.
+        """
+        tail = self._tail
+        found = (tail + data[pos : pos + 4]).find(MULTILINE_TERMINATOR)
+        if found != -1:
+            end = pos + found + len(MULTILINE_TERMINATOR) - len(tail)
+        else:
+            found = data.find(MULTILINE_TERMINATOR, pos)
+            end = found + len(MULTILINE_TERMINATOR) if found != -1 else len(data)
+        chunk = data[pos:end] if pos or end != len(data) else data
+        self._client_out.append(chunk)
+        self._reply_bytes += len(chunk)
+        self._learn_index(chunk)
+        if found == -1:
+            self._tail = chunk[-4:] if len(chunk) >= 4 else (tail + chunk)[-4:]
+            return end
+        self._reader = _Reader.STATUS
+        self._complete(Status.OK, b"")
+        return end
+
+    def _learn_index(self, chunk: bytes) -> None:
+        """Learn from the whole lines of a listing chunk; keep a bounded partial line.
+
+        Lines are matched in bulk (``_UIDL_LINES``, ``_LIST_LINES``), so the
+        cost per line stays small; a line split across reads is put together
+        first, unless it is already longer than any line that could match.
+        """
+        last = chunk.rfind(b"\n")
+        buf = self._index_buf
+        if last == -1:
+            rest = chunk
+        else:
+            start = 0
+            if buf or self._index_skip:
+                start = chunk.find(b"\n") + 1
+                if not self._index_skip and len(buf) + start <= _MAX_INDEX_LINE:
+                    buf += chunk[:start]
+                    self._index_lines(bytes(buf))
+                buf.clear()
+                self._index_skip = False
+            if start <= last:
+                self._index_lines(
+                    chunk[start : last + 1] if start or last + 1 < len(chunk) else chunk
+                )
+            rest = chunk[last + 1 :]
+        if rest and not self._index_skip:
+            if len(buf) + len(rest) > _MAX_INDEX_LINE:
+                buf.clear()
+                self._index_skip = True  # longer than any line learnt from: skip to its end
+            else:
+                buf += rest
+
+    def _index_lines(self, lines: bytes) -> None:
+        """Learn from whole listing lines (each ending in LF)."""
+        if self._index_uidl:
+            uidls = self._uidls
+            for number, uid in _UIDL_LINES.findall(lines):
+                n = int(number)
+                if n in uidls or len(uidls) < MAX_IDENTITY_CACHE:
+                    uidls[n] = uid.decode("ascii")
+        else:
+            sizes = self._sizes
+            for number, size in _LIST_LINES.findall(lines):
+                n = int(number)
+                if n in sizes or len(sizes) < MAX_IDENTITY_CACHE:
+                    sizes[n] = int(size)
+
+    def _learn(self, uidl: bool, msg: int, text: bytes) -> bool:
+        """Learn from the text of a ``+OK n uid`` (``uidl``) or ``+OK n size`` reply.
+
+        ``n`` must be ``msg``, the number asked about; words are split at any
+        whitespace and anything after the value is ignored (RFC 1939 §5 lets
+        LIST say more).  True if the text was well-formed (and learnt, unless
+        the cache is full).
+        """
+        words = text.split()
+        if len(words) < 2:
+            return False
+        number, value = words[0], words[1]
+        if not number.isdigit() or len(number) > _MAX_NUMBER_DIGITS:
+            return False
+        n = int(number)
+        if n != msg:
+            return False
+        if uidl:
+            if not _is_uidl(value):
+                return False
+            uidls = self._uidls
+            if n in uidls or len(uidls) < MAX_IDENTITY_CACHE:
+                uidls[n] = value.decode("ascii")
+            return True
+        if not value.isdigit() or len(value) > _MAX_NUMBER_DIGITS:
+            return False
+        sizes = self._sizes
+        if n in sizes or len(sizes) < MAX_IDENTITY_CACHE:
+            sizes[n] = int(value)
+        return True
 
     def _relay_listing(self, data: bytes, pos: int) -> int:
         """Relay a multi-line reply line by line (CAPA), rewriting as needed."""
@@ -1202,6 +1389,9 @@ class ProxySession:
                 )
         elif verb == "DELE":
             self._dele_result(ok, _message_number(entry.arg), line)
+        elif verb in ("UIDL", "LIST"):
+            if self.message_identity and self.state is State.TRANSACTION:
+                self._learn_reply(entry, ok, line)
         elif verb == "RSET":
             if ok and self.state is State.TRANSACTION:
                 self._record(Event.RSET, messages=self._identities(self.marked_for_deletion))
@@ -1347,9 +1537,22 @@ def _mechanism_line(line: bytes) -> bytes | None:
     return line if name in DECODABLE else None
 
 
+def _no_uidl(line: bytes) -> bool:
+    """Whether a UIDL's -ERR may say "no UIDL here": not one with a response code.
+
+    ``[SYS/TEMP]``, ``[IN-USE]`` and the like (RFC 2449 §8, RFC 3206) are
+    about something else, so they never turn UIDL lookups off.
+    """
+    return not reply_text(line).startswith(b"[")
+
+
+#: RFC 1939 §7: a unique-id is 1 to 70 characters in 0x21 to 0x7E.
+_UNIQUE_ID = re.compile(rb"[\x21-\x7e]{1,70}")
+
+
 def _is_uidl(word: bytes) -> bool:
-    """RFC 1939 §7: a unique-id is 1 to 70 characters in 0x21 to 0x7E."""
-    return 1 <= len(word) <= 70 and all(0x21 <= byte <= 0x7E for byte in word)
+    """Whether ``word`` is a unique-id (RFC 1939 §7)."""
+    return _UNIQUE_ID.fullmatch(word) is not None
 
 
 def _message_number(arg: bytes | None) -> int | None:
