@@ -39,6 +39,7 @@ from popguard.core.session import ProxySession
 from popguard.policy.session import Deadline, SessionPolicy
 from popguard.shell.tcp import TCPStream
 from popguard.shell.tls import HANDSHAKE_TIMEOUT, describe
+from popguard.shell.tlssock import TLSSocketStream
 
 #: One read from the upstream.  Large enough that bulk RETR costs few trips
 #: through Python; the core forwards each read as one chunk.
@@ -353,7 +354,7 @@ class Relay:
         if isinstance(upstream, TCPStream):
             self._upstream_tcp = upstream
         session.upstream_connected(self._upstream_label)
-        if isinstance(upstream, trio.SSLStream):
+        if isinstance(upstream, TLSSocketStream | trio.SSLStream):
             assert self._upstream_tls is not None
             stls = self._upstream_tls.mode == "starttls"
             session.tls_established("upstream", stls=stls, **describe(upstream))
@@ -472,15 +473,27 @@ class Relay:
         session = self.session
         context = self._client_tls
         assert context is not None
-        tls = trio.SSLStream(self.client, context, server_side=True)
+        client = self.client
+        tls: TLSSocketStream | trio.SSLStream[trio.abc.Stream] | None = None
         self._client_sending = True
         try:
+            # OpenSSL reads the ClientHello from the kernel socket itself: for
+            # STLS, plaintext the core already read (and discarded) is never
+            # fed to TLS.  Bytes given back with TCPStream.unread (none from
+            # the server: it peeks PROXY headers) need trio's memory-BIO
+            # stream, as does a stream that is not TCP.
+            if isinstance(client, TCPStream) and not client.pushback:
+                tls = TLSSocketStream.wrap(client, context, server_side=True)
+            else:
+                tls = trio.SSLStream(client, context, server_side=True)
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 await tls.do_handshake()
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             cause = exc.__cause__ or exc
             detail = "timed out" if isinstance(exc, trio.TooSlowError) else str(cause)
             session.end(EndReason.CLIENT_ERROR, f"TLS handshake failed: {detail}"[:200])
+            if isinstance(tls, TLSSocketStream):
+                self.client = tls.detach_tcp()  # closed as plain TCP (lingering)
             self._emit_records()
             return False
         finally:
@@ -496,7 +509,7 @@ class Relay:
 
     async def _secure_upstream(
         self, stream: trio.abc.Stream, security: UpstreamSecurity
-    ) -> tuple[trio.SSLStream[trio.abc.Stream], bytes]:
+    ) -> tuple[TLSSocketStream | trio.SSLStream[trio.abc.Stream], bytes]:
         """Implicit TLS, or STLS after the greeting (which is kept for the client).
 
         The greeting gets ``greeting_timeout`` from the TCP connection; the
@@ -524,13 +537,24 @@ class Relay:
                     )
             if exchange.cancelled_caught:
                 raise UpstreamTLSError(f"no reply to STLS within {HANDSHAKE_TIMEOUT:g} s")
-        tls = trio.SSLStream(stream, security.context, server_hostname=security.server_name)
+        tls: TLSSocketStream | trio.SSLStream[trio.abc.Stream] | None = None
         try:
+            if isinstance(stream, TCPStream) and not stream.pushback:
+                name = security.server_name
+                tls = TLSSocketStream.wrap(
+                    stream, security.context, server_side=False, server_hostname=name
+                )
+            else:
+                tls = trio.SSLStream(stream, security.context, server_hostname=security.server_name)
             with trio.fail_at(deadline):
                 await tls.do_handshake()
         except trio.BrokenResourceError as exc:
+            if isinstance(tls, TLSSocketStream):
+                tls.close_now()  # it owns the connection now
             raise UpstreamTLSError(f"TLS handshake failed: {exc.__cause__ or exc}"[:200]) from exc
         except trio.TooSlowError as exc:
+            if isinstance(tls, TLSSocketStream):
+                tls.close_now()
             raise UpstreamTLSError("TLS handshake timed out") from exc
         return tls, greeting
 
@@ -596,21 +620,12 @@ class Relay:
         """One read from a TLS (or test) upstream stream."""
         upstream = self.upstream
         assert upstream is not None
-        # A TLS upstream yields one TLS record per receive (Dovecot writes
-        # 4 KiB records): gather what is already decrypted-able before the
-        # core and the client see it, so one network read costs one pass and
-        # one client write (bench --tls-compare: 13 writes per 50 kB before).
-        incoming = (
-            getattr(upstream, "_incoming", None) if isinstance(upstream, trio.SSLStream) else None
-        )
+        # A TLSSocketStream returns every record the kernel already holds as
+        # one chunk (Dovecot writes 4 KiB records), so one network read costs
+        # one pass through the core and one client write.
         self._upstream_waiting = True
         try:
             data = await upstream.receive_some(RECEIVE_SIZE)
-            while data and incoming is not None and incoming.pending and len(data) < RECEIVE_SIZE:
-                more = await upstream.receive_some(RECEIVE_SIZE)
-                if not more:
-                    break  # close_notify: let the next receive report it
-                data += more
         except _STREAM_ERRORS as exc:
             self.session.end(EndReason.UPSTREAM_ERROR, _describe(exc))
             return None
@@ -635,18 +650,26 @@ class Relay:
             self._upstream_scope.cancel()
 
     async def _flush_both(self) -> None:
-        """Send what the core produced, in order, to each side."""
-        if self.session.policy_epoch != self._policy_epoch:
-            self._policy_epoch = self.session.policy_epoch
+        """Send what the core produced, in order, to each side.
+
+        Each step is entered only when there is something for it: this runs
+        after every read, and a coroutine that has nothing to do still costs.
+        """
+        session = self.session
+        if session.policy_epoch != self._policy_epoch:
+            self._policy_epoch = session.policy_epoch
             self.rearm()  # logged in: the user's timers apply from now
-        if self._before_login and self.session.logged_in:
+        if self._before_login and session.logged_in:
             self._before_login = False
             self.rearm()  # the login timer no longer applies
-        if self.session.pending_durable is not None:
+        if session.pending_durable is not None:
             await self._settle_durable()
-        await self._flush_client()
-        await self._flush_upstream()
-        self._emit_records()
+        if session.has_client_output:
+            await self._flush_client()
+        if session.has_upstream_output:
+            await self._flush_upstream()
+        if session.has_records:
+            self._emit_records()
 
     async def _settle_durable(self) -> None:
         """Write the records the core wants durable before it goes on."""
@@ -680,9 +703,9 @@ class Relay:
         session = self.session
         self._client_sending = True
         try:
-            while data := session.take_client_output():
+            while chunks := session.take_client_chunks():
                 try:
-                    await _send(self.client, self._client_tcp, data)
+                    await _send_chunks(self.client, self._client_tcp, chunks)
                 except _STREAM_ERRORS as exc:
                     session.end(EndReason.CLIENT_ERROR, _describe(exc))
                     return
@@ -722,7 +745,7 @@ class Relay:
             # Anything the core still held for the server is dropped with the
             # connection: the session is over (and the core never queues QUIT).
             session.take_upstream_output()
-            if isinstance(self.upstream, TCPStream):
+            if isinstance(self.upstream, TCPStream | TLSSocketStream):
                 self.upstream.close_now()
             elif self.upstream is not None:
                 await trio.aclose_forcefully(self.upstream)
@@ -738,9 +761,18 @@ class Relay:
         read and discard what the client still sends, briefly, then close.
         """
         client = self.client
-        if isinstance(client, trio.SSLStream):
+        deadline = trio.current_time() + LINGER_TIMEOUT
+        if isinstance(client, TLSSocketStream):
             # TLS ends with close_notify (RFC 8446 §6.1), so the client can
-            # tell our close from a truncation.
+            # tell our close from a truncation.  Then the TCP connection is
+            # closed as below: what the client still sends is read, not
+            # decrypted, and discarded.
+            with trio.move_on_at(deadline):
+                with contextlib.suppress(*_STREAM_ERRORS, trio.BusyResourceError):
+                    await client.send_eof()
+            client = client.detach_tcp()
+        if isinstance(client, trio.SSLStream):
+            # trio's TLS (over a stream that is not TCP): close_notify, then close.
             with trio.move_on_after(LINGER_TIMEOUT):
                 try:
                     await client.aclose()
@@ -750,7 +782,7 @@ class Relay:
             await trio.aclose_forcefully(client)
             return
         if isinstance(client, trio.abc.HalfCloseableStream):
-            with trio.move_on_after(LINGER_TIMEOUT):
+            with trio.move_on_at(deadline):
                 try:
                     await client.send_eof()
                     discarded = 0
@@ -774,6 +806,25 @@ class Relay:
                 fields["duration_ms"] = math.floor(duration * 1000)
                 record = AuditRecord(record.event, fields)
             self._emit(record)
+
+
+#: Chunks gathered into one sendmsg (well under IOV_MAX, 1024 on Linux).
+_MAX_GATHER: Final = 64
+
+
+async def _send_chunks(stream: trio.abc.Stream, tcp: TCPStream | None, chunks: list[bytes]) -> None:
+    """Send ``chunks`` in order, gathered into one write on a plain socket
+    (no copy of a large reply into its status line's buffer)."""
+    if len(chunks) == 1 or tcp is None or len(chunks) > _MAX_GATHER:
+        await _send(stream, tcp, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        return
+    try:
+        sent = tcp.socket.sendmsg(chunks)
+    except BlockingIOError:
+        sent = 0
+    total = sum(map(len, chunks))
+    if sent < total:
+        await tcp.send_all(memoryview(b"".join(chunks))[sent:])
 
 
 async def _send(stream: trio.abc.Stream, tcp: TCPStream | None, data: bytes) -> None:

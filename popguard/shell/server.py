@@ -425,10 +425,13 @@ class ProxyServer:
             with trio.move_on_after(config.timeout):
                 try:
                     while result is None:
-                        data = await stream.receive_some(4096)
+                        # Peeked, then only the header taken: the session's
+                        # first bytes (a TLS ClientHello) stay in the socket.
+                        data = await stream.peek_some(4096)
                         if not data:
                             parser.eof()
                         result = parser.feed(data)
+                        stream.discard(len(data) - len(result.remainder) if result else len(data))
                 except ProxyProtocolError as exc:
                     reason = exc.reason
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -438,7 +441,6 @@ class ProxyServer:
                     return endpoints  # no header from a trusted peer: it speaks for itself
                 reason = f"no PROXY header within {config.timeout:g} s"
             if result is not None:
-                stream.unread(result.remainder)
                 if result.source is None or result.destination is None:
                     return endpoints  # LOCAL / UNKNOWN: the connection's own addresses
                 context["proxy"] = context["client"]

@@ -62,6 +62,54 @@ class TCPStream(trio.abc.HalfCloseableStream):
         data, self._pushback = self._pushback[:size], self._pushback[size:]
         return data
 
+    def detach(self) -> socket.socket:
+        """Hand the socket to a new owner (TLS, :mod:`popguard.shell.tlssock`):
+        this stream is closed from now on, the socket is not."""
+        self._closed = True
+        return self.socket
+
+    async def peek_some(self, max_bytes: int) -> bytes:
+        """Like :meth:`receive_some`, but the bytes stay to be read (``MSG_PEEK``);
+        :meth:`discard` then takes as many of them as the caller used.
+
+        A PROXY header is read this way, so whatever follows it in the same
+        segment stays in the kernel: TLS (:mod:`popguard.shell.tlssock`)
+        reads the ClientHello from the socket itself.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving")
+        if self._pushback:
+            await trio.lowlevel.checkpoint()
+            return self._pushback[:max_bytes]
+        self._receiving = True
+        sock = self.socket
+        try:
+            while True:
+                try:
+                    data = sock.recv(max_bytes, socket.MSG_PEEK)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
+                await trio.lowlevel.checkpoint()
+                return data
+        except OSError as exc:
+            raise self._translate(exc) from exc
+        finally:
+            self._receiving = False
+
+    def discard(self, count: int) -> None:
+        """Drop the first ``count`` bytes :meth:`peek_some` returned."""
+        if self._pushback:
+            self._pushback = self._pushback[count:]
+            return
+        while count > 0:
+            try:
+                count -= len(self.socket.recv(count)) or count
+            except OSError as exc:  # peeked bytes are there: not expected
+                raise self._translate(exc) from exc
+
     def setsockopt(self, level: int, option: int, value: int | bool) -> None:
         self.socket.setsockopt(level, option, value)
 

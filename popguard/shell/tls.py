@@ -18,9 +18,14 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
+
+import trio
+
+from popguard.shell.tlssock import TLSSocketStream, record_sni
 
 ListenerTLSMode = Literal["none", "implicit", "starttls"]
 UpstreamTLSMode = Literal["none", "implicit", "starttls"]
@@ -32,6 +37,9 @@ VERSIONS: Final[Mapping[str, ssl.TLSVersion]] = {
     "TLSv1.2": ssl.TLSVersion.TLSv1_2,
     "TLSv1.3": ssl.TLSVersion.TLSv1_3,
 }
+
+#: The server name of each per-name (``sni:``) server context.
+_SNI_CONTEXTS: weakref.WeakKeyDictionary[ssl.SSLContext, str] = weakref.WeakKeyDictionary()
 
 #: How long a TLS handshake may take, on either side.
 HANDSHAKE_TIMEOUT: Final = 10.0
@@ -75,10 +83,12 @@ def server_context(tls: ListenerTLS) -> ssl.SSLContext:
     assert tls.cert is not None
     context = _server_base(tls, tls.cert)
     by_name = {name.lower(): _server_base(tls, pair) for name, pair in tls.sni.items()}
+    for name, chosen in by_name.items():
+        _SNI_CONTEXTS[chosen] = name
 
-    def choose(sock: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+    def choose(sock: ssl.SSLSocket | ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
         if name:
-            sock._popguard_sni = name  # type: ignore[attr-defined]  # for the record
+            record_sni(sock, name)  # for the record
             chosen = by_name.get(name.lower())
             if chosen is not None:
                 sock.context = chosen
@@ -121,21 +131,29 @@ def legacy_warnings(tls: UpstreamTLS) -> list[str]:
     return warnings
 
 
-def describe(stream: object) -> dict[str, str | None]:
-    """Version, cipher, SNI and ALPN of an established ``trio.SSLStream``."""
-    cipher = stream.cipher()  # type: ignore[attr-defined]
-    ssl_object = getattr(stream, "_ssl_object", None)
-    if stream.server_side:  # type: ignore[attr-defined]
-        sni = getattr(ssl_object, "_popguard_sni", None)
+def describe(stream: TLSSocketStream | trio.SSLStream[trio.abc.Stream]) -> dict[str, str | None]:
+    """Version, cipher, SNI and ALPN of an established TLS stream.
+
+    The SNI toward clients is the name the client sent; a ``trio.SSLStream``
+    (only over non-TCP transports, such as the tests' memory streams) keeps
+    its ``SSLObject`` private, so there it is known only when the name chose
+    one of the listener's ``sni:`` certificates.
+    """
+    cipher = stream.cipher()
+    sni: str | None
+    if isinstance(stream, TLSSocketStream):
+        sni = stream.sni
+    elif stream.server_side:
+        sni = _SNI_CONTEXTS.get(stream.context)
     else:
-        sni = stream.server_hostname  # type: ignore[attr-defined]
-        if isinstance(sni, str) and _is_ip(sni):
-            sni = None  # no SNI is sent for an address (RFC 6066 §3)
+        sni = stream.server_hostname
+    if not stream.server_side and isinstance(sni, str) and _is_ip(sni):
+        sni = None  # no SNI is sent for an address (RFC 6066 §3)
     return {
-        "tls_version": stream.version(),  # type: ignore[attr-defined]
+        "tls_version": stream.version(),
         "cipher": cipher[0] if cipher else None,
         "sni": sni if isinstance(sni, str) else None,
-        "alpn": stream.selected_alpn_protocol(),  # type: ignore[attr-defined]
+        "alpn": stream.selected_alpn_protocol(),
     }
 
 

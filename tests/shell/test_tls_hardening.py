@@ -1003,6 +1003,32 @@ async def test_tls_session_end_sends_close_notify(pki: PKI, listener: str) -> No
     assert rest == b""
 
 
+@pytest.mark.parametrize("listener", ["implicit", "starttls"])
+async def test_close_notify_when_the_client_pipelined_past_quit(pki: PKI, listener: str) -> None:
+    """Bytes the client sent after QUIT are still unread when popguard closes: the
+    close is still close_notify (OpenSSL would fail SSL_shutdown on such data, and
+    an unread close turns into RST), then FIN, and QUIT's +OK arrives whole."""
+    async with stack(pki, listener=listener) as s:
+        c = await Client.connect(s.port)
+        if listener == "implicit":
+            await c.starttls(pki.client_context())
+            await c.line()
+        else:
+            await c.line()
+            assert await c.command(b"STLS") == REPLY_STLS_BEGIN
+            await c.starttls(pki.client_context())
+        await c.send(b"QUIT\r\n" + b"NOOP\r\n" * 200)
+        assert await c.line() == b"+OK bye\r\n"
+        assert not c.buf
+        with trio.fail_after(LIMIT):
+            # trio raises BrokenResourceError for an EOF without close_notify.
+            rest = await c.stream.receive_some()
+        await c.close()
+        await s.wait_for("session.closed")
+    assert rest == b""
+    assert s.upstream.commands()[-1] == b"QUIT"
+
+
 # -- 11. fuzzing the core with STLS, TLS and policies -----------------------------
 
 CLIENT_CHUNKS = [
