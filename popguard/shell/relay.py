@@ -38,6 +38,7 @@ from popguard.core.records import AuditRecord, EndReason, Event
 from popguard.core.session import ProxySession
 from popguard.policy.session import Deadline, SessionPolicy
 from popguard.shell.tcp import TCPStream
+from popguard.shell.timers import SessionTimers
 from popguard.shell.tls import HANDSHAKE_TIMEOUT, describe
 from popguard.shell.tlssock import TLSSocketStream
 
@@ -146,6 +147,7 @@ class Relay:
         implicit_tls: bool = False,
         upstream_tls: UpstreamSecurity | None = None,
         proxy_header: bytes | None = None,
+        timers: SessionTimers | None = None,
     ) -> None:
         self.session = session
         self.policy = policy
@@ -192,8 +194,12 @@ class Relay:
         self._client_tcp = client if isinstance(client, TCPStream) else None
         self._upstream_tcp: TCPStream | None = None
         self._started_at = 0.0
-        #: Set to re-read the timers (login, policy reload).
-        self._rearm = trio.Event()
+        #: The timer service (the server's; else one of this relay's own),
+        #: and the deadline it will look at this session (its bookkeeping).
+        self._own_timers = timers is None
+        self._timers = SessionTimers() if timers is None else timers
+        self.timer_at: float | None = None
+        self._timed = False
         self._policy_epoch = 0
         #: Dry-run timers already reported (each once per session).
         self._dry_reported: set[str] = set()
@@ -209,14 +215,15 @@ class Relay:
     def _touch(self) -> None:
         """Activity: the idle timer (RFC 1939 §3 autologout) starts again.
 
-        Only a timestamp is written here, on the hot path; the watchdog
+        Only a timestamp is written here, on the hot path; the timer service
         task compares it with the clock when its own sleep ends.
         """
         self._last_activity = trio.current_time()
 
     def rearm(self) -> None:
         """Re-read the session's timers now (the policy may have changed)."""
-        self._rearm.set()
+        if self._timed:
+            self._arm()
 
     def _deadlines(self) -> list[Deadline]:
         """When each timer fires: (time, setting, the policy rule or None).
@@ -254,18 +261,23 @@ class Relay:
             return EndReason.MAX_SESSION, None
         return EndReason.IDLE_TIMEOUT, None
 
-    async def _idle_watchdog(self) -> None:
-        """The idle timer (RFC 1939 §3 autologout), a policy's max_session, and
-        the greeting and login time limits."""
+    def _arm(self) -> None:
+        """Have the timer service look at this session at its next deadline."""
+        self._timers.schedule(self, min(timer[0] for timer in self._deadlines()))
+
+    def timer_due(self) -> float | None:
+        """The timer service's call at the scheduled time (see popguard.shell.timers).
+
+        Fires what is due: the idle timer (RFC 1939 §3 autologout), the
+        greeting and login limits, a policy's ``idle_timeout`` and
+        ``max_session`` (an enforced rule ends the session; a dry-run one is
+        recorded once).  Returns when to look again, or None once the
+        session is ending.
+        """
         while True:
             when, name, rule = min(self._deadlines(), key=lambda timer: timer[0])
-            self._rearm = trio.Event()
-            with trio.move_on_at(when):
-                await self._rearm.wait()
-                continue  # re-read the timers
-            when, name, rule = min(self._deadlines(), key=lambda timer: timer[0])
             if trio.current_time() < when:
-                continue  # there was activity meanwhile
+                return when  # there was activity meanwhile, or nothing is due yet
             if rule is not None:
                 event = Event.POLICY_DENIED if rule.mode == "enforce" else Event.POLICY_DRY_RUN
                 self._emit(
@@ -285,7 +297,7 @@ class Relay:
                     self._dry_reported.add(name)
                     continue
             self.abort(*self._timer_end(name))
-            return
+            return None
 
     # ------------------------------------------------------------------
     async def run(self) -> None:
@@ -301,10 +313,14 @@ class Relay:
                 elif await self._connect():
                     # One nursery, and the upstream pump in this task: each
                     # task and nursery fewer is ~2 kB less per idle session.
-                    # The last pump to finish cancels the watchdog.
+                    # The timers are the server's task's (a relay on its own
+                    # runs a service of its own here, ended with the pumps).
                     async with trio.open_nursery() as nursery:
                         pumps = _PumpsLeft(2, nursery.cancel_scope)
-                        nursery.start_soon(self._idle_watchdog)
+                        if self._own_timers:
+                            nursery.start_soon(self._timers.run)
+                        self._timed = True
+                        self._arm()
                         nursery.start_soon(pumps.run, self._pump_client)
                         await pumps.run(self._pump_upstream)
             if self._scope.cancelled_caught and not session.finished:
@@ -313,13 +329,15 @@ class Relay:
             session.end(EndReason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
             raise
         finally:
+            self._timed = False
+            self._timers.cancel(self)
             await self._close()
 
     async def _connect(self) -> bool:
         """Connect (``connect_timeout``), and set up the upstream's TLS if any.
 
         The greeting is awaited for ``greeting_timeout`` from the TCP
-        connection: here before STLS, else by the watchdog while the pumps run.
+        connection: here before STLS, else by the timer service while the pumps run.
         """
         session = self.session
         greeting = b""

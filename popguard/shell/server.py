@@ -51,6 +51,7 @@ from popguard.policy.session import PolicyHolder, PolicyShared, SessionPolicy
 from popguard.shell.admin import AdminServer, Readiness
 from popguard.shell.relay import Relay, UpstreamSecurity
 from popguard.shell.tcp import TCPStream
+from popguard.shell.timers import SessionTimers
 from popguard.shell.tls import ListenerTLS, TLSContexts, UpstreamTLS, legacy_warnings
 
 if TYPE_CHECKING:  # workers.py imports this module
@@ -136,6 +137,8 @@ class ProxyServer:
         self._listener_tls = {spec.name: spec.tls.mode for spec in settings.listeners}
         self._specs = {spec.name: spec for spec in settings.listeners}
         self._relays: set[Relay] = set()
+        #: Every session's timers, on one task (popguard.shell.timers).
+        self.timers = SessionTimers()
         self._all_closed = trio.Event()
         self._all_closed.set()
         self._shutdown = trio.Event()
@@ -229,6 +232,18 @@ class ProxyServer:
             policies=policies.source if policies is not None else None,
             policy_rules=len(policies.rules) if policies is not None else None,
         )
+        async with trio.open_nursery() as service:
+            service.start_soon(self.timers.run)
+            await self._serve(settings, opened, task_status)
+            service.cancel_scope.cancel()
+
+    async def _serve(
+        self,
+        settings: ServerSettings,
+        opened: list[tuple[ListenerSpec, list[socket.socket]]],
+        task_status: trio.TaskStatus[ProxyServer],
+    ) -> None:
+        """Accept until asked to stop, then give sessions their grace period."""
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as acceptors:
                 for spec, listeners in opened:
@@ -380,6 +395,7 @@ class ProxyServer:
             implicit_tls=mode == "implicit",
             upstream_tls=self._upstream_security(),
             proxy_header=proxy_header,
+            timers=self.timers,
         )
         self._relays.add(relay)
         self._all_closed = trio.Event() if len(self._relays) == 1 else self._all_closed
