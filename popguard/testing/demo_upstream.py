@@ -111,6 +111,16 @@ class Message:
         return len(self.data)
 
 
+def account_name(login: str) -> str:
+    """The account a login name opens: A-Z folded to a-z, as Dovecot's
+    default ``auth_username_format = %Lu`` does (and popguard's default
+    ``identity:`` expects)."""
+    return login.translate(_ASCII_FOLD)
+
+
+_ASCII_FOLD = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 @dataclass
 class Mailbox:
     """One user's maildrop."""
@@ -133,6 +143,7 @@ class MailStore:
 
     def add_user(self, user: str, password: str) -> Mailbox:
         """Create *user* (or change an existing user's password)."""
+        user = account_name(user)
         box = self.mailboxes.get(user)
         if box is None:
             box = self.mailboxes[user] = Mailbox(password)
@@ -661,7 +672,7 @@ class _Session:
     def user_command(self, args: list[bytes]) -> _Reply:
         if len(args) != 1:
             return _Reply(_err("usage: USER name"))
-        self.pending_user = args[0].decode("utf-8", "replace")
+        self.pending_user = account_name(args[0].decode("utf-8", "replace"))
         return _Reply(_ok("send PASS"))
 
     def pass_command(self, user: str | None, rest: bytes) -> _Reply:
@@ -678,7 +689,7 @@ class _Session:
             return _Reply(_err("usage: APOP name digest"))
         if self.timestamp is None:
             return _Reply(_err("APOP not available: no timestamp in the greeting"))
-        user = args[0].decode("utf-8", "replace")
+        user = account_name(args[0].decode("utf-8", "replace"))
         box = self.store.mailboxes.get(user)
         if box is None:
             return _Reply(_err("invalid user name or digest"))
@@ -713,7 +724,7 @@ class _Session:
             return _Reply(_err("malformed PLAIN response"))
         authzid, authcid, password = parts
         try:
-            user = authcid.decode("utf-8")
+            user = account_name(authcid.decode("utf-8"))
         except UnicodeDecodeError:
             return _Reply(_err("authentication failed"))
         box = self.store.mailboxes.get(user)

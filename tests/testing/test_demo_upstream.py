@@ -512,7 +512,8 @@ async def test_apop_on_the_wire(nursery: trio.Nursery, store: MailStore) -> None
     greeting = await client.line()
     timestamp = re.search(rb"<[^>]*>", greeting).group(0)  # type: ignore[union-attr]
     digest = hashlib.md5(timestamp + b"demo").hexdigest().encode()
-    assert (await client.command(b"APOP demo " + digest.upper()[:-1] + b"0")).startswith(b"-ERR")
+    wrong = digest.upper()[:-1] + (b"1" if digest.endswith(b"0") else b"0")
+    assert (await client.command(b"APOP demo " + wrong)).startswith(b"-ERR")
     assert (await client.command(b"APOP demo")).startswith(b"-ERR")
     assert (await client.command(b"APOP demo " + digest)).startswith(b"+OK maildrop has 5")
 
@@ -810,3 +811,14 @@ async def test_received_commands(nursery: trio.Nursery, store: MailStore) -> Non
     await in_thread(session)
     assert server.received_commands == [b"USER demo", b"PASS demo", b"STAT"]
     assert b"QUIT" not in server.received_commands
+
+
+async def test_login_names_fold_to_lower_case_as_dovecot_does(
+    nursery: trio.Nursery, store: MailStore
+) -> None:
+    """popguard's default identity rules expect the demo's accounts to fold."""
+    port = await start(nursery, DemoUpstream(store))
+    client = await Raw.connect(port)
+    await client.line()
+    assert (await client.command(b"USER DeMo")).startswith(b"+OK")
+    assert (await client.command(b"PASS demo")).startswith(b"+OK maildrop has 5")
