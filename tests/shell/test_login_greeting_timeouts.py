@@ -25,6 +25,7 @@ from popguard.core.session import (
     ProxySession,
 )
 from popguard.shell.relay import Relay, UpstreamSecurity
+from tests.shell.test_relay import recv_all, recv_until
 
 GREETING = b"+OK ready <1.2@test>\r\n"
 
@@ -45,26 +46,6 @@ class Rig:
         found = [r for r in self.records if r.event.value == name]
         assert len(found) == 1, self.events()
         return found[0]
-
-
-async def recv_until(stream: trio.abc.Stream, marker: bytes, limit: float = 5) -> bytes:
-    data = bytearray()
-    with trio.fail_after(limit):
-        while marker not in data:
-            chunk = await stream.receive_some()
-            if not chunk:
-                raise AssertionError(f"EOF before {marker!r}; got {bytes(data)!r}")
-            data += chunk
-    return bytes(data)
-
-
-async def recv_all(stream: trio.abc.Stream, limit: float = 5) -> bytes:
-    """Everything until EOF."""
-    data = bytearray()
-    with trio.fail_after(limit):
-        while chunk := await stream.receive_some():
-            data += chunk
-    return bytes(data)
 
 
 @asynccontextmanager

@@ -28,6 +28,7 @@ from popguard.policy.model import Match, PolicySet, Rule
 from popguard.policy.session import PolicyHolder, PolicyShared, SessionPolicy
 from popguard.shell.relay import Relay
 from popguard.shell.server import Endpoint, ProxyServer, ServerSettings
+from tests.shell.test_relay import recv_all, recv_until
 
 GREETING = b"+OK ready <1.2@test>\r\n"
 POLICY_FILE = "policies/50-timers.yaml"
@@ -71,26 +72,6 @@ class Rig:
         """What ProxyServer.reload_policies does for one open session."""
         self.holder.replace(new)
         self.relay.rearm()
-
-
-async def recv_until(stream: trio.abc.Stream, marker: bytes, limit: float = 5) -> bytes:
-    data = bytearray()
-    with trio.fail_after(limit):
-        while marker not in data:
-            chunk = await stream.receive_some()
-            if not chunk:
-                raise AssertionError(f"EOF before {marker!r}; got {bytes(data)!r}")
-            data += chunk
-    return bytes(data)
-
-
-async def recv_all(stream: trio.abc.Stream, limit: float = 5) -> bytes:
-    """Everything until EOF."""
-    data = bytearray()
-    with trio.fail_after(limit):
-        while chunk := await stream.receive_some():
-            data += chunk
-    return bytes(data)
 
 
 @asynccontextmanager
