@@ -34,8 +34,8 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, MutableMapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from contextlib import suppress
 from typing import Any, Final, Literal, Protocol, TextIO
 
 import structlog
@@ -445,8 +445,23 @@ def open_audit_log(*, file: str | None, console: bool, instance: str = "popguard
     return open_audit_log_from_config(AuditConfig(file=file, console=console), instance=instance)
 
 
-@contextmanager
-def session_context(**fields: Any) -> Iterator[None]:
+class _SessionContext:
+    """What :func:`session_context` returns (a class: it lives as long as the
+    session, and a generator-based context manager costs ~0.7 kB more)."""
+
+    __slots__ = ("_fields", "_tokens")
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self._fields = fields
+        self._tokens: Mapping[str, contextvars.Token[Any]] = {}
+
+    def __enter__(self) -> None:
+        self._tokens = structlog.contextvars.bind_contextvars(**self._fields)
+
+    def __exit__(self, *exc: object) -> None:
+        structlog.contextvars.reset_contextvars(**self._tokens)
+
+
+def session_context(**fields: Any) -> _SessionContext:
     """Bind fields (session id, client, listener) to every record in this task."""
-    with structlog.contextvars.bound_contextvars(**fields):
-        yield
+    return _SessionContext(fields)

@@ -108,26 +108,56 @@ def set_nodelay(stream: trio.abc.Stream) -> None:
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
 
 
-class _PumpsLeft:
-    """Counts the running pumps; when the last one ends, cancels *scope*."""
-
-    __slots__ = ("_left", "_scope")
-
-    def __init__(self, count: int, scope: trio.CancelScope) -> None:
-        self._left = count
-        self._scope = scope
-
-    async def run(self, pump: Callable[[], Awaitable[None]]) -> None:
-        try:
-            await pump()
-        finally:
-            self._left -= 1
-            if self._left == 0:
-                self._scope.cancel()
-
-
 class Relay:
     """Runs one session: connect upstream, pump bytes, close without QUIT."""
+
+    # Slots: a session's two objects are most of what an idle session
+    # costs (an instance dict of ~55 attributes is ~1.6 kB each).
+    __slots__ = (
+        "_abort_detail",
+        "_abort_reason",
+        "_before_login",
+        "_client_may_send",
+        "_client_run",
+        "_client_scope",
+        "_client_sending",
+        "_client_tcp",
+        "_client_tls",
+        "_client_waiting",
+        "_connect_timeout",
+        "_connect_upstream",
+        "_connected_at",
+        "_dry_reported",
+        "_emit",
+        "_emit_durable",
+        "_greeting_timeout",
+        "_idle_timeout",
+        "_implicit_tls",
+        "_last_activity",
+        "_login_timeout",
+        "_own_timers",
+        "_policy_epoch",
+        "_proxy_header",
+        "_pump_nursery",
+        "_pumps_left",
+        "_scope",
+        "_settling",
+        "_started_at",
+        "_timed",
+        "_timers",
+        "_upstream_label",
+        "_upstream_run",
+        "_upstream_scope",
+        "_upstream_sending",
+        "_upstream_tcp",
+        "_upstream_tls",
+        "_upstream_waiting",
+        "client",
+        "policy",
+        "session",
+        "timer_at",
+        "upstream",
+    )
 
     def __init__(
         self,
@@ -200,6 +230,9 @@ class Relay:
         self._timers = SessionTimers() if timers is None else timers
         self.timer_at: float | None = None
         self._timed = False
+        #: The pumps still running, and their nursery (see _pump_finished).
+        self._pumps_left = 2
+        self._pump_nursery: trio.Nursery | None = None
         self._policy_epoch = 0
         #: Dry-run timers already reported (each once per session).
         self._dry_reported: set[str] = set()
@@ -316,13 +349,14 @@ class Relay:
                     # The timers are the server's task's (a relay on its own
                     # runs a service of its own here, ended with the pumps).
                     async with trio.open_nursery() as nursery:
-                        pumps = _PumpsLeft(2, nursery.cancel_scope)
+                        self._pump_nursery = nursery
                         if self._own_timers:
                             nursery.start_soon(self._timers.run)
                         self._timed = True
                         self._arm()
-                        nursery.start_soon(pumps.run, self._pump_client)
-                        await pumps.run(self._pump_upstream)
+                        nursery.start_soon(self._pump_client)
+                        await self._pump_upstream()
+                    self._pump_nursery = None
             if self._scope.cancelled_caught and not session.finished:
                 session.end(self._abort_reason or EndReason.IDLE_TIMEOUT, self._abort_detail)
         except Exception as exc:  # a bug must end this session only, never the server
@@ -385,25 +419,28 @@ class Relay:
 
     async def _pump_client(self) -> None:
         """Client to core.  One cancel scope for the pump, entered again only
-        after :meth:`_interrupt` woke it from a wait for input."""
+        after :meth:`_interrupt_client` woke it from a wait for input."""
         session = self.session
-        while not session.finished:
-            scope = self._client_scope = trio.CancelScope()
-            with scope:
-                await self._client_loop()
-            if not scope.cancelled_caught:
-                break
-            if session.starttls_pending and not session.finished:
-                # An STLS that was held (behind a login) was answered from the
-                # upstream pump: the handshake is this task's to do.
-                if not await self._client_handshake(stls=True):
+        try:
+            while not session.finished:
+                scope = self._client_scope = trio.CancelScope()
+                with scope:
+                    await self._client_loop()
+                if not scope.cancelled_caught:
                     break
-                continue
-            break  # woken to stop: the session is over
-        if session.finished:
-            self._stop_receiving()
-        # Else the client half-closed, or sent QUIT: the replies it is owed
-        # still flow, and the upstream pump finishes the session.
+                if session.starttls_pending and not session.finished:
+                    # An STLS that was held (behind a login) was answered from
+                    # the upstream pump: the handshake is this task's to do.
+                    if not await self._client_handshake(stls=True):
+                        break
+                    continue
+                break  # woken to stop: the session is over
+            if session.finished:
+                self._stop_receiving()
+            # Else the client half-closed, or sent QUIT: the replies it is
+            # owed still flow, and the upstream pump finishes the session.
+        finally:
+            self._pump_finished()
 
     async def _client_loop(self) -> None:
         session = self.session
@@ -588,21 +625,30 @@ class Relay:
         """Upstream to core; see :meth:`_pump_client`."""
         session = self.session
         scope = self._upstream_scope = trio.CancelScope()
-        with scope:
-            while not session.finished:
-                data = await self._receive_upstream()
-                if data is None:
-                    break
-                if not data:
-                    session.server_eof()
-                    break
-                session.receive_server(data)
-                await self._flush_both()
-                if session.starttls_pending:
-                    self._interrupt_client()  # the client pump does the handshake
-                elif session.wants_client_data:
-                    self._client_may_send.set()
-        self._stop_receiving()
+        try:
+            with scope:
+                while not session.finished:
+                    data = await self._receive_upstream()
+                    if data is None:
+                        break
+                    if not data:
+                        session.server_eof()
+                        break
+                    session.receive_server(data)
+                    await self._flush_both()
+                    if session.starttls_pending:
+                        self._interrupt_client()  # the client pump does the handshake
+                    elif session.wants_client_data:
+                        self._client_may_send.set()
+            self._stop_receiving()
+        finally:
+            self._pump_finished()
+
+    def _pump_finished(self) -> None:
+        """The last pump to end ends the nursery (and a relay's own timer task)."""
+        self._pumps_left -= 1
+        if self._pumps_left == 0 and self._pump_nursery is not None:
+            self._pump_nursery.cancel_scope.cancel()
 
     async def _receive_upstream(self) -> bytes | None:
         """One read from the upstream (b"" at EOF; None: the session ended)."""
