@@ -16,8 +16,6 @@ References (see also the project's PROTOCOL notes):
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 import re
 from dataclasses import dataclass
@@ -131,23 +129,6 @@ def reply_text(line: bytes) -> bytes:
     body = strip_line_ending(line)
     _, _, text = body.partition(b" ")
     return text
-
-
-def decode_sasl(line: bytes) -> bytes | None:
-    """Decode one SASL client response (RFC 5034 §4).
-
-    ``=`` is an empty initial response; ``*`` is a cancel and yields None, as
-    does anything that is not strict base64.
-    """
-    body = strip_line_ending(line).strip()
-    if body == b"=":
-        return b""
-    if body == b"*":
-        return None
-    try:
-        return base64.b64decode(body, validate=True)
-    except (binascii.Error, ValueError):
-        return None
 
 
 def escape_text(data: bytes) -> str:

@@ -140,8 +140,7 @@ class IdentityRules:
         """A name from a policy rule or the command line, as an account (no checks)."""
         if self.default_domain and "@" not in name:
             name = f"{name}@{self.default_domain}"
-        if self.case == "lower":
-            name = _ascii_lower(name)
+        name = self.canonical_case(name)
         if self.domain == "strip":
             name = name.partition("@")[0]
         return name
@@ -150,6 +149,9 @@ class IdentityRules:
         return self._fold(_checked(raw))
 
     def _fold(self, name: str) -> str:
+        """A checked login name as its account: the characters the server
+        accepts (after the default realm, as Dovecot checks), then
+        :meth:`canonical`."""
         if self.default_domain and "@" not in name:
             name = f"{name}@{self.default_domain}"
         allowed = self.allowed_chars
@@ -160,12 +162,10 @@ class IdentityRules:
                         f"the name holds {escape_text(ch.encode())!r}, which the server's "
                         "name rules do not accept"
                     )
-        name = self.canonical_case(name)
-        if self.domain == "strip":
-            name = name.partition("@")[0]
-            if not name:
-                raise IdentityRefused("an empty name before the domain")
-        return name
+        account = self.canonical(name)
+        if not account:
+            raise IdentityRefused("an empty name before the domain")
+        return account
 
     def canonical_case(self, name: str) -> str:
         return _ascii_lower(name) if self.case == "lower" else name
