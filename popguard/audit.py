@@ -125,15 +125,25 @@ _TICKET: Final = "__popguard_ticket"
 _EXCLUDE: Final = "__popguard_exclude"
 
 
-class _FanOut:
-    """The last processor: hand the finished event to the log's sinks."""
+class _SinkLogger:
+    """The end of an :class:`AuditLog`'s own structlog pipeline.
+
+    structlog hands the finished event dict to the wrapped logger's method
+    (as keyword arguments, a fresh dict); this one fans it out to the
+    log's sinks.  Each ``AuditLog`` has its own pipeline, so a second
+    instance (a test, a worker) never rewires the first, and nothing
+    configures structlog for the whole process.
+    """
+
+    __slots__ = ("_dispatch",)
 
     def __init__(self, dispatch: Callable[[EventDict], None]) -> None:
         self._dispatch = dispatch
 
-    def __call__(self, logger: object, method: str, event_dict: EventDict) -> EventDict:
+    def msg(self, **event_dict: Any) -> None:
         self._dispatch(event_dict)
-        raise structlog.DropEvent
+
+    info = warning = error = msg
 
 
 def _add_schema(logger: object, method: str, event_dict: EventDict) -> EventDict:
@@ -168,20 +178,20 @@ class AuditLog:
         for sink in self._queued:
             sink.attach(self, instance=instance, worker=worker)
             sink.start()
-        structlog.configure(
+        identity: dict[str, Any] = {"instance": instance}
+        if worker is not None:
+            identity["worker"] = worker  # one chain and file per worker process
+        self._log = structlog.wrap_logger(
+            _SinkLogger(self._dispatch),
             processors=[
                 structlog.contextvars.merge_contextvars,
                 structlog.processors.add_log_level,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
                 _add_schema,
-                _FanOut(self._dispatch),
             ],
+            wrapper_class=structlog.make_filtering_bound_logger(0),
             cache_logger_on_first_use=False,
-        )
-        identity: dict[str, Any] = {"instance": instance}
-        if worker is not None:
-            identity["worker"] = worker  # one chain and file per worker process
-        self._log = structlog.get_logger("popguard.audit").bind(**identity)
+        ).bind(**identity)
         if self._queued:
             atexit.register(_close_at_exit, weakref.ref(self))
 
@@ -276,20 +286,22 @@ class AuditLog:
         return ticket.done.is_set() and ticket.ok
 
     def _dispatch(self, event_dict: EventDict) -> None:
-        """Fan a finished event out (from :class:`_FanOut`, on any thread)."""
+        """Fan a finished event out (from :class:`_SinkLogger`, on any thread)."""
         ticket = event_dict.pop(_TICKET, None)
         exclude = event_dict.pop(_EXCLUDE, None)
         if self._queued:
-            # One copy for every queued sink; none of them changes it.
-            event = dict(event_dict)
+            # The dict is this record's own (structlog built it for this
+            # call); every queued sink shares it and none changes it.  A
+            # plain sink may, so it comes last.
             for sink in self._queued:
                 if sink is not exclude:
-                    sink.submit(event, ticket if sink.durable else None)
+                    sink.submit(event_dict, ticket if sink.durable else None)
         if self._plain:
+            shown = dict(event_dict) if self._queued else event_dict
             with self._plain_lock:
                 for plain in self._plain:
                     if plain is not exclude:
-                        plain.write(event_dict)
+                        plain.write(shown)
 
     # -- sink health reports (called from writer threads) -------------------
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import datetime
 import enum
 import errno
+import itertools
 import json
 import math
 import sys
@@ -58,6 +59,9 @@ EventDict = MutableMapping[str, Any]
 
 #: The schema version of records the sinks make themselves (loss markers).
 _SCHEMA: Final = 1
+
+#: The most records a writer delivers with one write.
+MAX_BATCH: Final = 256
 
 
 def utc_timestamp() -> str:
@@ -434,6 +438,10 @@ class QueuedSink:
 
     def _run(self) -> None:
         delay = self.retry_initial
+        #: After a batch failed with something other than OSError, take its
+        #: records one by one, so that only the one that cannot be rendered
+        #: is discarded.
+        singly = False
         try:
             while True:
                 with self._cond:
@@ -455,27 +463,35 @@ class QueuedSink:
                         self._cond.wait(self.batch_delay)
                     if self._abandoned:
                         return
-                    entry = self._queue[0] if self._queue else None
+                    batch = self._take_batch(1 if singly else MAX_BATCH)
+                entry = batch[0] if batch else None
                 if entry is not None and entry.kind is Kind.STOP:
                     self._finish_stop()
                     return
                 try:
                     if entry is None:
                         self._idle()
-                    elif entry.kind is Kind.RECORD and self.on_write is not None:
+                    elif entry.kind is Kind.RECORD:
                         started = time.perf_counter()
-                        self._process(entry)
-                        self.on_write(time.perf_counter() - started)
+                        self._process_records(batch)
+                        on_write = self.on_write
+                        if on_write is not None:
+                            share = (time.perf_counter() - started) / len(batch)
+                            for _ in batch:
+                                on_write(share)
                     else:
                         self._process(entry)
                 except OSError as exc:
                     # Transient by nature (disk full, I/O error, connection
-                    # lost): keep the entry and retry after a pause.
+                    # lost): keep the entries and retry after a pause.
                     self._failure(exc)
                     self._pause(delay)
                     delay = min(delay * 2, self.retry_max)
                     continue
                 except Exception as exc:
+                    if len(batch) > 1:
+                        singly = True  # find the record at fault
+                        continue
                     # A bug or a record that cannot be rendered: retrying
                     # cannot help, and must not block the records behind it.
                     self._failure(exc)
@@ -484,11 +500,33 @@ class QueuedSink:
                     else:
                         self._pause(delay)
                         delay = min(delay * 2, self.retry_max)
+                    singly = False
                     continue
                 delay = self.retry_initial
-                self._succeeded(entry)
+                singly = False
+                self._succeeded(batch)
         finally:
             self._release_quietly()
+
+    def _take_batch(self, limit: int) -> list[Entry]:
+        """The entries to process next (call with the lock held).
+
+        A control entry comes alone; records come as a run of up to
+        ``limit``, so that the writer pays one write (and one hand-off of
+        the GIL to and from the event loop) per batch, not per record.
+        """
+        queue = self._queue
+        if not queue:
+            return []
+        head = queue[0]
+        if head.kind is not Kind.RECORD or limit == 1:
+            return [head]
+        batch = [head]
+        for entry in itertools.islice(queue, 1, limit):
+            if entry.kind is not Kind.RECORD:
+                break
+            batch.append(entry)
+        return batch
 
     def _pause(self, delay: float) -> None:
         with self._cond:
@@ -510,14 +548,25 @@ class QueuedSink:
         elif kind is Kind.REOPEN:
             self._reopen(entry)
 
-    def _succeeded(self, entry: Entry | None) -> None:
-        """``entry`` (or the idle work) went through: dequeue, note recovery."""
+    def _process_records(self, batch: list[Entry]) -> None:
+        """Deliver a run of records, then sync once as the policy says."""
+        pending = [entry for entry in batch if entry.stage == 0]
+        if pending:
+            self._deliver_batch(pending)
+            for entry in pending:
+                # Delivered: a retry from here on only repeats the sync.
+                entry.stage = 1
+        self._commit(durable=any(entry.ticket is not None for entry in batch))
+
+    def _succeeded(self, batch: list[Entry]) -> None:
+        """``batch`` (or the idle work) went through: dequeue, note recovery."""
         recovered = False
         lost = 0
         down_ms = 0
         with self._cond:
-            if entry is not None:
-                self._queue.popleft()
+            queue = self._queue
+            for entry in batch:
+                queue.popleft()
                 if entry.kind is Kind.RECORD:
                     self._records -= 1
                 if entry.kind is Kind.RECORD or entry.kind is Kind.LOST:
@@ -525,7 +574,7 @@ class QueuedSink:
                 if (
                     entry.kind is Kind.LOST
                     and self._overflowing
-                    and not any(e.kind is Kind.LOST for e in self._queue)
+                    and not any(e.kind is Kind.LOST for e in queue)
                 ):
                     # Every gap is on record now.
                     self._overflowing = False
@@ -538,8 +587,9 @@ class QueuedSink:
                 self._lost_since_healthy = 0
                 down_ms = int((time.monotonic() - self._failed_at) * 1000)
                 self._last_error = None
-        if entry is not None and entry.ticket is not None:
-            entry.ticket.resolve(True)
+        for entry in batch:
+            if entry.ticket is not None:
+                entry.ticket.resolve(True)
         if recovered:
             listener = self.listener
             if listener is not None:
@@ -615,6 +665,17 @@ class QueuedSink:
     def _deliver(self, entry: Entry) -> None:
         """Deliver ``entry.event`` (a record or a loss marker); raise to retry."""
         raise NotImplementedError
+
+    def _deliver_batch(self, batch: list[Entry]) -> None:
+        """Deliver a run of records in order; raise to retry.
+
+        Records delivered before the raise must be marked ``stage = 1`` so
+        that the retry does not repeat them; a sink that overrides this to
+        write a run at once must make the write all-or-nothing instead.
+        """
+        for entry in batch:
+            self._deliver(entry)
+            entry.stage = 1
 
     def _commit(self, *, durable: bool) -> None:
         """After each delivered record: sync as the policy (or ``durable``) says."""

@@ -21,7 +21,8 @@
   and closed; the path is opened anew and ``audit.chain.start`` (reason
   ``reopen``) continues the chain there.  When the path still is the open
   file (nothing was rotated), nothing happens.
-* fsync policy: ``always`` after every record; ``interval``: at most
+* fsync policy: ``always`` after every write (a record, or the run of
+  records the writer found queued and wrote at once); ``interval``: at most
   ``fsync_interval_ms`` after a record was written (the writer wakes up for
   it); ``never`` leaves it to the kernel.  A record submitted with a
   durability ticket (``AuditLog.emit_durable``) is fsynced before the ticket
@@ -204,6 +205,18 @@ class FileSink(QueuedSink):
             assert entry.event is not None
             entry.payload = self._seal(entry.event)
         self._write_all(entry.payload)
+
+    def _deliver_batch(self, batch: list[Entry]) -> None:
+        # Sealed one by one (in file order, once each: the payloads are kept
+        # for a retry), written with one call: all of them or, with the torn
+        # tail cut off, none.
+        payloads = []
+        for entry in batch:
+            if entry.payload is None:
+                assert entry.event is not None
+                entry.payload = self._seal(entry.event)
+            payloads.append(entry.payload)
+        self._write_all(b"".join(payloads))
 
     # -- fsync -------------------------------------------------------------
 

@@ -332,16 +332,48 @@ def test_reopen_when_logrotate_created_the_new_file(audit_path: Path) -> None:
 # --------------------------------------------------------------------------
 
 
-def test_fsync_always_syncs_every_record(audit_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fsync_always_syncs_every_write(audit_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The writer writes a run of queued records with one write; "always"
+    # fsyncs after every write, before it takes more work, so no record
+    # is ever written and not yet synced while the writer goes on.
     disk = DiskFaults(monkeypatch, audit_path)
-    log, _sink, _ = file_log(audit_path, fsync="always")
+    log, sink, _ = file_log(audit_path, fsync="always")
     assert log.flush()
-    before = disk.fsyncs
-    for n in range(20):
+    writes, fsyncs = disk.writes, disk.fsyncs
+    for n in range(5):
+        written = sink.written
         log.emit(record(n))
+        deadline = time.monotonic() + 5
+        while sink.written == written and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert sink.written == written + 1
+        assert disk.writes - writes == n + 1
+        assert disk.fsyncs - fsyncs == n + 1  # synced before the writer went idle
+    for n in range(20):
+        log.emit(record(n))  # queued together: fewer writes, each synced
     assert log.flush()
-    assert disk.fsyncs - before == 20
+    assert disk.fsyncs - fsyncs == disk.writes - writes
     log.close()
+
+
+def test_queued_records_go_out_in_few_writes(
+    audit_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One write per batch, not per record: each write is a hand-off of the
+    # GIL between the writer thread and the event loop.
+    disk = DiskFaults(monkeypatch, audit_path)
+    log, _sink, _ = file_log(audit_path, fsync="never")
+    assert log.flush()
+    writes = disk.writes
+    disk.block.clear()  # the writer stalls in its next write ...
+    log.emit(record(0))
+    for n in range(1, 100):
+        log.emit(record(n))  # ... while these queue up behind it
+    disk.block.set()
+    assert log.flush()
+    assert disk.writes - writes <= 3
+    log.close()
+    check_chain(read_records(audit_path))
 
 
 def test_fsync_interval_batches(audit_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
