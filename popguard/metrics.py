@@ -51,6 +51,7 @@ __all__ = [
     "MAX_SINK_LABELS",
     "MECHANISMS",
     "OUTCOMES",
+    "UPSTREAM_ERROR_KINDS",
     "AuditStatus",
     "CommandTimer",
     "Metrics",
@@ -72,6 +73,7 @@ OUTCOMES: Final = (
     "shutdown",
     "policy_denied",
     "identity_unknown",
+    "operator_close",
     "refused",
     "internal_error",
     "other",
@@ -94,6 +96,7 @@ _OUTCOME_OF_REASON: Final[Mapping[str, str]] = {
     "shutdown": "shutdown",
     "policy_denied": "policy_denied",
     "identity_unknown": "identity_unknown",
+    "operator_close": "operator_close",
     "internal_error": "internal_error",
 }
 
@@ -120,6 +123,21 @@ _SETTINGS: Final = frozenset(
 
 _TLS_VERSIONS: Final = frozenset({"TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"})
 _TLS_SIDES: Final = frozenset({"client", "upstream"})
+#: How the shell's details of a failed TLS handshake begin (``popguard.shell.relay``:
+#: the client's in ``session.closed``, the upstream's in ``upstream.failed``).
+_TLS_FAILURE_PREFIX: Final = "TLS handshake"
+
+#: ``popguard_upstream_errors_total{kind}``: the ``upstream_*`` end reasons
+#: (``popguard.core.records.EndReason``) without their prefix.
+_UPSTREAM_REASON_PREFIX: Final = "upstream_"
+UPSTREAM_ERROR_KINDS: Final = (
+    "unreachable",
+    "closed",
+    "error",
+    "protocol_error",
+    "refused",
+    "timeout",
+)
 _FATES: Final = ("committed", "discarded", "failed", "unknown")
 _DIRECTIONS: Final = ("client_to_upstream", "upstream_to_client")
 
@@ -165,6 +183,11 @@ def _from_set(value: object, known: frozenset[str], *, upper: bool = False) -> s
     if upper:
         value = value.upper()
     return value if value in known else OTHER
+
+
+def _is_tls_failure(detail: object) -> bool:
+    """Whether a record's free-text detail says a TLS handshake failed."""
+    return isinstance(detail, str) and detail.startswith(_TLS_FAILURE_PREFIX)
 
 
 def _count(value: object) -> int:
@@ -292,6 +315,14 @@ class Metrics:
         self.sessions_active = Gauge(
             "popguard_sessions_active", "Client sessions open now.", registry=registry
         )
+        self.sessions_logged_in = Gauge(
+            "popguard_sessions_logged_in",
+            "Client sessions open now past a successful login (TRANSACTION state); the "
+            "rest of popguard_sessions_active are still in AUTHORIZATION.",
+            registry=registry,
+        )
+        #: Session ids (the records' ``session``) logged in and not yet closed.
+        self._logged_in: set[str] = set()
         self.sessions = Counter(
             "popguard_sessions",
             "Client sessions ended, by outcome (refused: turned away while the audit trail "
@@ -362,6 +393,14 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        self.upstream_errors = Counter(
+            "popguard_upstream_errors",
+            "Sessions ended by the upstream, by kind: unreachable (connect or TLS setup "
+            "failed), closed, error (a read or write failed), protocol_error, refused "
+            "(-ERR greeting), timeout (no greeting).",
+            ["kind"],
+            registry=registry,
+        )
         self.upstream_connect = Histogram(
             "popguard_upstream_connect_seconds",
             "Time to establish the upstream TCP connection (successful connects).",
@@ -380,6 +419,13 @@ class Metrics:
             "popguard_tls_sessions",
             "TLS handshakes completed, by side (client, upstream) and protocol version.",
             ["side", "version"],
+            registry=registry,
+        )
+        self.tls_handshake_failures = Counter(
+            "popguard_tls_handshake_failures",
+            "TLS handshakes that failed or timed out, by side (client: POP3S or STLS "
+            "toward a client; upstream: toward the server).",
+            ["side"],
             registry=registry,
         )
         self.audit_sink_failures = Counter(
@@ -426,6 +472,10 @@ class Metrics:
             self._bytes(direction)
         for result in ("ok", "failed"):
             self._upstream(result)
+        for kind in UPSTREAM_ERROR_KINDS:
+            self.upstream_errors.labels(kind)
+        for side in sorted(_TLS_SIDES):
+            self.tls_handshake_failures.labels(side)
 
         self._handlers: dict[str, Callable[[Mapping[str, Any]], None]] = {
             "session.opened": self._session_opened,
@@ -538,7 +588,18 @@ class Metrics:
     def _session_closed(self, event: Mapping[str, Any]) -> None:
         if not self._active_bound:
             self.sessions_active.dec()
-        self._sessions(outcome_of(event.get("reason"))).inc()
+        session = event.get("session")
+        if session in self._logged_in:
+            self._logged_in.discard(session)
+            self.sessions_logged_in.set(len(self._logged_in))
+        reason = event.get("reason")
+        self._sessions(outcome_of(reason)).inc()
+        if isinstance(reason, str) and reason.startswith(_UPSTREAM_REASON_PREFIX):
+            kind = reason.removeprefix(_UPSTREAM_REASON_PREFIX)
+            if kind in UPSTREAM_ERROR_KINDS:
+                self.upstream_errors.labels(kind).inc()
+        elif reason == "client_error" and _is_tls_failure(event.get("detail")):
+            self.tls_handshake_failures.labels("client").inc()
         to_upstream = _count(event.get("bytes_to_upstream"))
         to_client = _count(event.get("bytes_to_client"))
         if to_upstream:
@@ -552,6 +613,10 @@ class Metrics:
 
     def _auth_succeeded(self, event: Mapping[str, Any]) -> None:
         self._logins("ok", _from_set(event.get("mechanism"), MECHANISMS, upper=True)).inc()
+        session = event.get("session")
+        if isinstance(session, str):
+            self._logged_in.add(session)
+            self.sessions_logged_in.set(len(self._logged_in))
 
     def _auth_failed(self, event: Mapping[str, Any]) -> None:
         mechanism = _from_set(event.get("mechanism"), MECHANISMS, upper=True)
@@ -595,6 +660,8 @@ class Metrics:
 
     def _upstream_failed(self, event: Mapping[str, Any]) -> None:
         self._upstream("failed").inc()
+        if _is_tls_failure(event.get("error")):
+            self.tls_handshake_failures.labels("upstream").inc()
 
     def _tls_established(self, event: Mapping[str, Any]) -> None:
         side = _from_set(event.get("side"), _TLS_SIDES)
