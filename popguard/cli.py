@@ -39,6 +39,7 @@ from popguard.config import (
     read_config,
 )
 from popguard.metrics import Metrics
+from popguard.ops_cli import register as register_ops_commands
 from popguard.policy.cli import add_policy_commands
 from popguard.policy.load import Issue, PolicyError, load_policies
 from popguard.policy.model import PolicySet
@@ -56,6 +57,7 @@ from popguard.shell.workers import (
     bind_reuseport,
     cpu_count,
     parse_worker_arg,
+    worker_admin_address,
     worker_audit_file,
     worker_command,
 )
@@ -293,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_audit_commands(commands)
     add_policy_commands(commands)
+    register_ops_commands(commands)
     return parser
 
 
@@ -403,7 +406,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         config = _as_worker(config, role, fds)
         if admin is not None:
-            admin = (admin[0], admin[1] + role.index - 1)  # one admin port per worker
+            admin = worker_admin_address(admin, role.index)  # the parent has admin.listen
     metrics = None
     if admin is not None:
         prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -437,6 +440,9 @@ def _as_worker(config: Config, role: WorkerRole, fds: Mapping[str, tuple[int, ..
 
 def _supervise(args: argparse.Namespace, config: Config, workers: int) -> int:
     """The parent of ``workers`` worker processes (see popguard.shell.workers)."""
+    admin = _admin_address(args)  # the parent serves the admin address itself
+    if admin is None and config.admin_listen is not None:
+        admin = (config.admin_listen.host, config.admin_listen.port)
     bound: list[ListenerSockets] = []
     try:
         for listener in config.listeners:
@@ -447,7 +453,9 @@ def _supervise(args: argparse.Namespace, config: Config, workers: int) -> int:
         for sockets in bound:
             sockets.close()
         raise
-    supervisor = Supervisor(worker_command(args.raw_argv), bound, audit, workers=workers)
+    supervisor = Supervisor(
+        worker_command(args.raw_argv), bound, audit, workers=workers, admin=admin
+    )
     try:
         return trio.run(supervisor.run)
     finally:
@@ -656,7 +664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.raw_argv = list(sys.argv[1:] if argv is None else argv)
-    if args.command in ("audit", "policy"):
+    if args.command in ("audit", "policy", "sessions", "kick"):
         # The trail tools report their own errors and exit codes (2: I/O).
         try:
             return int(args.func(args))

@@ -45,6 +45,9 @@ class Event(enum.StrEnum):
     POLICY_DENIED = "policy.denied"
     POLICY_DRY_RUN = "policy.dry_run"
     POLICY_LOGIN_BLOCKED = "policy.login_blocked"
+    #: An operator asked for the session to end (the admin listener's
+    #: ``POST /sessions/ID/close``): who asked, and why.
+    SESSION_CLOSE_REQUESTED = "session.close_requested"
 
 
 class EndReason(enum.StrEnum):
@@ -73,6 +76,8 @@ class EndReason(enum.StrEnum):
     #: The upstream accepted the connection but sent no greeting within
     #: ``upstream.greeting_timeout``.
     UPSTREAM_TIMEOUT = "upstream_timeout"
+    #: An operator closed the session (``popguard kick``), without QUIT.
+    OPERATOR_CLOSE = "operator_close"
 
 
 Scalar = str | int | bool | None

@@ -195,6 +195,9 @@ REPLY_UPSTREAM_BROKEN = b"-ERR [SYS/TEMP] Upstream POP3 server sent an invalid r
 REPLY_SHUTDOWN = b"-ERR [SYS/TEMP] popguard is shutting down, try again later\r\n"
 REPLY_IDLE = b"-ERR Disconnected for inactivity.\r\n"
 REPLY_MAX_SESSION = b"-ERR Session time limit reached, disconnecting.\r\n"
+#: An operator closed the session (``popguard kick``): no response code, as
+#: nothing the client can do about it is temporary or permanent.
+REPLY_OPERATOR_CLOSE = b"-ERR Disconnected by an administrator.\r\n"
 #: ``session.login_timeout``: no response code, since RFC 3206 keeps [AUTH] for
 #: credential problems (a client would ask the user for the password again).
 REPLY_LOGIN_TIMEOUT = b"-ERR Login time limit reached, disconnecting.\r\n"
@@ -653,6 +656,8 @@ class ProxySession:
         if reason is EndReason.LOGIN_TIMEOUT:
             # Not into a client's TLS handshake, which expects no plaintext.
             return None if self.starttls_pending else REPLY_LOGIN_TIMEOUT
+        if reason is EndReason.OPERATOR_CLOSE:
+            return None if self.starttls_pending else REPLY_OPERATOR_CLOSE
         if reason is EndReason.SHUTDOWN:
             return REPLY_SHUTDOWN
         if not owed:

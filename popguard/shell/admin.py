@@ -1,4 +1,5 @@
-"""The admin listener: ``/metrics``, ``/healthz`` and ``/readyz`` over HTTP/1.1.
+"""The admin listener: ``/metrics``, ``/healthz``, ``/readyz`` and the live
+sessions (``/sessions``) over HTTP/1.1.
 
 A deliberately tiny server, apart from the POP3 listeners and bound to
 loopback by default.  One request per connection, answered with
@@ -17,33 +18,53 @@ Robust by construction:
   its answer, else the oldest of all): idle or dribbling connections, however
   many, can never keep a health check out.  Memory stays bounded by the cap
   times the head limit;
-* malformed requests get 400, a method other than GET or HEAD 405, an HTTP
-  version other than 1.0 or 1.1 505, an unknown path 404;
+* malformed requests get 400, a method the path does not take 405 (POST
+  only for closing a session, GET and HEAD everywhere else), an HTTP version
+  other than 1.0 or 1.1 505, an unknown path 404;
 * a failing handler answers 500 and never takes the proxy down.
 
 ``/healthz`` says the process is alive (its event loop answers).
 ``/readyz`` asks a ``ready`` callable for named checks (:class:`Readiness`
 makes one: listeners up, upstream reachable, audit sink healthy) and answers
 200 when all pass, else 503, with a short JSON body.
+
+``GET /sessions`` lists the live sessions (``?user=ACCOUNT`` keeps one
+account's) and ``POST /sessions/ID/close`` ends one without QUIT, so the
+server deletes nothing; both ask a :class:`SessionControl` (the proxy, or the
+supervisor of ``workers: N``, which asks its workers).  The listener has no
+authentication, so a POST must carry :data:`CSRF_HEADER`: a web page in an
+operator's browser cannot send that header to another origin without a
+CORS preflight, which this listener never grants (OPTIONS gets 405), so it
+cannot end sessions cross-site.  Who asked is the connection's peer address;
+a supervisor that relays a request names the original requester in
+:data:`REQUESTED_BY_HEADER`, and the record keeps both.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable, Sequence
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
-from typing import Final
+from typing import Any, Final, Protocol
 
 import trio
 
+from popguard.core.grammar import escape_text
 from popguard.metrics import Metrics
 
 __all__ = [
+    "CSRF_HEADER",
     "DEFAULT_ADMIN_ADDRESS",
+    "MAX_CLOSE_REASON",
+    "REQUESTED_BY_HEADER",
     "AdminServer",
     "Readiness",
     "ReadyCheck",
+    "SessionControl",
+    "admin_request",
+    "bounded_text",
     "serve_admin",
 ]
 
@@ -69,22 +90,63 @@ READY_TIMEOUT: Final = 3.0
 LINGER_TIMEOUT: Final = 0.5
 LINGER_MAX_BYTES: Final = 64 * 1024
 
+#: A POST must carry this header (any value): the cross-site request guard.
+CSRF_HEADER: Final = "X-Popguard-Request"
+#: Set by a supervisor relaying a close: the address of whoever asked it.
+REQUESTED_BY_HEADER: Final = "X-Popguard-Requested-By"
+#: Longest close reason kept, in characters (before escaping), like other
+#: free text in records; a longer one is cut.
+MAX_CLOSE_REASON: Final = 200
+#: Longest peer address accepted from :data:`REQUESTED_BY_HEADER`.
+_MAX_REQUESTED_BY: Final = 64
+#: Seconds and octets an :func:`admin_request` may take (a supervisor asking
+#: a worker: a list of 100,000 sessions is some 40 MB of JSON).
+ADMIN_REQUEST_TIMEOUT: Final = 10.0
+MAX_ADMIN_REPLY: Final = 128 * 1024 * 1024
+
 ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
+#: A JSON document (an answer's body).
+Document = dict[str, Any]
+
+
+class SessionControl(Protocol):
+    """What ``/sessions`` asks: the proxy (one process) or the supervisor."""
+
+    async def list_sessions(self, user: str | None) -> tuple[int, Document]:
+        """(status, ``{"sessions": [...], ...}``), ``user``: one account's only."""
+        ...
+
+    async def close_session(
+        self, session_id: str, *, requested_by: str, relayed_by: str | None, reason: str | None
+    ) -> tuple[int, Document]:
+        """End one session without QUIT: (200, what it was) or (404, an error)."""
+        ...
+
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _VERSION = re.compile(r"HTTP/(\d)\.(\d)\Z")
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*\Z")
 _TARGET = re.compile(r"/[\x21-\x7e]*\Z")
 
+#: ``/sessions/ID/close``; a session id is 16 hex digits (docs/audit.md).
+_CLOSE_PATH = re.compile(r"/sessions/([^/]*)/close\Z")
+_SESSION_ID = re.compile(r"[0-9a-f]{16}\Z")
+_SESSIONS_PATH: Final = "/sessions"
+_READ_METHODS: Final = ("GET", "HEAD")
+_ALLOW_READ: Final = "GET, HEAD"
+_ALLOW_CLOSE: Final = "POST"
+
 _REASONS: Final = {
     200: "OK",
     400: "Bad Request",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
     414: "URI Too Long",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    502: "Bad Gateway",
     503: "Service Unavailable",
     505: "HTTP Version Not Supported",
 }
@@ -101,12 +163,27 @@ class _BadRequest(Exception):
 
 
 class _Request:
-    __slots__ = ("headers", "method", "path")
+    __slots__ = ("headers", "method", "path", "peer", "query")
 
-    def __init__(self, method: str, path: str, headers: dict[str, str]) -> None:
+    def __init__(
+        self, method: str, path: str, headers: dict[str, str], query: str = "", peer: str = ""
+    ) -> None:
         self.method = method
         self.path = path
         self.headers = headers
+        #: The query string (after ``?``), undecoded.
+        self.query = query
+        #: The connection's peer, ``host:port`` (``[host]:port`` for IPv6).
+        self.peer = peer
+
+    def parameter(self, name: str) -> str | None:
+        """The query parameter ``name`` (its first value), decoded; None if absent."""
+        values = urllib.parse.parse_qs(self.query, keep_blank_values=True).get(name)
+        return values[0] if values else None
+
+
+#: What a route answers: status, body, content type, extra header fields.
+_Answer = tuple[int, bytes, str, Sequence[tuple[str, str]]]
 
 
 def parse_head(head: bytes) -> _Request:
@@ -147,12 +224,12 @@ def parse_head(head: bytes) -> _Request:
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
     if (match.group(2) != "0" and hosts != 1) or hosts > 1:
         raise _BadRequest(400, "HTTP/1.1 needs exactly one Host header")  # RFC 9112 §3.2
-    if method not in ("GET", "HEAD"):
-        raise _BadRequest(405, "only GET and HEAD")
+    if method not in ("GET", "HEAD", "POST"):
+        raise _BadRequest(405, "only GET and HEAD (and POST to close a session)")
     if target == "*" or not _TARGET.match(target):
         raise _BadRequest(400, "malformed request target")
-    path = target.split("?", 1)[0].split("#", 1)[0]
-    return _Request(method, path, headers)
+    path, _, query = target.split("#", 1)[0].partition("?")
+    return _Request(method, path, headers, query)
 
 
 class Readiness:
@@ -246,13 +323,18 @@ class _Slot:
 
 
 class AdminServer:
-    """Serves ``/metrics``, ``/healthz`` and ``/readyz`` on its own listeners."""
+    """Serves ``/metrics``, ``/healthz``, ``/readyz`` and ``/sessions`` on its own listeners.
+
+    ``metrics`` None: ``/metrics`` is 404 (a supervisor: each worker serves
+    its own).  ``sessions`` None: ``/sessions`` is 404.
+    """
 
     def __init__(
         self,
-        metrics: Metrics,
+        metrics: Metrics | None,
         ready: ReadyCheck,
         *,
+        sessions: SessionControl | None = None,
         request_timeout: float = REQUEST_TIMEOUT,
         ready_timeout: float = READY_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
@@ -262,6 +344,7 @@ class AdminServer:
             raise ValueError(f"max_connections must be at least 1, got {max_connections}")
         self.metrics = metrics
         self.ready = ready
+        self.sessions = sessions
         self.request_timeout = request_timeout
         self.ready_timeout = ready_timeout
         self.max_connections = max_connections
@@ -362,17 +445,21 @@ class AdminServer:
         try:
             request = parse_head(head)
         except _BadRequest as exc:
-            extra = [("Allow", "GET, HEAD")] if exc.status == 405 else []
+            allow = [("Allow", _ALLOW_READ)] if exc.status == 405 else []
             body = exc.message.encode("ascii", "replace") + b"\n"
-            await self._answer(stream, slot, exc.status, body, _TEXT, head_only=False, extra=extra)
+            await self._answer(stream, slot, exc.status, body, _TEXT, head_only=False, extra=allow)
             return
+        request.peer = _peer_of(stream)
         slot.phase = _SERVING
+        extra: Sequence[tuple[str, str]] = ()
         try:
-            status, body, content_type = await self._route(request)
+            status, body, content_type, extra = await self._route(request)
         except Exception:
             status, body, content_type = 500, b"internal error\n", _TEXT
         head_only = request.method == "HEAD"
-        await self._answer(stream, slot, status, body, content_type, head_only=head_only)
+        await self._answer(
+            stream, slot, status, body, content_type, head_only=head_only, extra=extra
+        )
 
     async def _read_head(self, stream: trio.abc.Stream) -> bytes | None:
         """The request head without its blank line; None on EOF before it."""
@@ -401,29 +488,64 @@ class AdminServer:
                     raise _BadRequest(414, "request line too long")
                 raise _BadRequest(431, f"request head longer than {limit} octets")
 
-    async def _route(self, request: _Request) -> tuple[int, bytes, str]:
+    async def _route(self, request: _Request) -> _Answer:
         path = request.path
-        if path == "/metrics":
+        close = _CLOSE_PATH.match(path)
+        if close is not None and self.sessions is not None:
+            if request.method != "POST":
+                return 405, b"only POST closes a session\n", _TEXT, [("Allow", _ALLOW_CLOSE)]
+            return await self._close(request, close.group(1))
+        if request.method not in _READ_METHODS:
+            return 405, b"only GET and HEAD\n", _TEXT, [("Allow", _ALLOW_READ)]
+        if path == "/metrics" and self.metrics is not None:
             body, content_type = self.metrics.exposition(request.headers.get("accept"))
-            return 200, body, content_type
+            return 200, body, content_type, ()
         if path == "/healthz":
-            return 200, b"ok\n", _TEXT
+            return 200, b"ok\n", _TEXT, ()
         if path == "/readyz":
             return await self._readyz()
+        if path == _SESSIONS_PATH and self.sessions is not None:
+            status, document = await self.sessions.list_sessions(request.parameter("user"))
+            return _json(status, document)
         if path == "/":
-            return 200, b"popguard admin: /metrics /healthz /readyz\n", _TEXT
-        return 404, b"not found\n", _TEXT
+            paths = ["/metrics"] if self.metrics is not None else []
+            paths += ["/healthz", "/readyz"]
+            if self.sessions is not None:
+                paths += [_SESSIONS_PATH, "POST /sessions/ID/close"]
+            return 200, f"popguard admin: {' '.join(paths)}\n".encode(), _TEXT, ()
+        return 404, b"not found\n", _TEXT, ()
 
-    async def _readyz(self) -> tuple[int, bytes, str]:
+    async def _close(self, request: _Request, session_id: str) -> _Answer:
+        """``POST /sessions/ID/close[?reason=TEXT]``: end a session without QUIT."""
+        assert self.sessions is not None
+        if not request.headers.get(CSRF_HEADER.lower()):
+            return _json(403, {"error": f"a POST needs the {CSRF_HEADER} header"})
+        if not _SESSION_ID.match(session_id):
+            return _json(404, {"error": "no such session", "id": bounded_text(session_id, 64)})
+        relayed = request.headers.get(REQUESTED_BY_HEADER.lower())
+        requested_by, relayed_by = request.peer, None
+        if relayed:
+            requested_by = bounded_text(relayed, _MAX_REQUESTED_BY)
+            relayed_by = request.peer
+        reason = request.parameter("reason")
+        status, document = await self.sessions.close_session(
+            session_id,
+            requested_by=requested_by,
+            relayed_by=relayed_by,
+            reason=bounded_text(reason, MAX_CLOSE_REASON) if reason else None,
+        )
+        return _json(status, document)
+
+    async def _readyz(self) -> _Answer:
         checks: dict[str, bool] = {}
         with trio.move_on_after(self.ready_timeout) as scope:
             checks = await self.ready()
         if scope.cancelled_caught:
             checks = {"checks_timed_out": False}
         ok = bool(checks) and all(checks.values())
-        document = {"status": "ready" if ok else "not ready", "checks": checks}
-        body = json.dumps(document, sort_keys=True).encode() + b"\n"
-        return (200 if ok else 503), body, _JSON
+        return _json(
+            200 if ok else 503, {"status": "ready" if ok else "not ready", "checks": checks}
+        )
 
     async def _answer(
         self,
@@ -456,6 +578,71 @@ class AdminServer:
             await _linger(stream)
 
 
+def _json(status: int, document: Mapping[str, Any]) -> _Answer:
+    return status, json.dumps(document, sort_keys=True).encode() + b"\n", _JSON, ()
+
+
+def bounded_text(text: str, limit: int) -> str:
+    """Free text from a request made safe for a record: cut to ``limit``
+    characters, control characters escaped (CWE-117), as peers' text is."""
+    return escape_text(text[:limit].encode("utf-8", "surrogatepass"))
+
+
+def _peer_of(stream: trio.abc.Stream) -> str:
+    """The admin client's address, ``host:port`` (``[host]:port``); "unknown"
+    for a stream that is not a socket (tests on memory streams)."""
+    if not isinstance(stream, trio.SocketStream):
+        return "unknown"
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return "unknown"
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = str(address[0]), int(address[1])
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address) or "unknown"
+
+
+async def admin_request(
+    address: tuple[str, int],
+    method: str,
+    target: str,
+    headers: Mapping[str, str] | None = None,
+) -> tuple[int, bytes]:
+    """One HTTP/1.1 request to an admin listener: (status, body).
+
+    How a supervisor asks its workers: one request per connection, read to
+    the end (the listener answers with ``Connection: close``), at most
+    :data:`MAX_ADMIN_REPLY` octets within :data:`ADMIN_REQUEST_TIMEOUT`
+    seconds.  Raises OSError (also for a timeout or a malformed answer).
+    """
+    host, port = address
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    fields = {"Host": authority, "Connection": "close", CSRF_HEADER: "1", **(headers or {})}
+    head = f"{method} {target} HTTP/1.1\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in fields.items()) + "\r\n"
+    received = bytearray()
+    with trio.move_on_after(ADMIN_REQUEST_TIMEOUT) as scope:
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+            async with stream:
+                await stream.send_all(head.encode("latin-1"))
+                while data := await stream.receive_some(65536):
+                    received += data
+                    if len(received) > MAX_ADMIN_REPLY:
+                        raise OSError(f"answer longer than {MAX_ADMIN_REPLY} octets")
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise OSError(f"connection lost: {exc}") from exc
+    if scope.cancelled_caught:
+        raise OSError(f"no answer within {ADMIN_REQUEST_TIMEOUT:g} s")
+    status_line, _, rest = bytes(received).partition(b"\r\n")
+    _, separator, body = rest.partition(b"\r\n\r\n")
+    parts = status_line.split(b" ", 2)
+    if not separator or len(parts) < 2 or not parts[1].isdigit():
+        raise OSError("malformed answer")
+    return int(parts[1]), body
+
+
 async def _linger(stream: trio.abc.Stream) -> None:
     """Half-close, then drain briefly, so the answer is not destroyed by an RST."""
     if not isinstance(stream, trio.abc.HalfCloseableStream):
@@ -477,7 +664,7 @@ async def _linger(stream: trio.abc.Stream) -> None:
 
 async def serve_admin(
     address: tuple[str, int],
-    metrics: Metrics,
+    metrics: Metrics | None,
     ready: ReadyCheck,
     *,
     request_timeout: float = REQUEST_TIMEOUT,

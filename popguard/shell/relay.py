@@ -253,6 +253,17 @@ class Relay:
         """
         self._last_activity = trio.current_time()
 
+    @property
+    def started_at(self) -> float:
+        """When the session task started, on trio's clock (0 before it runs)."""
+        return self._started_at
+
+    @property
+    def last_activity(self) -> float:
+        """The idle timer's last activity, on trio's clock: read, never kept
+        up to date for anyone else (the live sessions list, ``idle for``)."""
+        return self._last_activity
+
     def rearm(self) -> None:
         """Re-read the session's timers now (the policy may have changed)."""
         if self._timed:

@@ -9,6 +9,12 @@ accepting and close the listeners, give open sessions ``shutdown_grace``
 seconds to finish on their own, then end the rest.  Ending a session closes
 its upstream connection without QUIT, so the server deletes nothing.
 
+Live sessions: every session is in a registry by its id, so the admin
+listener can list them (``GET /sessions``: figures read on demand from the
+session's own counters, nothing kept per byte) and end one
+(``POST /sessions/ID/close``): the same close as at shutdown, without QUIT,
+after a ``session.close_requested`` record naming who asked and why.
+
 SIGHUP and SIGUSR1 reopen the audit file (logrotate renames it, then
 signals).  With ``audit.on_failure: fail-closed`` a new connection is
 refused with ``-ERR [SYS/TEMP]`` while the audit file cannot be written,
@@ -22,11 +28,12 @@ import ipaddress
 import secrets
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import trio
 
@@ -43,7 +50,7 @@ from popguard.core.proxy_protocol import (
     build_v2_local,
     is_trusted,
 )
-from popguard.core.records import EndReason
+from popguard.core.records import AuditRecord, EndReason, Event, FieldValue
 from popguard.core.session import REPLY_AUDIT_DOWN, ProxySession
 from popguard.metrics import Metrics
 from popguard.policy.model import PolicySet, client_address
@@ -53,6 +60,7 @@ from popguard.shell.relay import Relay, UpstreamSecurity
 from popguard.shell.tcp import TCPStream
 from popguard.shell.timers import SessionTimers
 from popguard.shell.tls import ListenerTLS, TLSContexts, UpstreamTLS, legacy_warnings
+from popguard.shell.tlssock import TLSSocketStream
 
 if TYPE_CHECKING:  # workers.py imports this module
     from popguard.shell.workers import WorkerRole
@@ -113,6 +121,38 @@ def format_peer(sockaddr: object) -> str:
 #: Loads the policy set again (SIGHUP); raises on an invalid set.
 PolicyLoader = Callable[[], PolicySet]
 
+#: Random octets in a session id (16 hex digits, docs/audit.md).  A worker's
+#: ids start with its slot (one octet, ``workers`` is at most 256) so that ids
+#: are unique across workers and a supervisor knows whose session it is.
+SESSION_ID_OCTETS: Final = 8
+#: Seconds ``POST /sessions/ID/close`` waits for the session to be gone (its
+#: last words to the client and the lingering close take up to about 3 s).
+CLOSE_WAIT: Final = 5.0
+
+
+def session_id_prefix(worker: int | None) -> str:
+    """The first hex digits of worker ``worker``'s session ids ("" alone)."""
+    return "" if worker is None else f"{worker - 1:02x}"
+
+
+def worker_of_session(session_id: str) -> int:
+    """Which worker (1-based) a session id made by :func:`session_id_prefix` names."""
+    return int(session_id[:2], 16) + 1
+
+
+class LiveSession(NamedTuple):
+    """A session in the registry: its record context (``session``, ``client``,
+    ``listener``) and its relay.  A tuple: the registry costs an idle session
+    a few pointers."""
+
+    context: dict[str, str]
+    relay: Relay
+
+
+def _utc(timestamp: float) -> str:
+    """ISO 8601 UTC to the second, as the records' timestamps."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
 
 class ProxyServer:
     def __init__(
@@ -123,10 +163,14 @@ class ProxyServer:
         policies: PolicyShared | None = None,
         policy_loader: PolicyLoader | None = None,
         metrics: Metrics | None = None,
+        worker: int | None = None,
     ) -> None:
         self.settings = settings
         self.audit = audit
         self.metrics = metrics
+        #: This process's worker slot (1-based; None: a single process).
+        self.worker = worker
+        self._id_prefix = session_id_prefix(worker)
         #: Policies shared by every session (None: no policy engine at all).
         self.policies = policies
         self._policy_loader = policy_loader
@@ -136,7 +180,10 @@ class ProxyServer:
         )
         self._listener_tls = {spec.name: spec.tls.mode for spec in settings.listeners}
         self._specs = {spec.name: spec for spec in settings.listeners}
-        self._relays: set[Relay] = set()
+        #: The live sessions by id, oldest first; and, for sessions being
+        #: closed by an operator, the event their end sets.
+        self._sessions: dict[str, LiveSession] = {}
+        self._closing: dict[str, trio.Event] = {}
         #: Every session's timers, on one task (popguard.shell.timers).
         self.timers = SessionTimers()
         self._all_closed = trio.Event()
@@ -149,7 +196,7 @@ class ProxyServer:
 
     @property
     def active_sessions(self) -> int:
-        return len(self._relays)
+        return len(self._sessions)
 
     @property
     def accepting(self) -> bool:
@@ -173,8 +220,8 @@ class ProxyServer:
             return False
         self.policies.holder.replace(policies)
         self.audit.event("policy.reloaded", rules=len(policies.rules), source=policies.source)
-        for relay in self._relays:
-            relay.rearm()
+        for live in self._sessions.values():
+            live.relay.rearm()
         return True
 
     def reload_tls(self) -> bool:
@@ -259,15 +306,15 @@ class ProxyServer:
                     sock.close()
             self.audit.event(
                 "popguard.stopping",
-                active_sessions=len(self._relays),
+                active_sessions=len(self._sessions),
                 grace_period=settings.shutdown_grace,
             )
             with trio.move_on_after(settings.shutdown_grace):
                 async with trio.open_nursery() as waiters:
                     waiters.start_soon(_wait_then_cancel, self._all_closed, waiters.cancel_scope)
                     waiters.start_soon(_wait_then_cancel, self._grace_over, waiters.cancel_scope)
-            for relay in list(self._relays):
-                relay.abort(EndReason.SHUTDOWN)
+            for live in list(self._sessions.values()):
+                live.relay.abort(EndReason.SHUTDOWN)
         self.audit.event("popguard.stopped")
 
     async def _accept(self, listener: str, sock: socket.socket, sessions: trio.Nursery) -> None:
@@ -310,7 +357,7 @@ class ProxyServer:
         assert isinstance(peername, tuple)
         client = format_peer(peername)
         endpoints = ((str(peername[0]), int(peername[1])), (str(sockname[0]), int(sockname[1])))
-        session_id = secrets.token_hex(8)
+        session_id = self._new_session_id()
         context: dict[str, str] = {"session": session_id, "client": client, "listener": listener}
         spec = self._specs[listener]
         if spec.proxy_protocol is not None:
@@ -342,18 +389,100 @@ class ProxyServer:
             # Run here, not in a coroutine of its own: a frame fewer for
             # every idle session to keep.
             relay = self._relay(tcp, client, listener, policy, endpoints)
-            self._relays.add(relay)
-            self._all_closed = trio.Event() if len(self._relays) == 1 else self._all_closed
+            sessions = self._sessions
+            sessions[session_id] = LiveSession(context, relay)
+            self._all_closed = trio.Event() if len(sessions) == 1 else self._all_closed
             try:
                 await relay.run()
             except Exception as exc:
                 self.audit.error("session.internal_error", error=f"{type(exc).__name__}: {exc}")
             finally:
-                self._relays.discard(relay)
-                if not self._relays:
+                del sessions[session_id]
+                if self._closing:
+                    gone = self._closing.pop(session_id, None)
+                    if gone is not None:
+                        gone.set()
+                if not sessions:
                     self._all_closed.set()
                 if policy is not None:
                     policy.closed()
+
+    def _new_session_id(self) -> str:
+        """A random id no live session has (a worker's starts with its slot)."""
+        prefix = self._id_prefix
+        octets = SESSION_ID_OCTETS - len(prefix) // 2
+        while (session_id := prefix + secrets.token_hex(octets)) in self._sessions:
+            pass
+        return session_id
+
+    # -- live sessions (the admin listener's /sessions) ------------------------
+
+    def live_sessions(self, user: str | None = None) -> list[dict[str, Any]]:
+        """Every live session (``user``: only that account's), oldest first."""
+        now, wall = trio.current_time(), time.time()
+        return [
+            self._describe(session_id, live, now, wall)
+            for session_id, live in self._sessions.items()
+            if user is None or live.relay.session.user == user
+        ]
+
+    def _describe(
+        self, session_id: str, live: LiveSession, now: float, wall: float
+    ) -> dict[str, Any]:
+        """One session's figures, read now from what the session keeps anyway."""
+        relay = live.relay
+        session = relay.session
+        started = relay.started_at or now
+        active = relay.last_activity or now
+        return {
+            "id": session_id,
+            "worker": self.worker,
+            "account": session.user,
+            "client": live.context["client"],
+            "listener": live.context["listener"],
+            "tls": session.client_tls,
+            "upstream_tls": isinstance(relay.upstream, TLSSocketStream | trio.SSLStream),
+            "state": session.state.value,
+            "since": _utc(wall - (now - started)),
+            "idle_seconds": round(max(now - active, 0.0), 1),
+            "bytes_from_client": session.bytes_from_client,
+            "bytes_to_client": session.bytes_to_client,
+            "bytes_from_upstream": session.bytes_from_upstream,
+            "bytes_to_upstream": session.bytes_to_upstream,
+            "marked": len(session.marked_for_deletion),
+        }
+
+    async def list_sessions(self, user: str | None) -> tuple[int, dict[str, Any]]:
+        """``GET /sessions`` (:class:`popguard.shell.admin.SessionControl`)."""
+        return 200, {"sessions": self.live_sessions(user)}
+
+    async def close_session(
+        self, session_id: str, *, requested_by: str, relayed_by: str | None, reason: str | None
+    ) -> tuple[int, dict[str, Any]]:
+        """``POST /sessions/ID/close``: end the session without QUIT.
+
+        Records ``session.close_requested`` (who asked, why) in the session's
+        context, then ends it as a shutdown would: the upstream connection is
+        closed without QUIT, so the server deletes nothing and the marks are
+        recorded as discarded (``operator_close``).  Answers once the session
+        is gone (``closed``), or after :data:`CLOSE_WAIT` seconds.
+        """
+        live = self._sessions.get(session_id)
+        if live is None:
+            return 404, {"error": "no such session", "id": session_id}
+        now = trio.current_time()
+        described = self._describe(session_id, live, now, time.time())
+        fields: dict[str, FieldValue] = {"requested_by": requested_by, "reason": reason}
+        if relayed_by is not None:
+            fields["relayed_by"] = relayed_by
+        with session_context(**live.context):
+            self.audit.emit(AuditRecord(Event.SESSION_CLOSE_REQUESTED, fields))
+        detail = f"closed by {requested_by}" + (f": {reason}" if reason else "")
+        gone = self._closing.setdefault(session_id, trio.Event())
+        live.relay.abort(EndReason.OPERATOR_CLOSE, detail)
+        with trio.move_on_after(CLOSE_WAIT):
+            await gone.wait()
+        return 200, {"closed": gone.is_set(), "session": described}
 
     def _relay(
         self,
@@ -576,7 +705,12 @@ async def serve(
     if policies is not None:
         shared = PolicyShared(PolicyHolder(policies), trio.current_time)
     server = ProxyServer(
-        settings, audit, policies=shared, policy_loader=policy_loader, metrics=metrics
+        settings,
+        audit,
+        policies=shared,
+        policy_loader=policy_loader,
+        metrics=metrics,
+        worker=worker.index if worker is not None else None,
     )
     await server.open_listeners()  # a bind error surfaces here, not in a group
     admin_server: AdminServer | None = None
@@ -590,7 +724,7 @@ async def serve(
                 audit_healthy=lambda: audit.healthy,
                 connect=probe_connector(settings),
             )
-            admin_server = AdminServer(metrics, readiness)
+            admin_server = AdminServer(metrics, readiness, sessions=server)
             bound = await admin_server.open(admin)  # likewise a plain OSError
             for host, port in bound:
                 audit.event("admin.listening", address=str(Endpoint(host, port)))
@@ -609,7 +743,8 @@ async def serve(
             await nursery.start(run_server)
             task_status.started(server)
             if worker is not None:
-                worker.ready()
+                # The supervisor's admin listener asks this one about sessions.
+                worker.ready(admin_server.bound[0] if admin_server is not None else None)
                 nursery.start_soon(worker.watch_parent, server.request_shutdown, audit)
 
 

@@ -30,23 +30,47 @@ trail is missing.
 
 Counters (connection limits, failed-login throttling, Prometheus metrics)
 are per process: see docs/deploy.md "Several workers".
+
+Admin: the parent serves ``admin.listen`` itself: ``/healthz``, ``/readyz``
+(every worker's ``/readyz``) and the live sessions of all workers.  Worker N serves
+its own admin listener (``/metrics`` among others) on ``admin.listen``'s
+port + N (see :func:`worker_admin_address`) and tells the parent where, in
+its "ready" message.  ``GET /sessions`` asks every worker and merges the
+lists; ``POST /sessions/ID/close`` goes to the worker whose slot the id
+starts with (:func:`popguard.shell.server.worker_of_session`), naming the
+original requester.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
+import json
 import os
 import signal
 import socket
 import sys
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import trio
 
 from popguard.audit import AuditLog
-from popguard.shell.server import HANDLED_SIGNALS, RELOAD_SIGNALS, format_peer
+from popguard.shell.admin import (
+    REQUESTED_BY_HEADER,
+    AdminServer,
+    Document,
+    admin_request,
+)
+from popguard.shell.server import (
+    HANDLED_SIGNALS,
+    RELOAD_SIGNALS,
+    Endpoint,
+    format_peer,
+    worker_of_session,
+)
 
 __all__ = [
     "LISTEN_BACKLOG",
@@ -56,6 +80,7 @@ __all__ = [
     "bind_reuseport",
     "cpu_count",
     "parse_worker_arg",
+    "worker_admin_address",
     "worker_audit_file",
     "worker_command",
 ]
@@ -66,6 +91,8 @@ STABLE_AFTER: Final = 10.0
 #: Restart delays for a worker that keeps failing early: 0.1 s doubling to 30 s.
 FIRST_BACKOFF: Final = 0.1
 MAX_BACKOFF: Final = 30.0
+#: The longest "ready" message a worker sends: ``R``, then its admin address.
+MAX_READY_MESSAGE: Final = 512
 
 
 def cpu_count() -> int:
@@ -88,6 +115,26 @@ def worker_audit_file(path: str, index: int) -> str:
     if not dot or not stem:
         return os.path.join(directory, f"{name}.w{index}")
     return os.path.join(directory, f"{stem}.w{index}.{extension}")
+
+
+def worker_admin_address(address: tuple[str, int], index: int) -> tuple[str, int]:
+    """Worker *index*'s admin listener: ``admin.listen``'s port + index (the
+    parent serves ``admin.listen`` itself); port 0 stays 0 (any free port)."""
+    host, port = address
+    return (host, port + index if port else 0)
+
+
+def _reachable(address: tuple[str, int]) -> tuple[str, int]:
+    """Where the parent reaches a listener bound to ``address``: a wildcard
+    (0.0.0.0, ::) through loopback."""
+    host, port = address
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return (host, port)  # localhost
+    if ip.is_unspecified:
+        return ("::1" if ip.version == 6 else "127.0.0.1", port)
+    return (host, port)
 
 
 # -- the parent's sockets ------------------------------------------------------
@@ -165,11 +212,13 @@ class WorkerRole:
     #: readable (end of file) when the parent is gone, however it died.
     lifeline_fd: int
 
-    def ready(self) -> None:
-        """Tell the parent this worker accepts connections."""
+    def ready(self, admin: tuple[str, int] | None = None) -> None:
+        """Tell the parent this worker accepts connections, and where its
+        admin listener is (``R host port``; ``R`` alone: none)."""
         if self.ready_fd >= 0:
+            message = b"R" if admin is None else f"R {admin[0]} {admin[1]}".encode()
             try:
-                os.write(self.ready_fd, b"R")
+                os.write(self.ready_fd, message)
             except OSError:
                 pass  # the parent is gone; watch_parent stops us
             finally:
@@ -211,6 +260,8 @@ class _Slot:
     ready: bool = False
     #: Being started (``open_process`` runs in a thread).
     spawning: bool = False
+    #: Where the running worker's admin listener answers (from its ready message).
+    admin: tuple[str, int] | None = None
 
 
 class Supervisor:
@@ -234,8 +285,11 @@ class Supervisor:
         *,
         workers: int,
         startup_timeout: float = 60.0,
+        admin: tuple[str, int] | None = None,
     ) -> None:
         self.command = list(command)
+        #: The address the parent's admin listener binds (None: none).
+        self.admin = admin
         self.listeners = list(listeners)
         self.audit = audit
         self.workers = workers
@@ -283,21 +337,139 @@ class Supervisor:
         )
         status = 0
         try:
-            with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._on_signals, signals)
-                    for slot in self.slots:
-                        nursery.start_soon(self._keep, slot)
-                    status = await self._startup()
-                    task_status.started()
-                    while not self._all_exited():
-                        await self._wait_change()
-                    nursery.cancel_scope.cancel()
+            admin = await self._open_admin()
+            if admin is None and self.admin is not None:
+                status = 1  # recorded as popguard.workers.start_failed
+            else:
+                with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._on_signals, signals)
+                        if admin is not None:
+                            await nursery.start(admin.run)
+                        for slot in self.slots:
+                            nursery.start_soon(self._keep, slot)
+                        status = await self._startup()
+                        task_status.started()
+                        while not self._all_exited():
+                            await self._wait_change()
+                        nursery.cancel_scope.cancel()
         finally:
             os.close(self._lifeline_read)
             os.close(self._lifeline_write)
         audit.event("popguard.stopped")
         return status
+
+    # -- the admin listener --------------------------------------------------
+
+    async def _open_admin(self) -> AdminServer | None:
+        """Bind the parent's admin listener; None (and recorded) if it cannot."""
+        if self.admin is None:
+            return None
+        server = self.admin_server()
+        try:
+            bound = await server.open(self.admin)
+        except OSError as exc:
+            self.audit.error(
+                "popguard.workers.start_failed", ready=0, workers=self.workers, error=str(exc)
+            )
+            return None
+        for host, port in bound:
+            self.audit.event("admin.listening", address=str(Endpoint(host, port)))
+        return server
+
+    def admin_server(self) -> AdminServer:
+        """The parent's admin listener (not yet bound): no metrics of its own;
+        readiness and sessions asked of the workers."""
+        return AdminServer(None, self._readiness, sessions=self)
+
+    async def _readiness(self) -> dict[str, bool]:
+        """``/readyz``: no stop began, every worker is ready, and each worker's
+        own ``/readyz`` (listeners, upstream, audit) says ready."""
+        checks = {"workers": not self.stopping and all(slot.ready for slot in self.slots)}
+        answers: dict[int, bool] = {}
+
+        async def ask(slot: _Slot) -> None:
+            status, _ = await self._call_worker(slot, "GET", "/readyz")
+            answers[slot.index] = status == 200
+
+        async with trio.open_nursery() as nursery:
+            for slot in self.slots:
+                nursery.start_soon(ask, slot)
+        checks.update({f"worker_{index}": ok for index, ok in sorted(answers.items())})
+        return checks
+
+    async def list_sessions(self, user: str | None) -> tuple[int, Document]:
+        """``GET /sessions``: every worker's, merged, oldest first.
+
+        ``workers`` says which workers answered; a worker that did not (not
+        running, or no answer within the time limit) makes ``complete`` false.
+        """
+        target = "/sessions" + (f"?{urllib.parse.urlencode({'user': user})}" if user else "")
+        answers: dict[int, Document | str] = {}
+
+        async def ask(slot: _Slot) -> None:
+            answers[slot.index] = await self._ask_worker(slot, "GET", target)
+
+        async with trio.open_nursery() as nursery:
+            for slot in self.slots:
+                nursery.start_soon(ask, slot)
+        sessions: list[Any] = []
+        workers: list[Document] = []
+        for index in sorted(answers):
+            answer = answers[index]
+            if isinstance(answer, str):
+                workers.append({"worker": index, "ok": False, "error": answer})
+            else:
+                workers.append({"worker": index, "ok": True})
+                sessions += answer.get("sessions", [])
+        sessions.sort(key=lambda session: str(session.get("since", "")))
+        complete = all(worker["ok"] for worker in workers)
+        return 200, {"sessions": sessions, "workers": workers, "complete": complete}
+
+    async def close_session(
+        self, session_id: str, *, requested_by: str, relayed_by: str | None, reason: str | None
+    ) -> tuple[int, Document]:
+        """``POST /sessions/ID/close``: passed to the worker the id names."""
+        index = worker_of_session(session_id)
+        if not 1 <= index <= self.workers:
+            return 404, {"error": "no such session", "id": session_id}
+        slot = self.slots[index - 1]
+        target = f"/sessions/{session_id}/close"
+        if reason:
+            target += f"?{urllib.parse.urlencode({'reason': reason})}"
+        status, answer = await self._call_worker(
+            slot, "POST", target, {REQUESTED_BY_HEADER: requested_by}
+        )
+        if isinstance(answer, str):
+            return 503, {"error": answer, "id": session_id, "worker": index}
+        return status, answer
+
+    async def _ask_worker(self, slot: _Slot, method: str, target: str) -> Document | str:
+        """A worker's JSON answer (status 200), or why there is none."""
+        status, answer = await self._call_worker(slot, method, target)
+        if isinstance(answer, str) or status == 200:
+            return answer
+        return f"worker {slot.index} answered {status}"
+
+    async def _call_worker(
+        self,
+        slot: _Slot,
+        method: str,
+        target: str,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Document | str]:
+        """(status, the worker's JSON answer), or (0, why there is none)."""
+        address = slot.admin  # None once the worker exits, until its successor is ready
+        if address is None or not slot.ready:
+            return 0, f"worker {slot.index} is not running"
+        try:
+            status, body = await admin_request(address, method, target, headers)
+            document = json.loads(body)
+        except (OSError, ValueError) as exc:
+            return 0, f"worker {slot.index}: {exc}"
+        if not isinstance(document, dict):
+            return 0, f"worker {slot.index}: not a JSON object"
+        return status, document
 
     async def _startup(self) -> int:
         with trio.move_on_after(self.startup_timeout):
@@ -427,6 +599,7 @@ class Supervisor:
         finally:
             os.close(read_end)
         slot.process = None
+        slot.admin = None
         fields: dict[str, object] = {"slot": slot.index, "pid": process.pid}
         if code < 0:
             fields["signal"] = signal.Signals(-code).name
@@ -441,14 +614,30 @@ class Supervisor:
         self._changed.set()
 
     async def _await_ready(self, slot: _Slot, fd: int) -> None:
-        await trio.lowlevel.wait_readable(fd)
-        if os.read(fd, 1) != b"R":
+        """Wait for the worker's ready message (up to its end of file)."""
+        message = b""
+        while len(message) < MAX_READY_MESSAGE:
+            await trio.lowlevel.wait_readable(fd)
+            chunk = os.read(fd, MAX_READY_MESSAGE)
+            if not chunk:
+                break
+            message += chunk
+        if not message.startswith(b"R"):
             return  # exited first
+        slot.admin = _admin_of(message)
         slot.ready = True
         self.audit.event("popguard.worker.ready", slot=slot.index)
         if not self._startup_over:
             self._ready_count += 1
             self._changed.set()
+
+
+def _admin_of(message: bytes) -> tuple[str, int] | None:
+    """The admin address in a ready message (``R host port``), reachable from here."""
+    parts = message[1:].split()
+    if len(parts) != 2 or not parts[1].isdigit():
+        return None
+    return _reachable((parts[0].decode("ascii", "replace"), int(parts[1])))
 
 
 def worker_command(argv: Sequence[str]) -> list[str]:

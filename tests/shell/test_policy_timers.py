@@ -27,7 +27,7 @@ from popguard.core.session import REPLY_IDLE, REPLY_MAX_SESSION, ProxySession
 from popguard.policy.model import Match, PolicySet, Rule
 from popguard.policy.session import PolicyHolder, PolicyShared, SessionPolicy
 from popguard.shell.relay import Relay
-from popguard.shell.server import Endpoint, ProxyServer, ServerSettings
+from popguard.shell.server import Endpoint, LiveSession, ProxyServer, ServerSettings
 from tests.shell.test_relay import recv_all, recv_until
 
 GREETING = b"+OK ready <1.2@test>\r\n"
@@ -434,7 +434,8 @@ async def test_server_reload_policies_rearms_open_sessions_and_keeps_the_old_set
     async with rig(policies(rule("idle-300", idle_timeout=300))) as r:
         settings = ServerSettings(listeners=(), upstream=Endpoint("127.0.0.1", 1))
         server = ProxyServer(settings, AuditLog([Sink()]), policies=r.shared, policy_loader=loader)
-        server._relays.add(r.relay)  # as if ProxyServer had accepted this session
+        # As if ProxyServer had accepted this session.
+        server._sessions["0" * 16] = LiveSession({}, r.relay)
         await greet(r)
         await login(r)
         last_activity = trio.current_time()
@@ -447,7 +448,7 @@ async def test_server_reload_policies_rearms_open_sessions_and_keeps_the_old_set
         # 70 s idle > 40 s: the new timer ends the session at once.
         assert await recv_all(r.client, limit=1000) == REPLY_IDLE
         assert trio.current_time() - last_activity == pytest.approx(70, abs=1e-6)
-        server._relays.discard(r.relay)
+        del server._sessions["0" * 16]
     names = [e["event"] for e in audit_events]
     assert names == ["policy.reload_failed", "policy.reloaded"]
     assert audit_events[0]["errors"] == ["policies/bad.yaml:1:1: error: broken"]

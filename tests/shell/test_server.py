@@ -241,9 +241,9 @@ async def test_tcp_nodelay_on_both_sockets() -> None:
         sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
         try:
             with trio.fail_after(5):
-                while not any(r.upstream for r in s.proxy._relays):
+                while not any(live.relay.upstream for live in s.proxy._sessions.values()):
                     await trio.sleep(0.01)
-            (relay,) = s.proxy._relays
+            ((_, relay),) = s.proxy._sessions.values()
             for stream in (relay.client, relay.upstream):
                 assert isinstance(stream, TCPStream)
                 assert stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
