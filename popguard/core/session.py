@@ -11,6 +11,26 @@ each call collects what it produced: bytes for the server
 audit records (``take_records``).  It never blocks, sleeps, or touches a
 socket, so every behaviour below is testable as a transcript.
 
+Modules
+-------
+This module is the state machine and the framing; each other concern has
+a module of its own, which knows nothing of sessions:
+
+``grammar``   command lines and status lines (RFC 1939, RFC 2449);
+``identity``  login name to account, the way the server maps it;
+``sasl``      the account inside an AUTH exchange (PLAIN, LOGIN, CRAM-MD5);
+``messages``  UIDLs and sizes learnt, and the lookups still worth making;
+``capa``      the CAPA and AUTH listings as the client sees them;
+``replies``   the replies popguard writes itself;
+``records``   audit records as data; ``limits`` the bounds.
+
+Commands are dispatched through two tables, by verb: ``_BEFORE_FORWARD``
+(what a command needs before it goes upstream: QUIT closes the input, AUTH
+opens a SASL exchange, DELE waits for its durable record) and ``_ON_REPLY``
+(what its complete reply does to the state: logins, RETR/TOP, DELE, RSET,
+QUIT, the client's own UIDL/LIST).  A verb in neither is forwarded and
+relayed as it is.
+
 Commands
 --------
 Client bytes are split into lines.  A line is parsed (``grammar``); a
@@ -93,8 +113,8 @@ same name.  A response popguard must refuse cancels the exchange upstream
 with ``*``.  SASL responses are decoded only to learn the account; they are
 never stored or logged.
 
-Message identity
-----------------
+Message identity (popguard.core.messages)
+-----------------------------------------
 Message numbers mean nothing outside one session, so records name messages
 by UIDL and size as well (RFC 1939 §7: UIDs are stable across sessions, and
 a number names the same message for the whole session).  With
@@ -148,10 +168,11 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
+from popguard.core.capa import capa_line, mechanism_line, own_stls
 from popguard.core.grammar import (
     CRLF,
     MULTILINE_TERMINATOR,
@@ -167,9 +188,57 @@ from popguard.core.grammar import (
 )
 from popguard.core.identity import DEFAULT_IDENTITY, Account, IdentityRefused, IdentityRules
 from popguard.core.limits import Limits
+from popguard.core.messages import MAX_IDENTITY_CACHE, MessageIndex, message_number
 from popguard.core.records import AuditRecord, EndReason, Event, FieldValue, Scalar
+from popguard.core.replies import (
+    REPLY_AUDIT_DOWN,
+    REPLY_AUDIT_UNAVAILABLE,
+    REPLY_IDENTITY_UNKNOWN,
+    REPLY_IDLE,
+    REPLY_LOGIN_TIMEOUT,
+    REPLY_MAX_SESSION,
+    REPLY_OPERATOR_CLOSE,
+    REPLY_SHUTDOWN,
+    REPLY_STLS_ACTIVE,
+    REPLY_STLS_BEGIN,
+    REPLY_STLS_PIPELINED,
+    REPLY_STLS_STATE,
+    REPLY_STLS_UNAVAILABLE,
+    REPLY_TOO_MANY_BAD,
+    REPLY_UPSTREAM_BROKEN,
+    REPLY_UPSTREAM_LOST,
+    REPLY_UPSTREAM_TIMEOUT,
+    REPLY_UPSTREAM_UNAVAILABLE,
+)
 from popguard.core.sasl import DECODABLE, SaslLogin, mechanism_name
 from popguard.policy.session import SessionPolicy, Verdict
+
+__all__ = [
+    # The replies popguard makes itself live in popguard.core.replies; they
+    # are named here too for the shell and the tests.
+    "MAX_IDENTITY_CACHE",
+    "REPLY_AUDIT_DOWN",
+    "REPLY_AUDIT_UNAVAILABLE",
+    "REPLY_IDENTITY_UNKNOWN",
+    "REPLY_IDLE",
+    "REPLY_LOGIN_TIMEOUT",
+    "REPLY_MAX_SESSION",
+    "REPLY_OPERATOR_CLOSE",
+    "REPLY_SHUTDOWN",
+    "REPLY_STLS_ACTIVE",
+    "REPLY_STLS_BEGIN",
+    "REPLY_STLS_PIPELINED",
+    "REPLY_STLS_STATE",
+    "REPLY_STLS_UNAVAILABLE",
+    "REPLY_TOO_MANY_BAD",
+    "REPLY_UPSTREAM_BROKEN",
+    "REPLY_UPSTREAM_LOST",
+    "REPLY_UPSTREAM_TIMEOUT",
+    "REPLY_UPSTREAM_UNAVAILABLE",
+    "CommandObserver",
+    "ProxySession",
+    "State",
+]
 
 
 class State(enum.StrEnum):
@@ -186,39 +255,6 @@ class _Reader(enum.Enum):
     INDEX = enum.auto()
     LISTING = enum.auto()
 
-
-#: Replies popguard writes itself.  Response codes per RFC 2449 §8 and
-#: RFC 3206: [SYS/TEMP] when the upstream is at fault and a retry may work.
-REPLY_UPSTREAM_UNAVAILABLE = b"-ERR [SYS/TEMP] Upstream POP3 server is unavailable\r\n"
-REPLY_UPSTREAM_LOST = b"-ERR [SYS/TEMP] Connection to the upstream POP3 server was lost\r\n"
-REPLY_UPSTREAM_BROKEN = b"-ERR [SYS/TEMP] Upstream POP3 server sent an invalid reply\r\n"
-REPLY_SHUTDOWN = b"-ERR [SYS/TEMP] popguard is shutting down, try again later\r\n"
-REPLY_IDLE = b"-ERR Disconnected for inactivity.\r\n"
-REPLY_MAX_SESSION = b"-ERR Session time limit reached, disconnecting.\r\n"
-#: An operator closed the session (``popguard kick``): no response code, as
-#: nothing the client can do about it is temporary or permanent.
-REPLY_OPERATOR_CLOSE = b"-ERR Disconnected by an administrator.\r\n"
-#: ``session.login_timeout``: no response code, since RFC 3206 keeps [AUTH] for
-#: credential problems (a client would ask the user for the password again).
-REPLY_LOGIN_TIMEOUT = b"-ERR Login time limit reached, disconnecting.\r\n"
-#: ``upstream.greeting_timeout``: the server accepted the connection, never greeted.
-REPLY_UPSTREAM_TIMEOUT = b"-ERR [SYS/TEMP] Upstream POP3 server did not answer in time\r\n"
-REPLY_TOO_MANY_BAD = b"-ERR Too many invalid commands, closing connection\r\n"
-REPLY_STLS_UNAVAILABLE = b"-ERR STLS is not available through this proxy\r\n"
-REPLY_STLS_BEGIN = b"+OK Begin TLS negotiation\r\n"
-REPLY_STLS_ACTIVE = b"-ERR Already using TLS\r\n"
-REPLY_STLS_STATE = b"-ERR STLS is only allowed before login\r\n"
-REPLY_STLS_PIPELINED = b"-ERR STLS must not follow commands still in progress\r\n"
-REPLY_SASL_TOO_LONG = b"-ERR SASL response line too long\r\n"
-REPLY_IDENTITY_UNKNOWN = (
-    b"-ERR [AUTH] popguard cannot tell which account this login opened, disconnecting\r\n"
-)
-REPLY_AUDIT_UNAVAILABLE = (
-    b"-ERR [SYS/TEMP] The audit trail cannot record this deletion now, try again later\r\n"
-)
-
-#: A new connection while fail-closed auditing cannot write (the shell sends it).
-REPLY_AUDIT_DOWN = b"-ERR [SYS/TEMP] popguard cannot write its audit trail, try again later\r\n"
 
 _DEFAULT_LIMITS = Limits()
 
@@ -257,12 +293,6 @@ class _SaslExchange:
     denied: bytes | None = None
 
 
-#: At most this many messages per session get identity lookups, and at most
-#: this many UIDLs and sizes are learnt (bounded memory for a client that
-#: walks or lists a huge mailbox: some 250 octets per message learnt); later
-#: ones are recorded by number only.
-MAX_IDENTITY_CACHE = 100_000
-
 #: Commands whose reply decides who is logged in; later pipelined commands
 #: wait for it, so they run for a known account (see _held_for_login).
 _LOGIN_VERBS = frozenset({"PASS", "APOP", "AUTH"})
@@ -272,21 +302,6 @@ _KEEP_ARG = frozenset({"RETR", "TOP", "DELE", "UIDL", "LIST"})
 
 #: Commands whose message popguard names by UIDL and size (message identity).
 _LOOKUP_VERBS = frozenset({"RETR", "TOP", "DELE"})
-
-#: Digits in a message number or size that are learnt (int() stays cheap).
-_MAX_NUMBER_DIGITS = 20
-
-#: The lines of a UIDL and of a LIST listing that are learnt from, as RFC
-#: 1939 §7 and §5 write them: "n SP unique-id" and "n SP size", the latter
-#: perhaps followed by SP and more (bounded here), each ending in CRLF.  A
-#: leading "." is byte-stuffing (§3): the line is read as the client reads it.
-#: Anything else (bare LF, extra spaces, an invalid unique-id) is relayed
-#: like any other line, just not learnt.
-_UIDL_LINES = re.compile(rb"^\.?(\d{1,20}) ([\x21-\x7e]{1,70})\r$", re.MULTILINE)
-_LIST_LINES = re.compile(rb"^\.?(\d{1,20}) (\d{1,20})(?: [^\r\n]{0,400})?\r$", re.MULTILINE)
-
-#: Longest listing line held across reads: no longer line could be learnt.
-_MAX_INDEX_LINE = 512
 
 #: Commands that name the account to log in to.
 _NAMING_VERBS = frozenset({"USER", "APOP"})
@@ -314,12 +329,9 @@ class ProxySession:
         "_client_out",
         "_discarding_line",
         "_gated",
-        "_identity_requested",
-        "_index_buf",
-        "_index_skip",
-        "_index_uidl",
         "_input_held",
         "_logins_pending",
+        "_messages",
         "_pending",
         "_read_mark",
         "_read_owed",
@@ -329,12 +341,8 @@ class ProxySession:
         "_reply_bytes",
         "_sasl",
         "_server_buf",
-        "_sizes",
         "_stls_discarded",
         "_tail",
-        "_uidl_refused_for",
-        "_uidl_supported",
-        "_uidls",
         "_unsent_local",
         "_upstream_out",
         "account",
@@ -397,18 +405,10 @@ class ProxySession:
         #: How the upstream maps login names to accounts.
         self.identity = identity
         self.message_identity = message_identity
-        #: What popguard learnt about each message number this session.
-        self._uidls: dict[int, str] = {}
-        self._sizes: dict[int, int] = {}
-        self._identity_requested: set[int] = set()
-        self._uidl_supported = True
-        # A UIDL -ERR only means "no UIDL here" if LIST then finds the message.
-        self._uidl_refused_for: int | None = None
-        # The INDEX reader: a UIDL (True) or LIST listing, its partial line,
-        # and whether the current line is too long to learn from.
-        self._index_uidl = False
-        self._index_buf = bytearray()
-        self._index_skip = False
+        #: What popguard learnt about each message number this session
+        #: (popguard.core.messages); made on first use, so that a session
+        #: that never names a message does not pay for one.
+        self._messages: MessageIndex | None = None
         self.durable_deletions = durable_deletions
         #: A record the shell must write durably before the session goes on.
         self.pending_durable: AuditRecord | None = None
@@ -554,6 +554,14 @@ class ProxySession:
         """A login succeeded (the session left AUTHORIZATION)."""
         return self.state is not State.AUTHORIZATION
 
+    @property
+    def messages(self) -> MessageIndex:
+        """The UIDLs and sizes learnt so far (``popguard.core.messages``)."""
+        messages = self._messages
+        if messages is None:
+            messages = self._messages = MessageIndex()
+        return messages
+
     # ------------------------------------------------------------------
     # Inputs: connection events
     # ------------------------------------------------------------------
@@ -612,7 +620,7 @@ class ProxySession:
         unanswered = {
             msg
             for entry in self._pending
-            if entry.verb == "DELE" and (msg := _message_number(entry.arg)) is not None
+            if entry.verb == "DELE" and (msg := message_number(entry.arg)) is not None
         }
         if self.state is not State.TRANSACTION:
             unanswered.clear()
@@ -796,27 +804,43 @@ class ProxySession:
             self._refused_user = None
         if self.policy is not None and verb != "QUIT" and self._policy_refuses(command, account):
             return
-        if verb == "QUIT":
-            # Whatever follows QUIT can never be answered (RFC 1939 §6).
-            self._client_input_closed = True
-            self._client_buf.clear()
-        elif verb == "AUTH" and command.args:
-            forwarded = self._open_sasl(command)
-            if forwarded is None:
+        prepare = _BEFORE_FORWARD.get(verb)
+        if prepare is not None:
+            prepared = prepare(self, command)
+            if prepared is None:
                 return
-            assert self._sasl is not None
-            if self._sasl_claim_refused(self._sasl):
-                self._sasl = None
-                return
-            command = forwarded
-        elif verb == "DELE" and self.durable_deletions:
-            self._gated = command
-            msg = _message_number(command.args[0] if command.args else None)
-            self.pending_durable = AuditRecord(
-                Event.DELE_REQUESTED, self._with_user(self._identity(msg))
-            )
-            return
+            command = prepared
         self._forward(command, account)
+
+    def _before_quit(self, command: Command) -> Command | None:
+        # Whatever follows QUIT can never be answered (RFC 1939 §6).
+        self._client_input_closed = True
+        self._client_buf.clear()
+        return command
+
+    def _before_auth(self, command: Command) -> Command | None:
+        """AUTH: the line as popguard forwards it, or None (refused and answered)."""
+        if not command.args:
+            return command  # the mechanism listing (RFC 5034 §4)
+        forwarded = self._open_sasl(command)
+        if forwarded is None:
+            return None
+        assert self._sasl is not None
+        if self._sasl_claim_refused(self._sasl):
+            self._sasl = None
+            return None
+        return forwarded
+
+    def _before_dele(self, command: Command) -> Command | None:
+        """DELE: parked until its record is durable, with ``durable_deletions``."""
+        if not self.durable_deletions:
+            return command
+        self._gated = command
+        msg = message_number(command.args[0] if command.args else None)
+        self.pending_durable = AuditRecord(
+            Event.DELE_REQUESTED, self._with_user(self._identity(msg))
+        )
+        return None
 
     # ------------------------------------------------------------------
     # Identity: which account a login opens (popguard.core.identity)
@@ -1014,7 +1038,7 @@ class ProxySession:
     def _forward(self, command: Command, account: Account | None = None) -> None:
         arg = command.args[0] if command.verb in _KEEP_ARG and command.args else None
         if arg is not None and command.verb in _LOOKUP_VERBS:
-            self._request_identity(_message_number(arg))
+            self._request_identity(message_number(arg))
         self._pending.append(_Pending(command.verb, arg, is_multiline(command), account=account))
         if command.verb in _LOGIN_VERBS:
             self._logins_pending += 1
@@ -1024,18 +1048,9 @@ class ProxySession:
 
     def _request_identity(self, msg: int | None) -> None:
         """Ask the server for what is unknown of a message's UIDL and size, invisibly."""
-        if (
-            msg is None
-            or not self.message_identity
-            or self.state is not State.TRANSACTION
-            or msg in self._identity_requested
-        ):
+        if msg is None or not self.message_identity or self.state is not State.TRANSACTION:
             return
-        want_uidl = self._uidl_supported and msg not in self._uidls
-        want_size = msg not in self._sizes
-        if not (want_uidl or want_size) or len(self._identity_requested) >= MAX_IDENTITY_CACHE:
-            return
-        self._identity_requested.add(msg)
+        want_uidl, want_size = self.messages.lookups(msg)
         number = str(msg).encode("ascii")
         if want_uidl:
             self._pending.append(_Pending("UIDL", number, internal=True))
@@ -1047,56 +1062,23 @@ class ProxySession:
     def _internal_reply(self, entry: _Pending, status: Status, line: bytes) -> None:
         """Keep what an identity lookup answered; the client never sees it."""
         self._pending.pop(0)
-        msg = _message_number(entry.arg)
-        ok = status is Status.OK
-        if msg is None:
-            pass
-        elif entry.verb == "UIDL":
-            if ok:
-                self._uidl_refused_for = None
-                self._learn(True, msg, reply_text(line))
-            else:
-                self._uidl_refused(msg, line)
-        elif entry.verb == "LIST":
-            if ok and self._learn(False, msg, reply_text(line)) and self._uidl_refused_for == msg:
-                self._uidl_supported = False  # the message exists; UIDL does not
-            self._uidl_refused_for = None
+        msg = message_number(entry.arg)
+        if msg is not None:
+            ok = status is Status.OK
+            self.messages.internal_reply(entry.verb, msg, ok, line, self.marked_for_deletion)
         self._flush_local()
         self._finish_if_idle_after_eof()
 
-    def _uidl_refused(self, msg: int, line: bytes) -> None:
-        """``UIDL msg`` got -ERR: "no UIDL command", or "no such message"?"""
-        self._uidl_refused_for = None
-        if not _no_uidl(line):
-            return
-        if msg not in self._sizes:
-            # The LIST lookup sent behind it tells which.
-            self._uidl_refused_for = msg
-        elif msg not in self.marked_for_deletion:
-            self._uidl_supported = False  # the message exists; UIDL does not
-
-    def _learn_reply(self, entry: _Pending, ok: bool, line: bytes) -> None:
-        """The reply to a client's own UIDL or LIST (a listing was learnt as it passed)."""
-        if entry.multiline:
-            if not ok and entry.verb == "UIDL" and _no_uidl(line):
-                self._uidl_supported = False  # a bare UIDL fails only where there is none
-            return
-        msg = _message_number(entry.arg)
-        if ok and msg is not None:
-            self._learn(entry.verb == "UIDL", msg, reply_text(line))
-
     def _identity(self, msg: int | None) -> dict[str, Scalar]:
         """``msg``, plus ``uidl`` and ``size`` where known, for a record."""
-        fields: dict[str, Scalar] = {"msg": msg}
-        if msg is not None:
-            if msg in self._uidls:
-                fields["uidl"] = self._uidls[msg]
-            if msg in self._sizes:
-                fields["size"] = self._sizes[msg]
-        return fields
+        messages = self._messages
+        return {"msg": msg} if messages is None else messages.fields(msg)
 
-    def _identities(self, messages: set[int]) -> tuple[Mapping[str, Scalar], ...]:
-        return tuple(self._identity(msg) for msg in sorted(messages))
+    def _identities(self, marks: set[int]) -> tuple[Mapping[str, Scalar], ...]:
+        messages = self._messages
+        if messages is None:
+            return tuple({"msg": msg} for msg in sorted(marks))
+        return messages.fields_of(marks)
 
     def _sasl_claim_refused_in_exchange(self, sasl: _SaslExchange) -> bool:
         policy = self.policy
@@ -1217,9 +1199,7 @@ class ProxySession:
             ):
                 self._reader = _Reader.INDEX
                 self._tail = b"\r\n"
-                self._index_uidl = entry.verb == "UIDL"
-                self._index_buf.clear()
-                self._index_skip = False
+                self.messages.begin_listing(entry.verb == "UIDL")
             else:
                 self._reader = _Reader.BODY
                 self._tail = b"\r\n"
@@ -1254,7 +1234,7 @@ class ProxySession:
 
         The client gets exactly the bytes ``_relay_body`` would pass (the
         same terminator search); the same chunks are then read line by line
-        (``_learn_index``).  The bulk path (``BODY``) is not touched.
+        (``MessageIndex.learn_chunk``).  The bulk path (``BODY``) is not touched.
         """
         tail = self._tail
         found = (tail + data[pos : pos + 4]).find(MULTILINE_TERMINATOR)
@@ -1266,91 +1246,13 @@ class ProxySession:
         chunk = data[pos:end] if pos or end != len(data) else data
         self._client_out.append(chunk)
         self._reply_bytes += len(chunk)
-        self._learn_index(chunk)
+        self.messages.learn_chunk(chunk)
         if found == -1:
             self._tail = chunk[-4:] if len(chunk) >= 4 else (tail + chunk)[-4:]
             return end
         self._reader = _Reader.STATUS
         self._complete(Status.OK, b"")
         return end
-
-    def _learn_index(self, chunk: bytes) -> None:
-        """Learn from the whole lines of a listing chunk; keep a bounded partial line.
-
-        Lines are matched in bulk (``_UIDL_LINES``, ``_LIST_LINES``), so the
-        cost per line stays small; a line split across reads is put together
-        first, unless it is already longer than any line that could match.
-        """
-        last = chunk.rfind(b"\n")
-        buf = self._index_buf
-        if last == -1:
-            rest = chunk
-        else:
-            start = 0
-            if buf or self._index_skip:
-                start = chunk.find(b"\n") + 1
-                if not self._index_skip and len(buf) + start <= _MAX_INDEX_LINE:
-                    buf += chunk[:start]
-                    self._index_lines(bytes(buf))
-                buf.clear()
-                self._index_skip = False
-            if start <= last:
-                self._index_lines(
-                    chunk[start : last + 1] if start or last + 1 < len(chunk) else chunk
-                )
-            rest = chunk[last + 1 :]
-        if rest and not self._index_skip:
-            if len(buf) + len(rest) > _MAX_INDEX_LINE:
-                buf.clear()
-                self._index_skip = True  # longer than any line learnt from: skip to its end
-            else:
-                buf += rest
-
-    def _index_lines(self, lines: bytes) -> None:
-        """Learn from whole listing lines (each ending in LF)."""
-        if self._index_uidl:
-            uidls = self._uidls
-            for number, uid in _UIDL_LINES.findall(lines):
-                n = int(number)
-                if n in uidls or len(uidls) < MAX_IDENTITY_CACHE:
-                    uidls[n] = uid.decode("ascii")
-        else:
-            sizes = self._sizes
-            for number, size in _LIST_LINES.findall(lines):
-                n = int(number)
-                if n in sizes or len(sizes) < MAX_IDENTITY_CACHE:
-                    sizes[n] = int(size)
-
-    def _learn(self, uidl: bool, msg: int, text: bytes) -> bool:
-        """Learn from the text of a ``+OK n uid`` (``uidl``) or ``+OK n size`` reply.
-
-        ``n`` must be ``msg``, the number asked about; words are split at any
-        whitespace and anything after the value is ignored (RFC 1939 §5 lets
-        LIST say more).  True if the text was well-formed (and learnt, unless
-        the cache is full).
-        """
-        words = text.split()
-        if len(words) < 2:
-            return False
-        number, value = words[0], words[1]
-        if not number.isdigit() or len(number) > _MAX_NUMBER_DIGITS:
-            return False
-        n = int(number)
-        if n != msg:
-            return False
-        if uidl:
-            if not _is_uidl(value):
-                return False
-            uidls = self._uidls
-            if n in uidls or len(uidls) < MAX_IDENTITY_CACHE:
-                uidls[n] = value.decode("ascii")
-            return True
-        if not value.isdigit() or len(value) > _MAX_NUMBER_DIGITS:
-            return False
-        sizes = self._sizes
-        if n in sizes or len(sizes) < MAX_IDENTITY_CACHE:
-            sizes[n] = int(value)
-        return True
 
     def _relay_listing(self, data: bytes, pos: int) -> int:
         """Relay a multi-line reply line by line (CAPA), rewriting as needed."""
@@ -1372,42 +1274,34 @@ class ProxySession:
                 return size
             capa = self._pending[0].verb == "CAPA"
             if line == b".\r\n":
-                if capa and self.stls and not self.client_tls and self.state is State.AUTHORIZATION:
-                    self._client_out.append(b"STLS\r\n")  # popguard's own (RFC 2595 §4)
-                    self._reply_bytes += 6
+                stls = capa and own_stls(
+                    offers_stls=self.stls,
+                    client_tls=self.client_tls,
+                    authorization=self.state is State.AUTHORIZATION,
+                )
+                if stls:
+                    self._client_out.append(stls)
+                    self._reply_bytes += len(stls)
                 self._client_out.append(line)
                 self._reply_bytes += len(line)
                 self._reader = _Reader.STATUS
                 self._complete(Status.OK, b"")
                 return pos
-            shown = self._capa_line(line) if capa else _mechanism_line(line)
+            if capa:
+                shown = capa_line(
+                    line, client_tls=self.client_tls, requires_tls=self._requires_tls()
+                )
+            else:
+                shown = mechanism_line(line)
             if shown is None:
                 continue
             self._client_out.append(shown)
             self._reply_bytes += len(shown)
         return pos
 
-    def _capa_line(self, line: bytes) -> bytes | None:
-        """A CAPA line as it reaches the client (RFC 2449 §6), or None: dropped."""
-        words = line.split()
-        keyword = words[0].upper() if words else b""
-        if keyword == b"STLS":
-            return None  # STLS is popguard's, never the upstream's
-        if keyword in (b"USER", b"SASL") and not self.client_tls:
-            policy = self.policy
-            # Like Dovecot's disable_plaintext_auth: no login offered before TLS.
-            if policy is not None and policy.requires_tls():
-                return None
-        if keyword == b"SASL":
-            # Only mechanisms whose account popguard can read are offered:
-            # the others would be refused (popguard.core.sasl).
-            offered = [
-                word for word in words[1:] if word.upper().decode("ascii", "replace") in DECODABLE
-            ]
-            if len(offered) == len(words) - 1:
-                return line
-            return b" ".join([words[0], *offered]) + CRLF if offered else None
-        return line
+    def _requires_tls(self) -> bool:
+        """A policy refuses logins before TLS (so CAPA offers none)."""
+        return self.policy is not None and self.policy.requires_tls()
 
     def _unsolicited(self, detail: str) -> None:
         """Server bytes that no command asked for: the session ends.
@@ -1431,60 +1325,87 @@ class ProxySession:
     # Reply completion: where the RFC 1939 state moves
     # ------------------------------------------------------------------
     def _complete(self, status: Status, line: bytes) -> None:
+        """A reply is complete: move the state as the command's handler says.
+
+        Handlers are looked up by verb in ``_ON_REPLY``; a verb without one
+        (NOOP, STAT, CAPA, ...) changes nothing.  A handler returns True when
+        the session must not go on to the next command (it ended).
+        """
         entry = self._pending.pop(0)
-        ok = status is Status.OK
         verb = entry.verb
         if verb in _LOGIN_VERBS:
             self._logins_pending -= 1
         if self.observer is not None and verb != "GREETING":
             self.observer.answered(verb)
-        if verb == "GREETING":
-            if not ok:
-                self.end(EndReason.UPSTREAM_REFUSED, "upstream greeting was -ERR")
-                return
-        elif verb == "USER":
-            if ok:
-                self._claimed = entry.account
-        elif verb == "PASS":
-            self._auth_result(ok, self._claimed, "USER", line)
-        elif verb == "APOP":
-            self._auth_result(ok, entry.account, "APOP", line)
-        elif verb == "AUTH":
-            sasl = self._sasl
-            self._sasl = None
-            if sasl is not None and sasl.denied is not None:
-                self._replace_reply(line, sasl.denied)  # the cancel's -ERR: say why
-                if ok:  # a server that logs in after a cancel: not on popguard's watch
-                    self.end(EndReason.IDENTITY_UNKNOWN, "the server accepted a cancelled login")
-                    return
-            elif sasl is not None:
-                self._auth_result(ok, sasl.login.account, sasl.mechanism, line)
-                if self.finished:
-                    return
-        elif verb in ("RETR", "TOP"):
-            if ok:
-                self._record(
-                    Event.MESSAGE_RETRIEVED,
-                    command=verb,
-                    **self._identity(_message_number(entry.arg)),
-                    bytes=self._reply_bytes,
-                )
-        elif verb == "DELE":
-            self._dele_result(ok, _message_number(entry.arg), line)
-        elif verb in ("UIDL", "LIST"):
-            if self.message_identity and self.state is State.TRANSACTION:
-                self._learn_reply(entry, ok, line)
-        elif verb == "RSET":
-            if ok and self.state is State.TRANSACTION:
-                self._record(Event.RSET, messages=self._identities(self.marked_for_deletion))
-                self.marked_for_deletion.clear()
-        elif verb == "QUIT":
-            self._quit_result(ok, line)
+        handler = _ON_REPLY.get(verb)
+        if handler is not None and handler(self, entry, status is Status.OK, line):
             return
         self._flush_local()
         if self._sasl is None and self._client_buf:
             self._process_client_lines()
         self._finish_if_idle_after_eof()
+
+    def _greeting_reply(self, entry: _Pending, ok: bool, line: bytes) -> bool:
+        if not ok:
+            self.end(EndReason.UPSTREAM_REFUSED, "upstream greeting was -ERR")
+            return True
+        return False
+
+    def _user_reply(self, entry: _Pending, ok: bool, line: bytes) -> bool:
+        if ok:
+            self._claimed = entry.account
+        return False
+
+    def _pass_reply(self, entry: _Pending, ok: bool, line: bytes) -> bool:
+        self._auth_result(ok, self._claimed, "USER", line)
+        return False
+
+    def _apop_reply(self, entry: _Pending, ok: bool, line: bytes) -> bool:
+        self._auth_result(ok, entry.account, "APOP", line)
+        return False
+
+    def _auth_reply(self, entry: _Pending, ok: bool, line: bytes) -> bool:
+        sasl = self._sasl
+        self._sasl = None
+        if sasl is not None and sasl.denied is not None:
+            self._replace_reply(line, sasl.denied)  # the cancel's -ERR: say why
+            if ok:  # a server that logs in after a cancel: not on popguard's watch
+                self.end(EndReason.IDENTITY_UNKNOWN, "the server accepted a cancelled login")
+                return True
+        elif sasl is not None:
+            self._auth_result(ok, sasl.login.account, sasl.mechanism, line)
+            return self.finished
+        return False
+
+    def _retrieve_reply(self, entry: _Pending, ok: bool, line: bytes) -> bool:
+        if ok:
+            self._record(
+                Event.MESSAGE_RETRIEVED,
+                command=entry.verb,
+                **self._identity(message_number(entry.arg)),
+                bytes=self._reply_bytes,
+            )
+        return False
+
+    def _dele_reply(self, entry: _Pending, ok: bool, line: bytes) -> bool:
+        self._dele_result(ok, message_number(entry.arg), line)
+        return False
+
+    def _listing_reply(self, entry: _Pending, ok: bool, line: bytes) -> bool:
+        """The client's own UIDL or LIST: learn from it (message identity)."""
+        if self.message_identity and self.state is State.TRANSACTION:
+            self.messages.client_reply(entry.verb, entry.multiline, entry.arg, ok, line)
+        return False
+
+    def _rset_reply(self, entry: _Pending, ok: bool, line: bytes) -> bool:
+        if ok and self.state is State.TRANSACTION:
+            self._record(Event.RSET, messages=self._identities(self.marked_for_deletion))
+            self.marked_for_deletion.clear()
+        return False
+
+    def _quit_reply(self, entry: _Pending, ok: bool, line: bytes) -> bool:
+        self._quit_result(ok, line)
+        return True
 
     def _auth_result(self, ok: bool, account: Account | None, mechanism: str, line: bytes) -> None:
         policy = self.policy
@@ -1612,24 +1533,34 @@ class ProxySession:
         return merged
 
 
-def _mechanism_line(line: bytes) -> bytes | None:
-    """A line of a bare AUTH's mechanism listing, or None for one popguard refuses."""
-    words = line.split()
-    name = words[0].decode("ascii", "replace").upper() if words else ""
-    return line if name in DECODABLE else None
+_Preparer = Callable[[ProxySession, Command], Command | None]
 
+#: What a command needs before it is forwarded, by verb (see
+#: ProxySession._command): the command to forward, or None when popguard
+#: answered or parked it.  Every other verb is forwarded as it came.
+_BEFORE_FORWARD: Final[Mapping[str, _Preparer]] = {
+    "QUIT": ProxySession._before_quit,
+    "AUTH": ProxySession._before_auth,
+    "DELE": ProxySession._before_dele,
+}
 
-def _no_uidl(line: bytes) -> bool:
-    """Whether a UIDL's -ERR may say "no UIDL here": not one with a response code.
+_ReplyHandler = Callable[[ProxySession, _Pending, bool, bytes], bool]
 
-    ``[SYS/TEMP]``, ``[IN-USE]`` and the like (RFC 2449 §8, RFC 3206) are
-    about something else, so they never turn UIDL lookups off.
-    """
-    return not reply_text(line).startswith(b"[")
-
-
-#: RFC 1939 §7: a unique-id is 1 to 70 characters in 0x21 to 0x7E.
-_UNIQUE_ID = re.compile(rb"[\x21-\x7e]{1,70}")
+#: What a complete reply does, by the verb it answers (see ProxySession._complete).
+_ON_REPLY: Final[Mapping[str, _ReplyHandler]] = {
+    "GREETING": ProxySession._greeting_reply,
+    "USER": ProxySession._user_reply,
+    "PASS": ProxySession._pass_reply,
+    "APOP": ProxySession._apop_reply,
+    "AUTH": ProxySession._auth_reply,
+    "RETR": ProxySession._retrieve_reply,
+    "TOP": ProxySession._retrieve_reply,
+    "DELE": ProxySession._dele_reply,
+    "UIDL": ProxySession._listing_reply,
+    "LIST": ProxySession._listing_reply,
+    "RSET": ProxySession._rset_reply,
+    "QUIT": ProxySession._quit_reply,
+}
 
 
 #: The end of a multi-line reply.  A compiled search is ~30% faster than
@@ -1641,14 +1572,3 @@ def _find_terminator(data: bytes, pos: int) -> int:
     """Where the first terminator starts in ``data`` from ``pos``, or -1."""
     match = _find_terminator_match(data, pos)
     return -1 if match is None else match.start()
-
-
-def _is_uidl(word: bytes) -> bool:
-    """Whether ``word`` is a unique-id (RFC 1939 §7)."""
-    return _UNIQUE_ID.fullmatch(word) is not None
-
-
-def _message_number(arg: bytes | None) -> int | None:
-    if arg is None or not arg.isdigit():
-        return None
-    return int(arg)

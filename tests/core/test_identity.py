@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from popguard.core import session as session_module
+from popguard.core import messages as messages_module
 
 from .transcript import (
     C,
@@ -359,7 +359,7 @@ def test_malformed_listing_lines_are_relayed_and_skipped() -> None:
         modes=MODES,
         message_identity=True,
     )
-    assert out.session._uidls == {1: "AAA", 7: "GGG"}
+    assert out.session.messages.uidls == {1: "AAA", 7: "GGG"}
     assert "upstream.protocol_error" not in out.events()
 
 
@@ -373,7 +373,7 @@ def test_long_and_stuffed_lines_do_not_hide_later_ones() -> None:
         message_identity=True,
     )
     # ".2 200" is "2 200" byte-stuffed (RFC 1939 §3), as the client reads it.
-    assert out.session._sizes == {2: 200, 3: 300}
+    assert out.session.messages.sizes == {2: 200, 3: 300}
 
 
 def _split_everywhere(data: bytes) -> list[list[bytes]]:
@@ -401,8 +401,8 @@ def test_listing_split_across_reads_at_every_byte() -> None:
             session.receive_server(chunk)
             client += session.take_client_output()
         assert bytes(client) == server, chunks
-        assert session._uidls == {1: "AAA-111", 2: "BBB"}, chunks
-        assert session._sizes == {1: 12, 2: 900}, chunks
+        assert session.messages.uidls == {1: "AAA-111", 2: "BBB"}, chunks
+        assert session.messages.sizes == {1: 12, 2: 900}, chunks
         assert not session.finished
         assert not session.reply_in_progress
         session.receive_client(b"TOP 2 0\r\n")  # known: no lookup
@@ -538,11 +538,11 @@ def test_nothing_is_learnt_before_login_or_with_identity_off() -> None:
         modes=MODES,
     )
     assert retrieved(out) == [(1, None, None)]
-    assert out.session._uidls == {}
+    assert out.session.messages.uidls == {}
 
 
 def test_learning_stops_at_the_cache_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(session_module, "MAX_IDENTITY_CACHE", 2)
+    monkeypatch.setattr(messages_module, "MAX_IDENTITY_CACHE", 2)
     listing = b"+OK\r\n1 A\r\n2 B\r\n3 C\r\n.\r\n"
     steps = [*LOGIN, C(b"UIDL\r\n"), S(listing), C(b"UIDL 1\r\n"), S(b"+OK 1 A2\r\n")]
     out = run_all_modes(
@@ -551,7 +551,7 @@ def test_learning_stops_at_the_cache_bound(monkeypatch: pytest.MonkeyPatch) -> N
         modes=MODES,
         message_identity=True,
     )
-    assert out.session._uidls == {1: "A2", 2: "B"}  # known ones still update
+    assert out.session.messages.uidls == {1: "A2", 2: "B"}  # known ones still update
 
 
 _LISTING_LINES = st.lists(
@@ -587,7 +587,7 @@ def _learnt(listing: bytes, uidl: bool, cuts: list[int]) -> tuple[bytes, object]
             pos = cut
     assert bytes(client) == server
     assert session.replies_owed == 0
-    return bytes(client), session._uidls if uidl else session._sizes
+    return bytes(client), session.messages.uidls if uidl else session.messages.sizes
 
 
 @settings(max_examples=300, deadline=None)
