@@ -3,30 +3,35 @@
 The main CLI mounts them with ``add_audit_commands(commands)`` and calls
 ``args.func(args)``; standalone: ``python -m popguard.trail.cli audit ...``.
 
-Exit status: 0 success (verify: the trail is intact), 1 verify found
-tampering or damage, or query/report met a line with a duplicate key (an
-edited line whose meaning depends on the JSON reader: it is left out of the
-results, and named on stderr), 2 usage or I/O error (including a key file
-that is missing, too short or readable by others, and an HMAC-sealed trail
-given without a key).
+Exit status: 0 success (verify: the trail is intact), 1 verify (or
+``report --html``) found tampering or damage, or query/report met a line
+with a duplicate key (an edited line whose meaning depends on the JSON
+reader: it is left out of the results, and named on stderr), 2 usage or I/O
+error (including a key file that is missing, too short or readable by
+others, and an HMAC-sealed trail given to verify without a key; ``report
+--html`` writes its page all the same, marked "not verified").
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO, TypeVar
 
 from popguard.trail.chain import ALG_SHA256, KeyFileError, load_key
+from popguard.trail.html import build_page
 from popguard.trail.query import ClientMatcher, Filter, query, write_json, write_table
 from popguard.trail.reader import SkipLog, order_rotated, parse_time
 from popguard.trail.report import Unusable, build_report
 from popguard.trail.report import write_json as write_report_json
 from popguard.trail.report import write_table as write_report_table
-from popguard.trail.verify import Checkpoint, VerifyReport, verify
+from popguard.trail.verify import Checkpoint, Kind, VerifyReport, verify
 
 __all__ = ["add_audit_commands", "cmd_query", "cmd_report", "cmd_verify", "main"]
 
@@ -76,6 +81,23 @@ def _add_period(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_key(parser: argparse.ArgumentParser, *, purpose: str = "") -> None:
+    parser.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help=f"the HMAC key the trail was sealed with (mode 600 or 640){purpose}",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        type=_argtype(Checkpoint.parse, "checkpoint"),
+        metavar="CHAIN:SEQ:HASH",
+        help="a record known from elsewhere (an earlier verify, a copy shipped off-host) "
+        f"that the trail must still contain; repeatable{purpose}",
+    )
+
+
 def add_audit_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``audit verify|query|report``; each sets ``func(args) -> int``."""
     audit = subparsers.add_parser(
@@ -94,20 +116,7 @@ def add_audit_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         "found, 2 usage or I/O error.",
     )
     _add_files(verify_parser)
-    verify_parser.add_argument(
-        "--key-file",
-        metavar="FILE",
-        help="the HMAC key the trail was sealed with (mode 600 or 640)",
-    )
-    verify_parser.add_argument(
-        "--checkpoint",
-        action="append",
-        default=[],
-        type=_argtype(Checkpoint.parse, "checkpoint"),
-        metavar="CHAIN:SEQ:HASH",
-        help="a record known from elsewhere (an earlier verify, a copy shipped off-host) "
-        "that the trail must still contain; repeatable",
-    )
+    _add_key(verify_parser)
     verify_parser.add_argument(
         "--strict",
         action="store_true",
@@ -160,11 +169,24 @@ def add_audit_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         "report",
         help="logins, retrievals and deletions per user and UTC day",
         description="Count, per user and UTC day: logins, failed logins, messages "
-        "retrieved, deletions committed and deletions discarded.",
+        "retrieved, deletions committed, deletions discarded and policy denials. "
+        "--html writes a self-contained compliance report instead: the chain "
+        "verified, charts per day, a table per user, every deletion.",
     )
     _add_files(report_parser)
     _add_period(report_parser)
-    report_parser.add_argument("--format", choices=("table", "json"), default="table")
+    report_parser.add_argument(
+        "--user", action="append", default=[], metavar="USER", help="the user, exactly"
+    )
+    output = report_parser.add_mutually_exclusive_group()
+    output.add_argument("--format", choices=("table", "json"), default="table")
+    output.add_argument(
+        "--html",
+        metavar="OUT",
+        help="write the compliance report to OUT (one HTML file, no external assets); "
+        "exit 1 if the chain is found tampered or damaged",
+    )
+    _add_key(report_parser, purpose=" (with --html, to verify the chain)")
     report_parser.set_defaults(func=cmd_report)
 
 
@@ -225,12 +247,10 @@ def _stdout_gone() -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    key: bytes | None = None
-    if args.key_file:
-        try:
-            key = load_key(args.key_file)
-        except KeyFileError as exc:
-            return _error("verify", str(exc))
+    try:
+        key = _key(args)
+    except KeyFileError as exc:
+        return _error("verify", str(exc))
     try:
         files = _files(args)
         # Always strict (exact bytes); --strict is kept as a no-op.
@@ -245,6 +265,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         _print_verify(report, sys.stdout)
     return report.exit_status
+
+
+def _key(args: argparse.Namespace) -> bytes | None:
+    """The ``--key-file`` key, if one was given (``KeyFileError`` otherwise)."""
+    return load_key(args.key_file) if args.key_file else None
 
 
 def _print_verify(report: VerifyReport, out: TextIO) -> None:
@@ -307,11 +332,20 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if args.html is not None:
+        return _report_html(args)
+    if args.key_file or args.checkpoint:
+        return _error("report", "--key-file and --checkpoint need --html")
     skips = SkipLog()
     undated = Unusable()
     try:
         report = build_report(
-            _files(args), since=args.since, until=args.until, skips=skips, undated=undated
+            _files(args),
+            since=args.since,
+            until=args.until,
+            users=frozenset(args.user),
+            skips=skips,
+            undated=undated,
         )
     except OSError as exc:
         return _io_error("report", exc)
@@ -331,6 +365,66 @@ def cmd_report(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return status
+
+
+def _report_html(args: argparse.Namespace) -> int:
+    """``report --html OUT``: verify, count, and write the page (atomically)."""
+    try:
+        key = _key(args)
+    except KeyFileError as exc:
+        return _error("report", str(exc))
+    skips = SkipLog()
+    target = os.path.abspath(args.html)
+    try:
+        files = _files(args)
+        # Written next to OUT, then renamed: a failed run leaves no half page.
+        # Mode 600, as tempfile makes it: the page names users.
+        with tempfile.NamedTemporaryFile(
+            "w",
+            encoding="utf-8",
+            dir=os.path.dirname(target),
+            prefix=f".{os.path.basename(target)}.",
+            suffix=".tmp",
+            delete=False,
+        ) as out:
+            try:
+                built = build_page(
+                    files,
+                    out,
+                    key=key,
+                    checkpoints=args.checkpoint,
+                    since=args.since,
+                    until=args.until,
+                    users=frozenset(args.user),
+                    skips=skips,
+                    generated=datetime.datetime.now(datetime.UTC),
+                )
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(out.name)
+                raise
+        os.replace(out.name, target)
+    except OSError as exc:
+        return _io_error("report", exc)
+    status = _warn_skipped("report", skips)
+    problem = built.verification.problem
+    if built.undated:
+        print(
+            f"popguard audit report: {built.undated} records without a usable timestamp "
+            "were not counted",
+            file=sys.stderr,
+        )
+    if problem is None:
+        return status
+    if problem.kind is Kind.KEY_REQUIRED:
+        print(
+            "popguard audit report: the chain is not verified (HMAC-sealed; give "
+            "--key-file); the report says so",
+            file=sys.stderr,
+        )
+        return status
+    print(f"popguard audit report: chain verification FAILED: {problem}", file=sys.stderr)
+    return EXIT_TAMPERED
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,13 +1,16 @@
 """Activity per user and per UTC day, from a streamed trail.
 
-``popguard audit report FILE... [--since ISO] [--until ISO]
-[--format table|json]``
+``popguard audit report FILE... [--since ISO] [--until ISO] [--user U]
+[--format table|json | --html OUT]``
 
 For each (user, day): ``logins`` (``auth.succeeded``), ``failed_logins``
 (``auth.failed``; the claimed user, or none), ``retrieved``
-(``message.retrieved``), ``deleted`` (messages in ``deletions.committed``)
-and ``discarded`` (messages in ``deletions.discarded``: marked for deletion,
-kept by the server because the session ended without QUIT).
+(``message.retrieved``), ``deleted`` (messages in ``deletions.committed``),
+``discarded`` (messages in ``deletions.discarded``: marked for deletion,
+kept by the server because the session ended without QUIT) and ``denied``
+(``policy.denied``: an enforced policy rule refused something; dry-run
+rules are not counted).  The HTML page (:mod:`popguard.trail.html`) is
+drawn from the same counts.
 
 Memory grows with the number of (user, day) pairs only.  A line with a
 duplicate key is not counted under either of its values; it is counted in
@@ -18,14 +21,23 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Final, TextIO
 
 from popguard.trail.query import safe_text
 from popguard.trail.reader import SkipLog, iter_records, record_time
 
-__all__ = ["Counts", "Report", "build_report", "write_json", "write_table"]
+__all__ = [
+    "Counts",
+    "RecordHook",
+    "Report",
+    "Unusable",
+    "build_report",
+    "report_order",
+    "write_json",
+    "write_table",
+]
 
 
 @dataclass(slots=True)
@@ -35,6 +47,7 @@ class Counts:
     retrieved: int = 0
     deleted: int = 0
     discarded: int = 0
+    denied: int = 0
 
     def add(self, other: Counts) -> None:
         self.logins += other.logins
@@ -42,6 +55,7 @@ class Counts:
         self.retrieved += other.retrieved
         self.deleted += other.deleted
         self.discarded += other.discarded
+        self.denied += other.denied
 
 
 #: (user or None, "YYYY-MM-DD") -> counts
@@ -54,8 +68,13 @@ _COUNTED: Final = frozenset(
         "message.retrieved",
         "deletions.committed",
         "deletions.discarded",
+        "policy.denied",
     }
 )
+
+#: Called with each record the report keeps (counted, or in *watch*): its
+#: file, line number, UTC time and the record itself.
+RecordHook = Callable[[str, int, datetime.datetime, Mapping[str, Any]], None]
 
 
 def _message_count(record: Mapping[str, Any]) -> int:
@@ -77,16 +96,28 @@ def build_report(
     until: datetime.datetime | None = None,
     skips: SkipLog | None = None,
     undated: Unusable | None = None,
+    users: Collection[str] = (),
+    watch: Collection[str] = (),
+    each: RecordHook | None = None,
 ) -> Report:
     """Count activity per (user, UTC day) over the records in *paths*.
 
-    Lines that are not records, or have a duplicate key, are not counted;
-    they are counted in *skips* (see :func:`~popguard.trail.reader.iter_records`).
+    Only records in [*since*, *until*) are counted, and with *users* only
+    those whose ``user`` is one of them (exactly).  Lines that are not
+    records, or have a duplicate key, are not counted; they are counted in
+    *skips* (see :func:`~popguard.trail.reader.iter_records`).
+
+    *each* is called for every counted record, and every record whose event
+    is in *watch* that passes the same filters, in trail order: how the
+    HTML page lists deletions in the same pass.
     """
     report: Report = {}
-    for _path, _number, _data, record in iter_records(paths, skips):
+    for path, number, _data, record in iter_records(paths, skips):
         event = record.get("event")
-        if event not in _COUNTED:
+        if not isinstance(event, str):
+            continue  # (a list or object would not even hash)
+        counted = event in _COUNTED
+        if not counted and event not in watch:
             continue
         when = record_time(record)
         if when is None:
@@ -96,6 +127,12 @@ def build_report(
         if (since is not None and when < since) or (until is not None and when >= until):
             continue
         user = record.get("user")
+        if users and not (isinstance(user, str) and user in users):
+            continue
+        if each is not None:
+            each(path, number, when, record)
+        if not counted:
+            continue
         key = (user if isinstance(user, str) else None, when.date().isoformat())
         counts = report.get(key)
         if counts is None:
@@ -108,32 +145,44 @@ def build_report(
             counts.retrieved += 1
         elif event == "deletions.committed":
             counts.deleted += _message_count(record)
-        else:
+        elif event == "deletions.discarded":
             counts.discarded += _message_count(record)
+        else:
+            counts.denied += 1
     return report
 
 
-def _order(key: tuple[str | None, str]) -> tuple[bool, str, str]:
+def report_order(key: tuple[str | None, str]) -> tuple[bool, str, str]:
+    """Sort key: by user (no user last), then day."""
     user, day = key
     return (user is None, user or "", day)
 
 
 def write_json(report: Report, out: TextIO) -> None:
     """One JSON object per (user, day), by user then day."""
-    for key in sorted(report, key=_order):
+    for key in sorted(report, key=report_order):
         user, day = key
         row: dict[str, Any] = {"user": user, "day": day, **asdict(report[key])}
         out.write(json.dumps(row, ensure_ascii=True, separators=(",", ":")) + "\n")
 
 
-_HEADER: Final = ("USER", "DAY", "LOGINS", "FAILED", "RETRIEVED", "DELETED", "DISCARDED")
+_HEADER: Final = (
+    "USER",
+    "DAY",
+    "LOGINS",
+    "FAILED",
+    "RETRIEVED",
+    "DELETED",
+    "DISCARDED",
+    "DENIED",
+)
 
 
 def write_table(report: Report, out: TextIO) -> None:
     """An aligned table by user then day, with a total row."""
     rows: list[tuple[str, ...]] = []
     total = Counts()
-    for key in sorted(report, key=_order):
+    for key in sorted(report, key=report_order):
         user, day = key
         counts = report[key]
         total.add(counts)
@@ -155,4 +204,5 @@ def _numbers(counts: Counts) -> tuple[str, ...]:
         str(counts.retrieved),
         str(counts.deleted),
         str(counts.discarded),
+        str(counts.denied),
     )

@@ -84,17 +84,18 @@ def test_table(tmp_path: Path) -> None:
         "RETRIEVED",
         "DELETED",
         "DISCARDED",
+        "DENIED",
     ]
     assert [line.split() for line in lines[1:]] == [
-        ["alice", "2026-11-26", "1", "0", "2", "2", "0"],
-        ["alice", "2026-11-27", "1", "0", "0", "0", "3"],
-        ["bob", "2026-11-26", "0", "2", "0", "0", "0"],
-        ["bob", "2026-11-27", "0", "0", "0", "1", "0"],
-        ["-", "2026-11-26", "0", "1", "0", "0", "0"],
-        ["TOTAL", "2", "3", "2", "3", "3"],
+        ["alice", "2026-11-26", "1", "0", "2", "2", "0", "0"],
+        ["alice", "2026-11-27", "1", "0", "0", "0", "3", "0"],
+        ["bob", "2026-11-26", "0", "2", "0", "0", "0", "0"],
+        ["bob", "2026-11-27", "0", "0", "0", "1", "0", "0"],
+        ["-", "2026-11-26", "0", "1", "0", "0", "0", "0"],
+        ["TOTAL", "2", "3", "2", "3", "3", "0"],
     ]
     # Numbers are right-aligned under their headings.
-    ends = [lines[0].index(h) + len(h) for h in ("LOGINS", "DISCARDED")]
+    ends = [lines[0].index(h) + len(h) for h in ("LOGINS", "DISCARDED", "DENIED")]
     for line in lines[1:]:
         assert all(line[end - 1] != " " for end in ends), line
 
@@ -111,6 +112,7 @@ def test_json(tmp_path: Path) -> None:
         "retrieved": 2,
         "deleted": 2,
         "discarded": 0,
+        "denied": 0,
     }
     assert rows[-1]["user"] is None
     assert len(rows) == 5
@@ -125,4 +127,4 @@ def test_empty_and_malformed_input(tmp_path: Path) -> None:
     assert skips.count == 1
     out = io.StringIO()
     write_table(report, out)
-    assert out.getvalue().splitlines()[-1].split() == ["TOTAL", "0", "0", "0", "0", "0"]
+    assert out.getvalue().splitlines()[-1].split() == ["TOTAL", "0", "0", "0", "0", "0", "0"]
