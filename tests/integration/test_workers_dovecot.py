@@ -123,9 +123,12 @@ def test_sessions_spread_over_workers_each_with_its_own_chain(
     messages = make_messages(2, seed=61)
     box = mailbox(messages)
     admin = free_loopback_port()
-    while True:  # two consecutive free ports: worker N serves admin on port + N - 1
+    while True:  # three consecutive free ports: the parent's, then worker N's on port + N
         try:
-            with socket.create_server(("127.0.0.1", admin + 1)):
+            with (
+                socket.create_server(("127.0.0.1", admin + 1)),
+                socket.create_server(("127.0.0.1", admin + 2)),
+            ):
                 break
         except OSError:
             admin = free_loopback_port()
@@ -139,7 +142,7 @@ def test_sessions_spread_over_workers_each_with_its_own_chain(
         got = full_session(proxy.address, box.user, box.password, 2)
         assert [g.replace(b"\r\n", b"\n") for g in got] == expected
 
-    for port in (admin, admin + 1):
+    for port in (admin, admin + 1, admin + 2):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as reply:
             assert reply.status == 200
 
