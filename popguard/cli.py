@@ -2,7 +2,10 @@
 
 ``popguard serve``         run the proxy (from a config file, flags, or both;
                            flags win)
-``popguard check-config``  validate a config file, errors as file:line:col
+``popguard check-config``  validate a config file, errors as file:line:col, and
+                           check this host: listen addresses, the audit directory
+``popguard config schema`` the JSON Schema of the config (or a policy) file,
+                           for editors (docs/configuration.md)
 ``popguard demo``          the proxy in front of the bundled demo upstream,
                            on loopback, with sample mail (``make run``)
 ``popguard demo-upstream`` only the demo POP3 server (a test and demo tool)
@@ -14,35 +17,41 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import gc
 import ipaddress
+import json
 import os
+import socket
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import prometheus_client
 import trio
-import yaml
 
 from popguard import __version__
 from popguard.audit import AuditLog, open_audit_log_from_config
 from popguard.config import (
     COMMAND_LINE,
-    MAX_WORKERS,
     Address,
     Config,
     ConfigError,
     ConfigIssue,
     PartialConfig,
     Workers,
+    admin_listen_flag,
     build_config,
     read_config,
+    workers_flag,
 )
 from popguard.metrics import Metrics
 from popguard.ops_cli import register as register_ops_commands
 from popguard.policy.cli import add_policy_commands
 from popguard.policy.load import Issue, PolicyError, load_policies
 from popguard.policy.model import PolicySet
+from popguard.schema.config_models import ConfigFile
+from popguard.schema.nodes import load_yaml, mark_position
+from popguard.schema.policy_models import PolicyFile
 from popguard.shell.server import (
     Endpoint,
     ListenerSpec,
@@ -65,6 +74,8 @@ from popguard.trail.chain import KeyFileError
 from popguard.trail.cli import add_audit_commands
 
 DEMO_LISTEN = "127.0.0.1:1110"
+#: The JSON Schema dialect pydantic writes.
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
 def settings_from_config(
@@ -122,7 +133,7 @@ def _add_serve_flags(parser: argparse.ArgumentParser, *, upstream: bool = True) 
     )
     parser.add_argument(
         "--tls",
-        choices=["none", "implicit", "starttls"],
+        metavar="{none,implicit,starttls}",
         help="TLS toward clients on the --listen listeners: implicit (POP3S, RFC 8314) "
         "or starttls (STLS offered, RFC 2595); see docs/tls.md",
     )
@@ -131,7 +142,7 @@ def _add_serve_flags(parser: argparse.ArgumentParser, *, upstream: bool = True) 
     if upstream:
         parser.add_argument(
             "--upstream-tls",
-            choices=["none", "implicit", "starttls"],
+            metavar="{none,implicit,starttls}",
             help="TLS toward the upstream (never falls back to plaintext)",
         )
         parser.add_argument(
@@ -219,15 +230,12 @@ def _add_serve_flags(parser: argparse.ArgumentParser, *, upstream: bool = True) 
 
 
 def _workers_arg(text: str) -> Workers:
-    if text == "auto":
-        return "auto"
+    """``--workers``, validated by ``workers:``'s model (a usage error if invalid)."""
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
-    if not 1 <= value <= MAX_WORKERS:
-        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_WORKERS}, got {value}")
-    return value
+        return workers_flag(text)
+    except ConfigError as exc:
+        message = exc.errors[0].message.removeprefix("--workers: ")
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def _worker_role(text: str) -> WorkerRole:
@@ -293,6 +301,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo_up.add_argument("--listen", default="127.0.0.1:21110", metavar="HOST:PORT")
 
+    config_parser = commands.add_parser(
+        "config",
+        help="about the config file format",
+        description="Tools for the config file (and the policy files).",
+    )
+    config_commands = config_parser.add_subparsers(
+        dest="config_command", metavar="COMMAND", required=True
+    )
+    schema = config_commands.add_parser(
+        "schema",
+        help="print the JSON Schema of the config file",
+        description="Print the JSON Schema of the config file (or, with --policy, of a "
+        "policy file), for editors: see docs/configuration.md.",
+    )
+    schema.add_argument("--policy", action="store_true", help="the schema of a policy file instead")
+
     add_audit_commands(commands)
     add_policy_commands(commands)
     register_ops_commands(commands)
@@ -321,6 +345,7 @@ def _resolve(args: argparse.Namespace, *, upstream: str | None) -> Config:
         upstream_ca_file=getattr(args, "upstream_ca_file", None),
         upstream_server_name=getattr(args, "upstream_server_name", None),
         upstream_tls_verify=False if getattr(args, "upstream_tls_insecure", None) else None,
+        workers=args.workers,
     )
     _print_issues([*warnings, *more])
     return config
@@ -399,7 +424,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     role: WorkerRole | None = args.worker
     fds: dict[str, tuple[int, ...]] = dict(args.inherit_listener)
     if role is None:
-        workers = args.workers if args.workers is not None else config.workers
+        workers = config.workers  # --workers applied, and validated, by build_config
         count = cpu_count() if workers == "auto" else workers
         if count > 1:
             return _supervise(args, config, count)
@@ -493,16 +518,28 @@ def _privilege_dropper(user: str | None, group: str | None) -> Callable[[], None
 
 
 def _admin_address(args: argparse.Namespace) -> tuple[str, int] | None:
-    from popguard.config import parse_listen_address
-
+    """``--admin-listen``, validated as the config's ``admin.listen``; exit 2 if invalid."""
     if not args.admin_listen:
         return None
     try:
-        address = parse_listen_address(args.admin_listen)
-    except ValueError as exc:
-        print(f"popguard: --admin-listen: {exc}", file=sys.stderr)
+        address = admin_listen_flag(args.admin_listen)
+    except ConfigError as exc:
+        _print_issues(exc.issues)
         raise SystemExit(2) from exc
     return (address.host, address.port)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """``popguard config schema [--policy]``: the JSON Schema, on standard output."""
+    model = PolicyFile if args.policy else ConfigFile
+    name = "policy file" if args.policy else "config file"
+    schema = {
+        "$schema": JSON_SCHEMA_DIALECT,
+        **model.model_json_schema(by_alias=True),
+        "title": f"popguard {name}",
+    }
+    print(json.dumps(schema, indent=2, ensure_ascii=False))
+    return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -519,9 +556,76 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         warning = _admin_exposure_warning("admin.listen", partial.admin_listen, args.config, where)
     else:
         warning = None
-    _print_issues([*warnings, *([warning] if warning is not None else [])])
+    host = _host_issues(args.config, partial, flag)
+    _print_issues([*warnings, *([warning] if warning is not None else []), *host])
+    if any(issue.severity == "error" for issue in host):
+        return 1
     print(f"{args.config}: OK")
     return 0
+
+
+def _host_issues(
+    path: str, partial: PartialConfig, admin_flag: tuple[str, int] | None
+) -> list[ConfigIssue]:
+    """What check-config can know of this host without serving (errors, located).
+
+    Every listen address (and the admin address) must be one this host can
+    bind: each is bind-tested on port 0.  The audit file's directory must
+    exist and be writable (or the file itself be writable).
+    """
+    issues: list[ConfigIssue] = []
+
+    def error(keys: Sequence[str | int], message: str) -> None:
+        line, column = _yaml_position(path, keys)
+        issues.append(ConfigIssue(path, line, column, message))
+
+    for index, listener in enumerate(partial.listeners):
+        problem = _bind_problem(listener.address)
+        if problem is not None:
+            error(("listeners", index, "listen"), f"listeners[{index}].listen: {problem}")
+    if admin_flag is None and partial.admin_listen is not None:
+        problem = _bind_problem(partial.admin_listen)
+        if problem is not None:
+            error(("admin", "listen"), f"admin.listen: {problem}")
+    elif admin_flag is not None:
+        problem = _bind_problem(Address(*admin_flag))
+        if problem is not None:
+            issues.append(ConfigIssue(COMMAND_LINE, 0, 0, f"--admin-listen: {problem}"))
+    if partial.audit.file is not None:
+        problem = _audit_file_problem(partial.audit.file)
+        if problem is not None:
+            error(("audit", "file"), f"audit.file: {problem}")
+    return issues
+
+
+def _bind_problem(address: Address) -> str | None:
+    """Why this host cannot listen on *address*'s host, or None (a bind to port 0)."""
+    family = socket.AF_INET
+    if address.host.lower() != "localhost" and ipaddress.ip_address(address.host).version == 6:
+        family = socket.AF_INET6
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((address.host, 0))
+    except OSError as exc:
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return f"{address.host} is not an address of this host ({exc.strerror})"
+        return f"cannot listen on {address.host}: {exc.strerror or exc}"
+    return None
+
+
+def _audit_file_problem(file: str) -> str | None:
+    """Why popguard could not append to the audit file *file*, or None."""
+    directory = os.path.dirname(file) or "."
+    if not os.path.isdir(directory):
+        return f"the directory {directory} does not exist (create it, or change audit.file)"
+    if os.path.exists(file):
+        if os.path.isdir(file):
+            return f"{file} is a directory"
+        if not os.access(file, os.W_OK):
+            return f"{file} is not writable by this user"
+    elif not os.access(directory, os.W_OK | os.X_OK):
+        return f"cannot create {file}: the directory {directory} is not writable by this user"
+    return None
 
 
 def _is_loopback_host(host: str) -> bool:
@@ -562,23 +666,16 @@ def _admin_exposure_warning(
     return ConfigIssue(file, line, column, message, "warning")
 
 
-def _yaml_position(path: str, keys: Sequence[str]) -> tuple[int, int]:
-    """Where the value at ``keys`` (a path of mapping keys) is in a YAML file; (0, 0) if unknown.
+def _yaml_position(path: str, keys: Sequence[str | int]) -> tuple[int, int]:
+    """Where the value at ``keys`` (keys and list indexes) is in a YAML file; (0, 0) if unknown.
 
-    Only for locating a warning in a file :func:`read_config` already accepted.
+    Only for locating an issue in a file :func:`read_config` already accepted.
     """
-    try:
-        with open(path, encoding="utf-8") as stream:
-            node: yaml.Node | None = yaml.compose(stream, Loader=yaml.SafeLoader)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    loaded = load_yaml(path, "config file")
+    if loaded.document is None:
         return (0, 0)
-    for key in keys:
-        if not isinstance(node, yaml.MappingNode):
-            return (0, 0)
-        node = next((value for name, value in node.value if name.value == key), None)
-    if node is None:
-        return (0, 0)
-    return (node.start_mark.line + 1, node.start_mark.column + 1)
+    node = loaded.document.values.get(tuple(keys))
+    return mark_position(node.start_mark if node is not None else None)
 
 
 async def _demo(args: argparse.Namespace) -> None:
@@ -635,7 +732,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.workers not in (None, 1):
         print("popguard: demo runs a single process; use serve for --workers", file=sys.stderr)
         return 2
-    trio.run(_demo, args)
+    return _run_demo(_demo, args)
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    """The exceptions in *error*, its exception groups flattened."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
+def _run_demo(
+    function: Callable[[argparse.Namespace], Awaitable[None]], args: argparse.Namespace
+) -> int:
+    """``trio.run`` for the demo tools: Ctrl-C or a port in use is one line, not a traceback.
+
+    trio raises them wrapped in exception groups (its nurseries' strict
+    groups), which :func:`main`'s handlers do not see.
+    """
+    try:
+        trio.run(function, args)
+    except BaseException as exc:
+        leaves = _leaves(exc)
+        errors = [leaf for leaf in leaves if isinstance(leaf, OSError)]
+        if errors and all(isinstance(leaf, OSError | KeyboardInterrupt) for leaf in leaves):
+            print(f"popguard: {errors[0].strerror or errors[0]}", file=sys.stderr)
+            return 1
+        if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+            return 130
+        raise
     return 0
 
 
@@ -643,9 +768,13 @@ def cmd_demo_upstream(args: argparse.Namespace) -> int:
     from popguard.config import parse_listen_address
     from popguard.testing.demo_upstream import DemoUpstream, bound_port, sample_store
 
-    address = parse_listen_address(args.listen)
+    try:
+        address = parse_listen_address(args.listen)
+    except ValueError as exc:
+        print(f"popguard: --listen: {exc}", file=sys.stderr)
+        return 2
 
-    async def main() -> None:
+    async def main(_: argparse.Namespace) -> None:
         demo = DemoUpstream(sample_store())
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(demo.serve, address.host, address.port)
@@ -656,8 +785,7 @@ def cmd_demo_upstream(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    trio.run(main)
-    return 0
+    return _run_demo(main, args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -673,6 +801,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "serve": cmd_serve,
         "check-config": cmd_check_config,
+        "config": cmd_config,
         "demo": cmd_demo,
         "demo-upstream": cmd_demo_upstream,
     }
@@ -690,5 +819,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except OSError as exc:
-        print(f"popguard: {exc.strerror or exc}", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"popguard: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1

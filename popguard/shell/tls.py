@@ -20,16 +20,18 @@ import ipaddress
 import ssl
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Final
 
 import trio
 
+# The settings are data (popguard.schema.tlsdata), re-exported here.
+from popguard.schema.tlsdata import CertKey as CertKey
+from popguard.schema.tlsdata import ListenerTLS as ListenerTLS
+from popguard.schema.tlsdata import ListenerTLSMode as ListenerTLSMode
+from popguard.schema.tlsdata import TLSVersionName as TLSVersionName
+from popguard.schema.tlsdata import UpstreamTLS as UpstreamTLS
+from popguard.schema.tlsdata import UpstreamTLSMode as UpstreamTLSMode
 from popguard.shell.tlssock import TLSSocketStream, record_sni
-
-ListenerTLSMode = Literal["none", "implicit", "starttls"]
-UpstreamTLSMode = Literal["none", "implicit", "starttls"]
-TLSVersionName = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
 
 VERSIONS: Final[Mapping[str, ssl.TLSVersion]] = {
     "TLSv1": ssl.TLSVersion.TLSv1,
@@ -43,39 +45,6 @@ _SNI_CONTEXTS: weakref.WeakKeyDictionary[ssl.SSLContext, str] = weakref.WeakKeyD
 
 #: How long a TLS handshake may take, on either side.
 HANDSHAKE_TIMEOUT: Final = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class CertKey:
-    cert: str
-    key: str
-
-
-@dataclass(frozen=True, slots=True)
-class ListenerTLS:
-    """TLS toward clients on one listener."""
-
-    mode: ListenerTLSMode = "none"
-    #: The default certificate and key (PEM files).
-    cert: CertKey | None = None
-    #: Other certificates by server name (SNI), e.g. ``mail.example.org``.
-    sni: Mapping[str, CertKey] = field(default_factory=dict)
-    min_version: TLSVersionName = "TLSv1.2"
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamTLS:
-    """TLS toward the upstream server."""
-
-    mode: UpstreamTLSMode = "none"
-    #: CA bundle to verify the server with; None: the system's store.
-    ca_file: str | None = None
-    #: The name to verify and send as SNI; None: the upstream host.
-    server_name: str | None = None
-    #: False skips certificate and name checks (an explicit, logged opt-in).
-    verify: bool = True
-    #: TLSv1 or TLSv1.1 only for legacy servers (an explicit, logged opt-in).
-    min_version: TLSVersionName = "TLSv1.2"
 
 
 def server_context(tls: ListenerTLS) -> ssl.SSLContext:

@@ -39,6 +39,13 @@ import socket
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, Literal
 
+# The settings' data (popguard.schema.syslogdata), re-exported here.
+from popguard.schema.syslogdata import DEFAULT_MAX_MESSAGE as DEFAULT_MAX_MESSAGE
+from popguard.schema.syslogdata import DEFAULT_SD_ID as DEFAULT_SD_ID
+from popguard.schema.syslogdata import FACILITIES as FACILITIES
+from popguard.schema.syslogdata import MAX_UDP_MESSAGE as MAX_UDP_MESSAGE
+from popguard.schema.syslogdata import MIN_MESSAGE as MIN_MESSAGE
+from popguard.schema.syslogdata import valid_sd_id as valid_sd_id
 from popguard.sinks.base import Entry, QueuedSink
 
 __all__ = [
@@ -56,33 +63,6 @@ __all__ = [
 
 Transport = Literal["udp", "tcp"]
 
-#: RFC 5424 §6.2.1, Table 1 (with the names syslog(3) and rsyslog use).
-FACILITIES: Final[dict[str, int]] = {
-    "kern": 0,
-    "user": 1,
-    "mail": 2,
-    "daemon": 3,
-    "auth": 4,
-    "syslog": 5,
-    "lpr": 6,
-    "news": 7,
-    "uucp": 8,
-    "cron": 9,
-    "authpriv": 10,
-    "ftp": 11,
-    "ntp": 12,
-    "audit": 13,
-    "alert": 14,
-    "clock": 15,
-    "local0": 16,
-    "local1": 17,
-    "local2": 18,
-    "local3": 19,
-    "local4": 20,
-    "local5": 21,
-    "local6": 22,
-    "local7": 23,
-}
 
 _SEVERITIES: Final[Mapping[str, int]] = {
     "critical": 2,
@@ -95,17 +75,8 @@ _SEVERITIES: Final[Mapping[str, int]] = {
     "debug": 7,
 }
 
-#: 32473 is the enterprise number reserved for documentation (RFC 5612).
-DEFAULT_SD_ID: Final = "popguard@32473"
-#: RFC 5426 §3.2: IPv4 receivers MUST accept 480 octets.
-MIN_MESSAGE: Final = 480
-#: RFC 5426 §3.2: receivers SHOULD accept 2048; RFC 5425 §4.3.1: TCP 8192.
-DEFAULT_MAX_MESSAGE: Final[Mapping[str, int]] = {"udp": 2048, "tcp": 8192}
-#: The largest UDP payload over IPv4.
-MAX_UDP_MESSAGE: Final = 65507
 
 _SD_NAME = re.compile(r"[!#-<>-\\^-~]{1,32}\Z")  # PRINTUSASCII but = SP ] "
-_SD_ID = re.compile(r"[!#-<>-?A-\\^-~]{1,32}@[0-9]+(\.[0-9]+)*\Z|[!#-<>-?A-\\^-~]{1,32}\Z")
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})\Z")
 
 _FIRST: Final = ("event", "session", "user")
@@ -161,10 +132,6 @@ def _param_text(value: Any) -> str | None:
     if isinstance(value, list | tuple):
         return json.dumps(list(value), ensure_ascii=False, default=str, separators=(",", ":"))
     return str(value)
-
-
-def valid_sd_id(sd_id: str) -> bool:
-    return bool(_SD_ID.match(sd_id))
 
 
 class SyslogFormatter:

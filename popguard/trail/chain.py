@@ -42,10 +42,14 @@ import json
 import os
 import re
 import secrets
-import stat
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
+# The key file is read by the config too (popguard.schema.keyfile); re-exported here.
+from popguard.schema.keyfile import MIN_KEY_BYTES as MIN_KEY_BYTES
+from popguard.schema.keyfile import ChainError as ChainError
+from popguard.schema.keyfile import KeyFileError as KeyFileError
+from popguard.schema.keyfile import load_key as load_key
 from popguard.trail.reader import DuplicateKeyError, parse_record
 
 __all__ = [
@@ -79,18 +83,9 @@ START_EVENT: Final = "audit.chain.start"
 ROTATE_EVENT: Final = "audit.chain.rotate"
 #: The fields :meth:`Chain.seal` adds; a record must not carry them already.
 CHAIN_FIELDS: Final = ("chain", "seq", "prev", "alg", "hash")
-MIN_KEY_BYTES: Final = 32
 
 _RESERVED: Final = frozenset(CHAIN_FIELDS)
 _HEX64: Final = re.compile(r"[0-9a-f]{64}")
-
-
-class ChainError(Exception):
-    """A chain cannot be built, sealed or resumed as asked."""
-
-
-class KeyFileError(ChainError):
-    """The HMAC key file is unusable (permissions, length, type)."""
 
 
 def _no_default(value: object) -> Any:
@@ -359,41 +354,6 @@ def rotate_record(chain: Chain, next_file: str, **fields: Any) -> dict[str, Any]
     record: dict[str, Any] = {"timestamp": _utc_now(), "level": "info", **fields}
     record.update(event=ROTATE_EVENT, next_file=next_file)
     return chain.seal(record)
-
-
-def load_key(path: str | os.PathLike[str]) -> bytes:
-    """Read an HMAC key file: at least 32 bytes, trailing newline stripped.
-
-    Refuses a file that others may read or write (``chmod 600`` or ``640``
-    it), or that is not a regular file.  ``openssl rand -hex 32 > key``
-    makes a good one (64 bytes of key material).
-    """
-    name = os.fspath(path)
-    # No following a symlink, no blocking on a FIFO; checks on the open file.
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    try:
-        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise KeyFileError(f"{name}: cannot open key file: {exc.strerror}") from exc
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise KeyFileError(f"{name}: key file is not a regular file")
-        mode = stat.S_IMODE(info.st_mode)
-        if mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
-            raise KeyFileError(
-                f"{name}: key file is accessible to others (mode {mode:04o}); run: chmod 600 {name}"
-            )
-        data = os.read(fd, 1 << 16)
-    finally:
-        os.close(fd)
-    if data.endswith(b"\r\n"):
-        data = data[:-2]
-    elif data.endswith(b"\n"):
-        data = data[:-1]
-    if len(data) < MIN_KEY_BYTES:
-        raise KeyFileError(f"{name}: key is {len(data)} bytes; at least {MIN_KEY_BYTES} are needed")
-    return data
 
 
 _TAIL_BLOCK = 8192

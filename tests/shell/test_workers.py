@@ -436,13 +436,14 @@ def test_workers_flag_defaults_to_the_config() -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("0", "must be 1 to 256, got 0"),
-        ("257", "must be 1 to 256, got 257"),
-        ("-3", "must be 1 to 256, got -3"),
-        ("abc", "expected a number or 'auto', got 'abc'"),
-        ("AUTO", "expected a number or 'auto', got 'AUTO'"),
-        ("2.5", "expected a number or 'auto', got '2.5'"),
-        ("", "expected a number or 'auto', got ''"),
+        # Worded by the config's model of workers: (popguard.schema.config_models).
+        ("0", "must be at least 1 (one process at least; or 'auto'), got 0"),
+        ("257", "at most 256, got 257"),
+        ("-3", "must be at least 1 (one process at least; or 'auto'), got -3"),
+        ("abc", "expected one of auto, got 'abc'"),
+        ("AUTO", "expected one of auto, got 'AUTO' (did you mean 'auto'?)"),
+        ("2.5", "expected one of auto, got '2.5'"),
+        ("", "expected one of auto, got ''"),
     ],
 )
 def test_workers_flag_rejects(value: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
