@@ -439,11 +439,23 @@ class DovecotInstance:
         self._check_name(name)
         return self.mail_dir / name
 
-    def add_user(self, name: str, password: str, messages: Iterable[bytes] = ()) -> Path:
+    def add_user(
+        self,
+        name: str,
+        password: str,
+        messages: Iterable[bytes] = (),
+        *,
+        verbatim: bool = False,
+    ) -> Path:
         """Create user ``name`` with a fresh Maildir holding ``messages``; return the Maildir.
 
         Messages may use CRLF or LF line endings; they are stored with LF,
         in order, so message N in POP3 is ``messages[N-1]``.
+
+        ``verbatim=True`` stores each message byte for byte as given (CRLF,
+        bare CR, no final newline: whatever a real Maildir may hold), and
+        leaves ``W=`` out of the file name so that Dovecot computes the
+        wire size itself.
         """
         self._check_user(name, password)
         self._prepare_dirs()
@@ -459,14 +471,15 @@ class DovecotInstance:
         stamp = int(time.time())
         batch = next(_seq)
         for index, message in enumerate(messages):
-            data = stored_form(message)
+            data = message if verbatim else stored_form(message)
             unique = f"{stamp}.M{index:06d}P{os.getpid()}Q{batch}.popguard"
             tmp = maildir / "tmp" / unique
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             self._chown(tmp)
-            final = f"{unique},S={len(data)},W={_wire_size(data)}:2,"
+            sizes = f"S={len(data)}" if verbatim else f"S={len(data)},W={_wire_size(data)}"
+            final = f"{unique},{sizes}:2,"
             tmp.rename(maildir / "cur" / final)
         # The passdb entry comes last: once it exists, the user can log in.
         tmp_user = self.users_dir / f".{name}.{batch}.tmp"
