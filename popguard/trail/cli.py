@@ -4,7 +4,8 @@ The main CLI mounts them with ``add_audit_commands(commands)`` and calls
 ``args.func(args)``; standalone: ``python -m popguard.trail.cli audit ...``.
 
 Exit status: 0 success (verify: the trail is intact), 1 verify (or
-``report --html``) found tampering or damage, or query/report met a line
+``report --html``) found tampering or damage (``verify --retention``: or a
+deletion under retention without its intact copy), or query/report met a line
 with a duplicate key (an edited line whose meaning depends on the JSON
 reader: it is left out of the results, and named on stderr), 2 usage or I/O
 error (including a key file that is missing, too short or readable by
@@ -24,13 +25,22 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO, TypeVar
 
+from popguard.retention.store import RetentionError
 from popguard.trail.chain import ALG_SHA256, KeyFileError, load_key
 from popguard.trail.html import build_page
-from popguard.trail.query import ClientMatcher, Filter, query, write_json, write_table
+from popguard.trail.query import (
+    ClientMatcher,
+    Filter,
+    parse_digest,
+    query,
+    write_json,
+    write_table,
+)
 from popguard.trail.reader import SkipLog, order_rotated, parse_time
 from popguard.trail.report import Unusable, build_report
 from popguard.trail.report import write_json as write_report_json
 from popguard.trail.report import write_table as write_report_table
+from popguard.trail.retention import RetentionSummary, check_retention
 from popguard.trail.verify import Checkpoint, Kind, VerifyReport, verify
 
 __all__ = ["add_audit_commands", "cmd_query", "cmd_report", "cmd_verify", "main"]
@@ -38,6 +48,9 @@ __all__ = ["add_audit_commands", "cmd_query", "cmd_report", "cmd_verify", "main"
 EXIT_OK = 0
 EXIT_TAMPERED = 1
 EXIT_USAGE = 2
+#: ``verify --retention --format json`` lists at most this many problems
+#: (all are counted); the text format streams every one.
+MAX_JSON_PROBLEMS = 1000
 
 _T = TypeVar("_T")
 
@@ -112,7 +125,8 @@ def add_audit_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         "verify",
         help="check the hash chain; report the first problem",
         description="Verify the hash chain over the files (oldest first) and report the "
-        "first problem as FILE:LINE: KIND: DETAIL. Exit 0 intact, 1 tampering or damage "
+        "first problem as FILE:LINE: KIND: DETAIL. With --retention DIR, then every "
+        "problem with the archived copies. Exit 0 intact, 1 tampering or damage "
         "found, 2 usage or I/O error.",
     )
     _add_files(verify_parser)
@@ -122,6 +136,13 @@ def add_audit_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         action="store_true",
         help="accepted for compatibility: verify always requires every line byte for "
         "byte as popguard writes it (chain.render()); this flag changes nothing",
+    )
+    verify_parser.add_argument(
+        "--retention",
+        metavar="DIR",
+        help="also check the retention store DIR once the chain verifies: every deletion "
+        "committed under retention has its archived copy, and every copy the trail names "
+        "is there with the SHA-256 the trail records (docs/retention.md)",
     )
     verify_parser.add_argument("--format", choices=("text", "json"), default="text")
     verify_parser.set_defaults(func=cmd_verify)
@@ -149,6 +170,14 @@ def add_audit_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         default=[],
         metavar="UIDL",
         help="a message's UIDL (in uidl, or in any entry of messages)",
+    )
+    query_parser.add_argument(
+        "--digest",
+        action="append",
+        default=[],
+        type=_argtype(parse_digest, "digest"),
+        metavar="HEX",
+        help="a message's SHA-256, 64 hex digits (in digest, or in any entry of messages)",
     )
     query_parser.add_argument(
         "--client",
@@ -260,11 +289,64 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if report.exit_status == EXIT_USAGE:
         assert report.problem is not None
         return _error("verify", str(report.problem))
+    if args.retention is not None and report.ok:
+        return _verify_retention(args, files, report)
     if args.format == "json":
         print(json.dumps(report.to_json(), indent=2))
     else:
         _print_verify(report, sys.stdout)
     return report.exit_status
+
+
+def _verify_retention(args: argparse.Namespace, files: list[str], report: VerifyReport) -> int:
+    """``verify --retention DIR`` once the chain verified: check the store too.
+
+    Text output streams one ``FAIL FILE:LINE: KIND: DETAIL`` line per
+    problem after the chain's report; JSON adds a ``retention`` object.
+    Only a chain that verified is checked against the store: the records
+    of a tampered trail prove nothing.
+    """
+    if not os.path.isdir(args.retention):
+        return _error("verify", f"{args.retention}: the retention store is not a directory")
+    summary = RetentionSummary()
+    problems: list[dict[str, Any]] = []
+    text = args.format == "text"
+    if text:
+        _print_verify(report, sys.stdout)
+    try:
+        for problem in check_retention(files, args.retention, summary):
+            if text:
+                sys.stdout.write(f"FAIL {problem}\n")
+            elif len(problems) < MAX_JSON_PROBLEMS:
+                problems.append(
+                    {
+                        "kind": str(problem.kind),
+                        "file": problem.file,
+                        "line": problem.line,
+                        "detail": problem.detail,
+                    }
+                )
+    except RetentionError as exc:
+        return _error("verify", f"{args.retention}: {exc.reason}")
+    except OSError as exc:
+        return _io_error("verify", exc)
+    if text:
+        verdict = "OK" if not summary.problems else "FAIL"
+        sys.stdout.write(
+            f"retention {verdict}: {summary.sessions} sessions under retention, "
+            f"{summary.deletions} committed deletions, {summary.archived} archive records, "
+            f"{summary.copies_read} copies read, {summary.problems} problems\n"
+        )
+    else:
+        document = report.to_json()
+        document["retention"] = {
+            "ok": not summary.problems,
+            **summary.to_json(),
+            "details": problems,
+        }
+        document["ok"] = report.ok and not summary.problems
+        print(json.dumps(document, indent=2))
+    return EXIT_TAMPERED if summary.problems else EXIT_OK
 
 
 def _key(args: argparse.Namespace) -> bytes | None:
@@ -308,6 +390,7 @@ def _filter(args: argparse.Namespace) -> Filter:
         users=tuple(args.user),
         events=tuple(args.event),
         uidls=tuple(args.uidl),
+        digests=tuple(args.digest),
         clients=tuple(args.client),
         sessions=tuple(args.session),
         since=args.since,

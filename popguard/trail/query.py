@@ -1,14 +1,18 @@
 """Find audit records: filters over a streamed trail, JSON-lines or table output.
 
 ``popguard audit query FILE... [--user U] [--event E] [--uidl X]
-[--client ADDR|CIDR] [--session S] [--since ISO] [--until ISO]
-[--format json|table]``
+[--digest HEX] [--client ADDR|CIDR] [--session S] [--since ISO]
+[--until ISO] [--format json|table]``
 
 Every flag may be repeated: a record matches if it matches any value of each
 flag given (OR within a flag, AND across flags).  ``--event`` takes globs
 (``'deletions.*'``).  ``--uidl`` matches a record's ``uidl`` and the
-``uidl`` of any entry of its ``messages`` list.  ``--since`` is inclusive,
-``--until`` exclusive; a bare date is midnight UTC.
+``uidl`` of any entry of its ``messages`` list.  ``--digest`` (a message's
+SHA-256, as ``message.archived``, ``dele.marked`` and the deletion records
+carry it) likewise matches ``digest`` and the entries' ``digest``; given
+with ``--uidl``, one message of the record must have both.  Together they
+find every record about one message, in any session (``docs/retention.md``).
+``--since`` is inclusive, ``--until`` exclusive; a bare date is midnight UTC.
 
 Memory is constant: records stream from the files to the output.  The table
 takes its column widths from the first rows.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -36,7 +41,9 @@ __all__ = [
     "ClientMatcher",
     "Filter",
     "client_host",
+    "message_digests",
     "message_uidls",
+    "parse_digest",
     "query",
     "safe_text",
     "write_json",
@@ -99,18 +106,50 @@ class ClientMatcher:
         return mapped is not None and mapped in self.network
 
 
-def message_uidls(record: Mapping[str, Any]) -> Iterator[str]:
-    """The UIDLs a record names: ``uidl``, and ``uidl`` in ``messages`` entries."""
-    uidl = record.get("uidl")
-    if isinstance(uidl, str):
-        yield uidl
+def _message_field(record: Mapping[str, Any], name: str) -> Iterator[str]:
+    """The string *name* of the record, and of each entry of its ``messages``."""
+    value = record.get(name)
+    if isinstance(value, str):
+        yield value
     messages = record.get("messages")
     if isinstance(messages, list):
         for item in messages:
             if isinstance(item, dict):
-                value = item.get("uidl")
+                value = item.get(name)
                 if isinstance(value, str):
                     yield value
+
+
+def message_uidls(record: Mapping[str, Any]) -> Iterator[str]:
+    """The UIDLs a record names: ``uidl``, and ``uidl`` in ``messages`` entries."""
+    return _message_field(record, "uidl")
+
+
+def message_digests(record: Mapping[str, Any]) -> Iterator[str]:
+    """The message digests a record names, lower-cased: ``digest``, and in ``messages``."""
+    return (digest.lower() for digest in _message_field(record, "digest"))
+
+
+def _message_pairs(record: Mapping[str, Any]) -> Iterator[tuple[object, object]]:
+    """(uidl, lower-case digest) of the record itself and of each ``messages`` entry."""
+    items = [record]
+    messages = record.get("messages")
+    if isinstance(messages, list):
+        items += [item for item in messages if isinstance(item, dict)]
+    for item in items:
+        digest = item.get("digest")
+        yield item.get("uidl"), digest.lower() if isinstance(digest, str) else None
+
+
+_DIGEST_HEX: Final = re.compile(r"[0-9a-f]{64}")
+
+
+def parse_digest(text: str) -> str:
+    """``--digest``: a SHA-256 as 64 hex digits, lower-cased (``ValueError`` otherwise)."""
+    digest = text.strip().lower()
+    if not _DIGEST_HEX.fullmatch(digest):
+        raise ValueError(f"not 64 hex digits (a SHA-256): {text!r}")
+    return digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +159,8 @@ class Filter:
     users: tuple[str, ...] = ()
     events: tuple[str, ...] = ()
     uidls: tuple[str, ...] = ()
+    #: Lower-case hex SHA-256s (:func:`parse_digest`).
+    digests: tuple[str, ...] = ()
     clients: tuple[ClientMatcher, ...] = ()
     sessions: tuple[str, ...] = ()
     since: datetime.datetime | None = None
@@ -136,7 +177,7 @@ class Filter:
             return False
         if self.sessions and record.get("session") not in self.sessions:
             return False
-        if self.uidls and not any(uidl in self.uidls for uidl in message_uidls(record)):
+        if (self.uidls or self.digests) and not self._names_message(record):
             return False
         if self.clients:
             client = record.get("client")
@@ -151,6 +192,18 @@ class Filter:
             if self.until is not None and when >= self.until:
                 return False
         return True
+
+    def _names_message(self, record: Mapping[str, Any]) -> bool:
+        """``--uidl`` / ``--digest``; with both, one message must have both
+        (not one entry the UIDL and another the digest)."""
+        if self.uidls and self.digests:
+            return any(
+                uidl in self.uidls and digest in self.digests
+                for uidl, digest in _message_pairs(record)
+            )
+        if self.uidls:
+            return any(uidl in self.uidls for uidl in message_uidls(record))
+        return any(digest in self.digests for digest in message_digests(record))
 
 
 def query(

@@ -98,6 +98,16 @@ class Kind(enum.StrEnum):
     MISSING_WORKER = "missing_worker"
     #: Not tampering: the records are HMAC-sealed and no key was given.
     KEY_REQUIRED = "key_required"
+    # ``--retention`` (popguard.trail.retention): what the records claim of
+    # the retention store does not hold.
+    #: A deletion under retention whose record names no archived copy.
+    NOT_ARCHIVED = "not_archived"
+    #: The copy a record names is not in the retention store.
+    MISSING_COPY = "missing_copy"
+    #: The copy's SHA-256 is not the record's ``digest``.
+    CHANGED_COPY = "changed_copy"
+    #: The copy is filed in another account's Maildir.
+    MISPLACED_COPY = "misplaced_copy"
 
 
 @dataclass(frozen=True, slots=True)

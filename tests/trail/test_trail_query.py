@@ -13,12 +13,15 @@ import pytest
 from trail_helpers import rotated_trail, seal_lines, write_lines
 
 from popguard.trail.chain import Chain
+from popguard.trail.cli import main
 from popguard.trail.query import (
     ClientMatcher,
     Filter,
     client_host,
     compact_rest,
+    message_digests,
     message_uidls,
+    parse_digest,
     query,
     safe_text,
     write_json,
@@ -269,3 +272,84 @@ def test_malformed_lines_are_skipped_and_counted(tmp_path: Path) -> None:
 def test_query_reads_rotated_gzip_trails(tmp_path: Path) -> None:
     paths = rotated_trail(tmp_path)
     assert len(list(query([str(p) for p in paths], Filter()))) == 65
+
+
+# --------------------------------------------------------------------------
+# Finding one message by digest or UIDL (retention, docs/retention.md)
+# --------------------------------------------------------------------------
+
+D1 = "1f" * 32
+D2 = "2e" * 32
+RETAINED = [
+    rec("retention.active", session="r1", user="alice"),
+    rec(
+        "message.archived",
+        session="r1",
+        user="alice",
+        msg=1,
+        uidl="UID-R1",
+        size=10,
+        digest=D1,
+        path=f"alice/new/{D1}.u5549442d5231",
+        stored=True,
+    ),
+    rec("dele.marked", session="r1", user="alice", msg=1, uidl="UID-R1", digest=D1),
+    rec("retention.failed", session="r1", user="alice", msg=2, uidl="UID-R2", reason="x"),
+    rec(
+        "deletions.committed",
+        session="r1",
+        user="alice",
+        messages=[{"msg": 1, "uidl": "UID-R1", "digest": D1}, {"msg": 3, "digest": D2}],
+    ),
+    rec("message.retrieved", session="r2", user="bob", msg=1, uidl="UID-R1", digest=D2),
+]
+
+
+@pytest.fixture
+def retained(tmp_path: Path) -> list[str]:
+    return [str(write_lines(tmp_path / "audit.jsonl", seal_lines(Chain(chain_id="w1"), RETAINED)))]
+
+
+def test_digest_finds_every_record_naming_the_message(retained: list[str]) -> None:
+    assert events(retained, digests=(D1,)) == [
+        "message.archived",
+        "dele.marked",
+        "deletions.committed",
+    ]
+    assert events(retained, digests=(D2,)) == ["deletions.committed", "message.retrieved"]
+    assert events(retained, digests=("00" * 32,)) == []
+    # Digest and UIDL together: that message of that mailbox only.
+    assert events(retained, digests=(D2,), uidls=("UID-R1",)) == ["message.retrieved"]
+
+
+def test_uidl_finds_archive_and_retention_records(retained: list[str]) -> None:
+    assert events(retained, uidls=("UID-R1",)) == [
+        "message.archived",
+        "dele.marked",
+        "deletions.committed",
+        "message.retrieved",
+    ]
+    assert events(retained, uidls=("UID-R2",)) == ["retention.failed"]
+
+
+def test_parse_digest_and_message_digests() -> None:
+    assert parse_digest(f" {D1.upper()} ") == D1
+    for bad in ("", "1f" * 31, "1f" * 33, "zz" * 32, D1 + " x"):
+        with pytest.raises(ValueError, match="64 hex digits"):
+            parse_digest(bad)
+    record = {"digest": D1.upper(), "messages": [{"digest": D2}, {"msg": 4}, 5]}
+    assert list(message_digests(record)) == [D1, D2]
+
+
+def test_query_cli_by_digest(retained: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["audit", "query", "--digest", D1.upper(), *retained]) == 0
+    out = capsys.readouterr().out
+    assert [json.loads(line)["event"] for line in out.splitlines()] == [
+        "message.archived",
+        "dele.marked",
+        "deletions.committed",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["audit", "query", "--digest", "abc", *retained])
+    assert exit_info.value.code == 2
+    assert "invalid digest" in capsys.readouterr().err
