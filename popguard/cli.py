@@ -49,6 +49,7 @@ from popguard.ops_cli import register as register_ops_commands
 from popguard.policy.cli import add_policy_commands
 from popguard.policy.load import Issue, PolicyError, load_policies
 from popguard.policy.model import PolicySet
+from popguard.retention import RetentionStore
 from popguard.schema.config_models import ConfigFile
 from popguard.schema.nodes import load_yaml, mark_position
 from popguard.schema.policy_models import PolicyFile
@@ -106,6 +107,7 @@ def settings_from_config(
         limits=config.limits,
         message_identity=config.audit.message_identity,
         identity=config.identity,
+        retention=RetentionStore(config.retention_store) if config.retention_store else None,
     )
 
 
@@ -130,6 +132,12 @@ def _add_serve_flags(parser: argparse.ArgumentParser, *, upstream: bool = True) 
         parser.add_argument("--upstream", metavar="HOST:PORT", help="the POP3 server to relay to")
     parser.add_argument(
         "--audit-file", metavar="FILE", help="append audit records to FILE as JSON lines"
+    )
+    parser.add_argument(
+        "--retention-dir",
+        metavar="DIR",
+        help="the retention store: messages under a retain policy are archived here "
+        "before their DELE (docs/retention.md)",
     )
     parser.add_argument(
         "--tls",
@@ -346,6 +354,7 @@ def _resolve(args: argparse.Namespace, *, upstream: str | None) -> Config:
         upstream_server_name=getattr(args, "upstream_server_name", None),
         upstream_tls_verify=False if getattr(args, "upstream_tls_insecure", None) else None,
         workers=args.workers,
+        retention_dir=getattr(args, "retention_dir", None),
     )
     _print_issues([*warnings, *more])
     return config
@@ -361,6 +370,8 @@ class Policies:
         self.initial: PolicySet | None = None
         if self.directory is not None:
             self.initial, warnings = self._load()
+            if config.retention_store is None:
+                warnings.extend(_retain_without_store(self.initial))
             _print_issues(warnings)
 
     def _load(self) -> tuple[PolicySet, list[Issue]]:
@@ -369,6 +380,22 @@ class Policies:
 
     def load(self) -> PolicySet:
         return self._load()[0]
+
+
+def _retain_without_store(policies: PolicySet) -> list[Issue]:
+    """Warnings for ``retain: true`` rules when no retention store is configured."""
+    return [
+        Issue(
+            rule.file,
+            rule.line,
+            1,
+            f"rule {rule.name!r} sets retain, but no retention store is configured "
+            "(retention.store or --retention-dir): every DELE it covers will be refused",
+            "warning",
+        )
+        for rule in policies.rules
+        if rule.settings.get("retain") is True and rule.mode == "enforce"
+    ]
 
 
 def _policies(args: argparse.Namespace, config: Config) -> Policies:
@@ -595,6 +622,10 @@ def _host_issues(
         problem = _audit_file_problem(partial.audit.file)
         if problem is not None:
             error(("audit", "file"), f"audit.file: {problem}")
+    if partial.retention_store is not None:
+        problem = _store_problem(partial.retention_store)
+        if problem is not None:
+            error(("retention", "store"), f"retention.store: {problem}")
     return issues
 
 
@@ -625,6 +656,22 @@ def _audit_file_problem(file: str) -> str | None:
             return f"{file} is not writable by this user"
     elif not os.access(directory, os.W_OK | os.X_OK):
         return f"cannot create {file}: the directory {directory} is not writable by this user"
+    return None
+
+
+def _store_problem(store: str) -> str | None:
+    """Why popguard could not archive into the retention store *store*, or None."""
+    if os.path.exists(store):
+        if not os.path.isdir(store):
+            return f"{store} is not a directory"
+        if not os.access(store, os.W_OK | os.X_OK):
+            return f"{store} is not writable by this user"
+        return None
+    parent = os.path.dirname(store.rstrip(os.sep)) or "."
+    if not os.path.isdir(parent):
+        return f"the directory {parent} does not exist (create it, or change retention.store)"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create {store}: {parent} is not writable by this user"
     return None
 
 

@@ -108,6 +108,7 @@ from popguard.schema.config_models import (
     CertKeyModel,
     ConfigFile,
     ListenerModel,
+    RetentionModel,
     SessionModel,
     SyslogModel,
     UpstreamModel,
@@ -290,6 +291,8 @@ class Config:
     #: Seconds open sessions get on SIGTERM/SIGINT before they are closed.
     shutdown_grace: float = _DEFAULT_SHUTDOWN_GRACE
     audit: AuditConfig = AuditConfig()
+    #: Absolute path of the retention store (docs/retention.md), or None.
+    retention_store: str | None = None
     #: Absolute path of the policy directory (see docs/policies.md).
     policies: str | None = None
     #: Where /metrics, /healthz and /readyz are served (None: nowhere).
@@ -316,6 +319,7 @@ class PartialConfig:
     limits: Limits = field(default_factory=Limits)
     shutdown_grace: float = _DEFAULT_SHUTDOWN_GRACE
     audit: AuditConfig = AuditConfig()
+    retention_store: str | None = None
     policies: str | None = None
     #: Where /metrics, /healthz and /readyz are served (None: nowhere).
     admin_listen: Address | None = None
@@ -890,6 +894,7 @@ def _partial(model: ConfigFile, source: str) -> PartialConfig:
         limits=Limits(**model.limits.model_dump()) if model.limits is not None else Limits(),
         shutdown_grace=model.shutdown.grace_period if model.shutdown else _DEFAULT_SHUTDOWN_GRACE,
         audit=_audit(model.audit) if model.audit is not None else AuditConfig(),
+        retention_store=model.retention.store if model.retention is not None else None,
         policies=model.policies,
         admin_listen=None if admin is None else parse_listen_address(admin),
         workers=model.workers,
@@ -977,6 +982,7 @@ def build_config(
     upstream_server_name: str | None = None,
     upstream_tls_verify: bool | None = None,
     workers: int | str | None = None,
+    retention_dir: str | None = None,
 ) -> tuple[Config, list[ConfigIssue]]:
     """Apply command-line flags over *base* (a file's config, or defaults).
 
@@ -1060,6 +1066,12 @@ def build_config(
     if console is not None:
         audit = dataclasses.replace(audit, console=console)
 
+    retention_store = partial.retention_store
+    if retention_dir is not None:
+        ok, path = flags.value(RetentionModel, "store", retention_dir, "--retention-dir")
+        if ok and isinstance(path, str):
+            retention_store = path
+
     chosen_workers = partial.workers
     if workers is not None:
         ok, value = flags.value(ConfigFile, "workers", workers, "--workers")
@@ -1091,6 +1103,7 @@ def build_config(
         limits=partial.limits,
         shutdown_grace=partial.shutdown_grace,
         audit=audit,
+        retention_store=retention_store,
         policies=partial.policies,
         admin_listen=partial.admin_listen,
         workers=chosen_workers,
@@ -1141,6 +1154,7 @@ def _as_partial(base: Config | PartialConfig | None) -> PartialConfig:
         limits=base.limits,
         shutdown_grace=base.shutdown_grace,
         audit=base.audit,
+        retention_store=base.retention_store,
         policies=base.policies,
         admin_listen=base.admin_listen,
         workers=base.workers,

@@ -257,6 +257,7 @@ def test_serve_flags_give_a_config_or_located_issues(
 )
 @example(text="workers: !!int abc\n", extra=[])
 @example(text="admin: {listen: '0.0.0.0:9'}\n", extra=["--admin-listen", "x"])
+@example(text="", extra=["--config", "\x00"])  # a NUL in the path (found by hypothesis)
 def test_check_config_returns_an_exit_code(
     tmp_path_factory: pytest.TempPathFactory,
     capsys: pytest.CaptureFixture[str],

@@ -83,6 +83,8 @@ class MessageIndex:
         "_listing_uidl",
         "_requested",
         "_uidl_refused_for",
+        "archived",
+        "digests",
         "sizes",
         "uidl_supported",
         "uidls",
@@ -92,6 +94,10 @@ class MessageIndex:
         #: Message number -> unique-id, and -> size in octets.
         self.uidls: dict[int, str] = {}
         self.sizes: dict[int, int] = {}
+        #: Message number -> hex SHA-256 of its content (a whole RETR seen),
+        #: and -> its copy's path in the retention store.
+        self.digests: dict[int, str] = {}
+        self.archived: dict[int, str] = {}
         #: False once the server is known to have no UIDL command.
         self.uidl_supported = True
         self._requested: set[int] = set()
@@ -106,13 +112,17 @@ class MessageIndex:
     # -- records -----------------------------------------------------------
 
     def fields(self, msg: int | None) -> dict[str, Scalar]:
-        """``msg``, plus ``uidl`` and ``size`` where known, for a record."""
+        """``msg``, plus ``uidl``, ``size``, ``digest`` and ``archived`` where known."""
         fields: dict[str, Scalar] = {"msg": msg}
         if msg is not None:
             if msg in self.uidls:
                 fields["uidl"] = self.uidls[msg]
             if msg in self.sizes:
                 fields["size"] = self.sizes[msg]
+            if msg in self.digests:
+                fields["digest"] = self.digests[msg]
+            if msg in self.archived:
+                fields["archived"] = self.archived[msg]
         return fields
 
     def fields_of(self, messages: Set[int]) -> tuple[Mapping[str, Scalar], ...]:

@@ -48,6 +48,12 @@ class Event(enum.StrEnum):
     #: An operator asked for the session to end (the admin listener's
     #: ``POST /sessions/ID/close``): who asked, and why.
     SESSION_CLOSE_REQUESTED = "session.close_requested"
+    #: A ``retain`` policy applies to the session (after ``auth.succeeded``).
+    RETENTION_ACTIVE = "retention.active"
+    #: The retention store holds a copy of a message; its DELE goes on.
+    MESSAGE_ARCHIVED = "message.archived"
+    #: No copy could be made: the DELE was refused and never forwarded.
+    RETENTION_FAILED = "retention.failed"
 
 
 class EndReason(enum.StrEnum):

@@ -15,6 +15,7 @@ __all__ = [
     "REPLY_LOGIN_TIMEOUT",
     "REPLY_MAX_SESSION",
     "REPLY_OPERATOR_CLOSE",
+    "REPLY_RETENTION_UNAVAILABLE",
     "REPLY_SHUTDOWN",
     "REPLY_STLS_ACTIVE",
     "REPLY_STLS_BEGIN",
@@ -57,3 +58,10 @@ REPLY_AUDIT_UNAVAILABLE = (
 
 #: A new connection while fail-closed auditing cannot write (the shell sends it).
 REPLY_AUDIT_DOWN = b"-ERR [SYS/TEMP] popguard cannot write its audit trail, try again later\r\n"
+
+#: Under ``retain``: no copy of the message could be archived, so its DELE
+#: never reached the server (docs/retention.md).
+REPLY_RETENTION_UNAVAILABLE = (
+    b"-ERR [SYS/TEMP] The message cannot be archived now, so it was not deleted;"
+    b" try again later\r\n"
+)

@@ -173,6 +173,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from popguard.core.capa import capa_line, mechanism_line, own_stls
+from popguard.core.content import MessageContent
 from popguard.core.grammar import (
     CRLF,
     MULTILINE_TERMINATOR,
@@ -198,6 +199,7 @@ from popguard.core.replies import (
     REPLY_LOGIN_TIMEOUT,
     REPLY_MAX_SESSION,
     REPLY_OPERATOR_CLOSE,
+    REPLY_RETENTION_UNAVAILABLE,
     REPLY_SHUTDOWN,
     REPLY_STLS_ACTIVE,
     REPLY_STLS_BEGIN,
@@ -209,6 +211,13 @@ from popguard.core.replies import (
     REPLY_UPSTREAM_LOST,
     REPLY_UPSTREAM_TIMEOUT,
     REPLY_UPSTREAM_UNAVAILABLE,
+)
+from popguard.core.retention import (
+    ArchiveBegin,
+    ArchiveData,
+    ArchiveEnd,
+    ArchiveEvent,
+    RetentionGate,
 )
 from popguard.core.sasl import DECODABLE, SaslLogin, mechanism_name
 from popguard.policy.session import SessionPolicy, Verdict
@@ -224,6 +233,7 @@ __all__ = [
     "REPLY_LOGIN_TIMEOUT",
     "REPLY_MAX_SESSION",
     "REPLY_OPERATOR_CLOSE",
+    "REPLY_RETENTION_UNAVAILABLE",
     "REPLY_SHUTDOWN",
     "REPLY_STLS_ACTIVE",
     "REPLY_STLS_BEGIN",
@@ -321,12 +331,18 @@ class ProxySession:
     # Slots: a session's two objects are most of what an idle session
     # costs (an instance dict of ~55 attributes is ~1.6 kB each).
     __slots__ = (
+        "_archive_out",
+        "_archiving",
         "_bad_commands",
+        "_body_internal",
         "_claimed",
         "_client_buf",
         "_client_eof",
         "_client_input_closed",
         "_client_out",
+        "_content",
+        "_content_msg",
+        "_copies",
         "_discarding_line",
         "_gated",
         "_input_held",
@@ -361,8 +377,10 @@ class ProxySession:
         "message_identity",
         "observer",
         "pending_durable",
+        "pending_retention",
         "policy",
         "policy_epoch",
+        "retain",
         "starttls_pending",
         "state",
         "stls",
@@ -379,6 +397,7 @@ class ProxySession:
         message_identity: bool = False,
         identity: IdentityRules = DEFAULT_IDENTITY,
         durable_deletions: bool = False,
+        retain: bool = False,
         policy: SessionPolicy | None = None,
         stls: bool = False,
         tls: bool = False,
@@ -413,6 +432,22 @@ class ProxySession:
         #: A record the shell must write durably before the session goes on.
         self.pending_durable: AuditRecord | None = None
         self._gated: Command | None = None
+        #: Under retention (``retain``: from the listener, or a policy at
+        #: login), a DELE waits until the shell has archived the message
+        #: (popguard.core.retention): the gate it waits at, the archive
+        #: events for the shell, and the messages whose whole content the
+        #: shell was given (number -> digest, size).
+        self.retain = retain
+        self.pending_retention: RetentionGate | None = None
+        self._archive_out: list[ArchiveEvent] = []
+        self._copies: dict[int, tuple[str, int]] | None = None
+        #: The RETR body being read: its content (digest, unstuffed bytes),
+        #: whose message it is, whether a copy is being handed to the shell,
+        #: and whether the body is popguard's own (never relayed).
+        self._content: MessageContent | None = None
+        self._content_msg = 0
+        self._archiving = False
+        self._body_internal = False
         self.state = State.AUTHORIZATION
         #: The account the server opened (after login), and its name.
         self.account: Account | None = None
@@ -513,6 +548,17 @@ class ProxySession:
     def has_records(self) -> bool:
         return bool(self._records)
 
+    def take_archive_events(self) -> list[ArchiveEvent]:
+        """What to write to the retention store, in order (popguard.core.retention)."""
+        events = self._archive_out
+        if events:
+            self._archive_out = []
+        return events
+
+    @property
+    def has_archive_events(self) -> bool:
+        return bool(self._archive_out)
+
     # ------------------------------------------------------------------
     # Questions the shell asks
     # ------------------------------------------------------------------
@@ -611,7 +657,9 @@ class ProxySession:
         self.finished = True
         self.end_reason = reason
         self.pending_durable = None
+        self.pending_retention = None
         self._gated = None
+        self._content = None
         notice = self._closing_notice(reason)
         if notice is not None:
             self._client_out.append(notice)
@@ -832,15 +880,25 @@ class ProxySession:
         return forwarded
 
     def _before_dele(self, command: Command) -> Command | None:
-        """DELE: parked until its record is durable, with ``durable_deletions``."""
+        """DELE: parked until the message is archived (``retain``) and its
+        record durable (``durable_deletions``)."""
+        msg = message_number(command.args[0] if command.args else None)
+        if self.retain and msg is not None and self.state is State.TRANSACTION:
+            self._gated = command
+            self._retain_copy(msg)
+            return None
         if not self.durable_deletions:
             return command
+        self._gate_durable(command)
+        return None
+
+    def _gate_durable(self, command: Command) -> None:
+        """Park a DELE until its ``dele.requested`` record is durable."""
         self._gated = command
         msg = message_number(command.args[0] if command.args else None)
         self.pending_durable = AuditRecord(
             Event.DELE_REQUESTED, self._with_user(self._identity(msg))
         )
-        return None
 
     # ------------------------------------------------------------------
     # Identity: which account a login opens (popguard.core.identity)
@@ -1063,7 +1121,11 @@ class ProxySession:
         """Keep what an identity lookup answered; the client never sees it."""
         self._pending.pop(0)
         msg = message_number(entry.arg)
-        if msg is not None:
+        if msg is not None and entry.verb == "RETR":
+            # Only a -ERR comes here (a +OK starts the body).
+            reason = "the server refused RETR: " + escape_text(reply_text(line)[:80])
+            self._retention_failed(msg, reason)
+        elif msg is not None:
             ok = status is Status.OK
             self.messages.internal_reply(entry.verb, msg, ok, line, self.marked_for_deletion)
         self._flush_local()
@@ -1174,6 +1236,13 @@ class ProxySession:
         if entry.internal:
             if status is Status.CONTINUE:
                 self._protocol_error("SASL continuation outside an AUTH exchange")
+            elif status is Status.OK and entry.multiline:
+                # popguard's own RETR (retention): read, never relayed.
+                self._reply_bytes = len(line)
+                self._reader = _Reader.BODY
+                self._tail = b"\r\n"
+                self._body_internal = True
+                self._follow_content(entry)
             else:
                 self._internal_reply(entry, status, line)
             return
@@ -1203,6 +1272,8 @@ class ProxySession:
             else:
                 self._reader = _Reader.BODY
                 self._tail = b"\r\n"
+                if entry.verb == "RETR":
+                    self._follow_content(entry)
             return
         self._reply_bytes = len(line)
         self._complete(status, line)
@@ -1217,17 +1288,129 @@ class ProxySession:
         else:
             found = _find_terminator(data, pos)
             end = found + len(MULTILINE_TERMINATOR) if found != -1 else -1
-        if end == -1:
-            chunk = data[pos:] if pos else data
+        chunk = (data[pos:] if pos else data) if end == -1 else data[pos:end]
+        if not self._body_internal:
             self._client_out.append(chunk)
-            self._reply_bytes += len(chunk)
+        self._reply_bytes += len(chunk)
+        if self._content is not None:
+            self._feed_content(chunk)
+        if end == -1:
             self._tail = chunk[-4:] if len(chunk) >= 4 else (tail + chunk)[-4:]
             return len(data)
-        self._client_out.append(data[pos:end])
-        self._reply_bytes += end - pos
         self._reader = _Reader.STATUS
         self._complete(Status.OK, b"")
         return end
+
+    # ------------------------------------------------------------------
+    # Message content: digests, and copies for retention
+    # ------------------------------------------------------------------
+    def _follow_content(self, entry: _Pending) -> None:
+        """A RETR's body starts: follow its content (digest; a copy under retention)."""
+        msg = message_number(entry.arg)
+        account = self.account
+        archive = self.retain and account is not None and self.state is State.TRANSACTION
+        if msg is None or not (archive or self.message_identity):
+            return
+        self._content = MessageContent()
+        self._content_msg = msg
+        self._archiving = archive
+        if archive:
+            assert account is not None
+            uidl = self._messages.uidls.get(msg) if self._messages is not None else None
+            self._archive_out.append(ArchiveBegin(msg, account.name, uidl))
+
+    def _feed_content(self, chunk: bytes) -> None:
+        content = self._content
+        assert content is not None
+        data = content.feed(chunk)
+        if data and self._archiving:
+            self._archive_out.append(ArchiveData(self._content_msg, data))
+
+    def _end_content(self) -> tuple[str, int] | None:
+        """The RETR body is complete: its digest and size, learnt (and archived)."""
+        content = self._content
+        if content is None or not content.done:
+            self._content = None
+            return None
+        self._content = None
+        msg = self._content_msg
+        digest, size = content.finish(), content.size
+        digests = self.messages.digests
+        if msg in digests or len(digests) < MAX_IDENTITY_CACHE:
+            digests[msg] = digest
+        if self._archiving:
+            self._archiving = False
+            self._archive_out.append(ArchiveEnd(msg, digest, size))
+            copies = self._copies
+            if copies is None:
+                copies = self._copies = {}
+            copies[msg] = (digest, size)
+        return digest, size
+
+    def _retain_copy(self, msg: int) -> None:
+        """Under retention, before DELE ``msg``: make sure the shell has its copy.
+
+        A message the client retrieved whole in this session was copied as
+        it was relayed; any other is fetched with popguard's own ``RETR``,
+        whose reply the client never sees.
+        """
+        copy = self._copies.get(msg) if self._copies is not None else None
+        if copy is not None:
+            self._open_gate(msg, *copy)
+            return
+        self._request_identity(msg)  # its UIDL names the copy
+        number = str(msg).encode("ascii")
+        self._pending.append(_Pending("RETR", number, multiline=True, internal=True))
+        self._upstream_out.append(b"RETR " + number + CRLF)
+
+    def _open_gate(self, msg: int, digest: str, size: int) -> None:
+        account = self.account
+        assert account is not None
+        uidl = self._messages.uidls.get(msg) if self._messages is not None else None
+        self.pending_retention = RetentionGate(msg, account.name, uidl, digest, size)
+
+    def retention_result(
+        self,
+        ok: bool,
+        *,
+        path: str | None = None,
+        stored: bool = False,
+        reason: str | None = None,
+    ) -> None:
+        """The shell's answer for ``pending_retention``: archived at ``path``, or not."""
+        gate = self.pending_retention
+        command = self._gated
+        self.pending_retention = None
+        if gate is None or command is None or self.finished:
+            return
+        if ok and path is not None:
+            self.messages.archived[gate.msg] = path
+            self._record(
+                Event.MESSAGE_ARCHIVED,
+                msg=gate.msg,
+                uidl=gate.uidl,
+                size=gate.size,
+                digest=gate.digest,
+                path=path,
+                stored=stored,
+            )
+            if self.durable_deletions:
+                self._gate_durable(command)
+                return
+            self._gated = None
+            self._forward(command)
+        else:
+            if self._copies is not None:
+                self._copies.pop(gate.msg, None)  # the next DELE fetches it again
+            self._retention_failed(gate.msg, reason or "the copy could not be made durable")
+        self._process_client_lines()
+
+    def _retention_failed(self, msg: int, reason: str) -> None:
+        """No copy: the DELE is refused here and never reaches the server."""
+        self._gated = None
+        uidl = self._messages.uidls.get(msg) if self._messages is not None else None
+        self._record(Event.RETENTION_FAILED, msg=msg, uidl=uidl, reason=reason)
+        self._queue_local(REPLY_RETENTION_UNAVAILABLE)
 
     def _relay_index(self, data: bytes, pos: int) -> int:
         """Stream a UIDL or LIST listing through unchanged, learning its lines.
@@ -1378,6 +1561,17 @@ class ProxySession:
         return False
 
     def _retrieve_reply(self, entry: _Pending, ok: bool, line: bytes) -> bool:
+        copy = self._end_content()
+        if entry.internal:
+            # popguard's own RETR, for the copy a parked DELE waits for.
+            self._body_internal = False
+            msg = message_number(entry.arg)
+            if msg is not None and self._gated is not None:
+                if copy is None:
+                    self._retention_failed(msg, "the message could not be read")
+                else:
+                    self._open_gate(msg, *copy)
+            return False
         if ok:
             self._record(
                 Event.MESSAGE_RETRIEVED,
@@ -1455,6 +1649,8 @@ class ProxySession:
                     # policy's -ERR, and the upstream is closed without QUIT.
                     self._replace_reply(line, verdict.reply)
                     self.end(EndReason.POLICY_DENIED, verdict.reason)
+                    return
+            self._start_retention()  # the user's rules apply from here
         elif not ok:
             failed = account.name if account is not None else None
             self._record(
@@ -1475,6 +1671,25 @@ class ProxySession:
                         policy_file=rule.where if rule else None,
                         mode=rule.mode if rule else None,
                     )
+
+    def _start_retention(self) -> None:
+        """At login: does a ``retain`` policy (or the listener) apply?"""
+        policy = self.policy
+        if policy is not None and policy.active and not self.retain:
+            enforced, rule = policy.retention()
+            if enforced:
+                self.retain = True
+            elif rule is not None:
+                self._record(
+                    Event.POLICY_DRY_RUN,
+                    rule=rule.name,
+                    policy_file=rule.where,
+                    setting="retain",
+                    mode=rule.mode,
+                    reason="messages would be archived before deletion",
+                )
+        if self.retain:
+            self._record(Event.RETENTION_ACTIVE)
 
     def _replace_reply(self, line: bytes, reply: bytes) -> None:
         """Send ``reply`` instead of the server's ``line``, queued just now."""

@@ -29,6 +29,7 @@ Setting values, as stored in :attr:`Rule.settings`:
 * ``deny_reply``: ``str``, printable ASCII, at most 200 characters
 * ``auth_mechanisms``: ``tuple[str, ...]`` of :data:`~model.MECHANISMS`, or ``None``
 * ``require_tls``: a boolean (USER, PASS, APOP and AUTH refused before TLS)
+* ``retain``: a boolean (archive a message before its DELE, docs/retention.md)
 * ``idle_timeout``, ``max_session``: ``float`` seconds, or ``None``
 * ``max_sessions_total``, ``_per_client``, ``_per_user``: ``int`` >= 1, or ``None``
 * ``login_throttle``: :class:`~model.Throttle`, or ``None``
@@ -108,6 +109,7 @@ DECIDED_AT: Final[Mapping[str, tuple[Phase, ...]]] = {
     "max_sessions_per_client": ("connect",),
     "max_sessions_per_user": ("claim", "login"),
     "login_throttle": ("connect", "claim"),
+    "retain": ("connect", "claim", "login"),
 }
 
 #: RFC 1939 §3: a POP3 server's inactivity autologout timer MUST be at least

@@ -57,6 +57,7 @@ SETTINGS: Final = (
     "max_sessions_per_client",
     "max_sessions_per_user",
     "login_throttle",
+    "retain",
 )
 
 

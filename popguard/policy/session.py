@@ -172,6 +172,17 @@ class SessionPolicy:
         setting = self._setting("require_tls")
         return setting is not None and setting.value is True and setting.enforced
 
+    def retention(self) -> tuple[bool, Rule | None]:
+        """Whether a ``retain: true`` rule applies (enforced), and its rule.
+
+        A dry-run rule gives ``(False, rule)``: nothing is archived, and the
+        session records that it would have been (``policy.dry_run``).
+        """
+        setting = self._setting("retain")
+        if setting is None or setting.value is not True:
+            return False, None
+        return setting.enforced, setting.rule
+
     # -- connect -------------------------------------------------------------
     def check_connect(self) -> Verdict | None:
         """Before the upstream is contacted.  The session counts once allowed."""

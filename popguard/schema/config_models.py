@@ -495,6 +495,13 @@ class IdentityModel(Model):
     allowed_chars: Annotated[str, AfterValidator(_identity_string("allowed_chars"))] | None = None
 
 
+class RetentionModel(Model):
+    """Where copies go before a DELE under a ``retain`` policy (docs/retention.md)."""
+
+    store: FilePath | None = None
+    """The retention store's root directory (one Maildir per account; null: none)."""
+
+
 class AdminModel(Model):
     listen: ListenAddress | None = None
     """Where /metrics, /healthz and /readyz are served (null: nowhere)."""
@@ -533,6 +540,7 @@ class ConfigFile(Model):
     limits: LimitsModel | None = None  # type: ignore[valid-type]  # made by create_model
     shutdown: ShutdownModel | None = None
     audit: AuditModel | None = None
+    retention: RetentionModel | None = None
     policies: FilePath | None = None
     """The policy directory (docs/policies.md)."""
     admin: AdminModel | None = None

@@ -342,6 +342,9 @@ def load_yaml(
             data = stream.read()
     except OSError as exc:
         return Loaded(None, [Issue(file, 0, 0, f"cannot read {what}: {exc.strerror or exc}")])
+    except ValueError:  # a NUL in the path: no file can have that name
+        shown = file.replace("\0", "\\0")
+        return Loaded(None, [Issue(shown, 0, 0, f"cannot read {what}: a path cannot hold NUL")])
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -264,6 +264,8 @@ class SettingsModel(Model):
     max_sessions_per_client: MaxSessions | None = None
     max_sessions_per_user: MaxSessions | None = None
     login_throttle: ThrottleModel | None = None
+    retain: Annotated[bool | None, BeforeValidator(not_null("expected true or false"))] = None
+    """Archive each message in the retention store before its DELE is forwarded."""
 
 
 class RuleModel(Model):

@@ -37,6 +37,8 @@ from popguard.core.grammar import Status, parse_status
 from popguard.core.records import AuditRecord, EndReason, Event
 from popguard.core.session import ProxySession
 from popguard.policy.session import Deadline, SessionPolicy
+from popguard.retention import RetentionStore
+from popguard.shell.archive import SessionArchive
 from popguard.shell.tcp import TCPStream
 from popguard.shell.timers import SessionTimers
 from popguard.shell.tls import HANDSHAKE_TIMEOUT, describe
@@ -116,6 +118,7 @@ class Relay:
     __slots__ = (
         "_abort_detail",
         "_abort_reason",
+        "_archive",
         "_before_login",
         "_client_may_send",
         "_client_run",
@@ -140,6 +143,8 @@ class Relay:
         "_proxy_header",
         "_pump_nursery",
         "_pumps_left",
+        "_retaining",
+        "_retention",
         "_scope",
         "_settling",
         "_started_at",
@@ -178,8 +183,14 @@ class Relay:
         upstream_tls: UpstreamSecurity | None = None,
         proxy_header: bytes | None = None,
         timers: SessionTimers | None = None,
+        retention: RetentionStore | None = None,
     ) -> None:
         self.session = session
+        #: The copies this session makes under a ``retain`` policy (made on
+        #: first use; without a store every DELE under retain is refused).
+        self._retention = retention
+        self._archive: SessionArchive | None = None
+        self._retaining = False
         self.policy = policy
         #: The context for the client's TLS: POP3S (``implicit_tls``) or STLS.
         self._client_tls = client_tls
@@ -376,6 +387,8 @@ class Relay:
         finally:
             self._timed = False
             self._timers.cancel(self)
+            if self._archive is not None:
+                self._archive.close()  # copies no DELE needed are not kept
             await self._close()
 
     async def _connect(self) -> bool:
@@ -737,6 +750,10 @@ class Relay:
         if self._before_login and session.logged_in:
             self._before_login = False
             self.rearm()  # the login timer no longer applies
+        if session.has_archive_events:
+            self._write_archive()
+        if session.pending_retention is not None:
+            await self._settle_retention()
         if session.pending_durable is not None:
             await self._settle_durable()
         if session.has_client_output:
@@ -745,6 +762,41 @@ class Relay:
             await self._flush_upstream()
         if session.has_records:
             self._emit_records()
+
+    def _write_archive(self) -> None:
+        """Hand the core's archive events to this session's copies."""
+        events = self.session.take_archive_events()
+        store = self._retention
+        if store is None:
+            return  # nowhere to copy to: the DELE's gate says so
+        archive = self._archive
+        if archive is None:
+            archive = self._archive = SessionArchive(store)
+        archive.apply(events)
+
+    async def _settle_retention(self) -> None:
+        """A DELE waits at the gate: make its message's copy durable first."""
+        if self._retaining:
+            return  # the task already settling will see any new request
+        session = self.session
+        self._retaining = True
+        try:
+            while (gate := session.pending_retention) is not None:
+                self._emit_records()  # everything before it, in order
+                archive = self._archive
+                if archive is None:
+                    if self._retention is None:
+                        reason = "no retention store is configured"
+                    else:
+                        reason = "no copy of the message was made"
+                    session.retention_result(False, reason=reason)
+                    continue
+                result = await archive.commit(gate)
+                session.retention_result(
+                    result.ok, path=result.path, stored=result.stored, reason=result.reason
+                )
+        finally:
+            self._retaining = False
 
     async def _settle_durable(self) -> None:
         """Write the records the core wants durable before it goes on."""

@@ -55,6 +55,7 @@ from popguard.core.session import REPLY_AUDIT_DOWN, ProxySession
 from popguard.metrics import Metrics
 from popguard.policy.model import PolicySet, client_address
 from popguard.policy.session import PolicyHolder, PolicyShared, SessionPolicy
+from popguard.retention import RetentionStore
 from popguard.shell.admin import AdminServer, Readiness
 from popguard.shell.relay import Relay, UpstreamSecurity
 from popguard.shell.tcp import TCPStream
@@ -109,6 +110,9 @@ class ServerSettings:
     upstream_tls: UpstreamTLS = field(default_factory=UpstreamTLS)
     #: How the upstream maps a login name to an account (config ``identity:``).
     identity: IdentityRules = DEFAULT_IDENTITY
+    #: Where copies go before a DELE under a ``retain`` policy (config
+    #: ``retention.store``); None: such a DELE is refused (docs/retention.md).
+    retention: RetentionStore | None = None
 
 
 def format_peer(sockaddr: object) -> str:
@@ -536,6 +540,7 @@ class ProxyServer:
             upstream_tls=self._upstream_security(),
             proxy_header=proxy_header,
             timers=self.timers,
+            retention=settings.retention,
         )
 
     def _upstream_security(self) -> UpstreamSecurity | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -59,7 +61,9 @@ def test_client_bytes_are_identical_with_and_without_identity() -> None:
     # Message 1 is known after RETR: DELE 1 needs no second lookup.
     assert looked_up.upstream.count(b"UIDL 1") == 1
     committed = looked_up.record("deletions.committed")["messages"]
-    assert committed == ({"msg": 1, "uidl": "u1", "size": 12},)
+    # The content was seen whole (RETR): its SHA-256 names it too.
+    digest = hashlib.sha256(b"Subject: a\r\n\r\n").hexdigest()
+    assert committed == ({"msg": 1, "uidl": "u1", "size": 12, "digest": digest},)
 
 
 def test_deletion_lifecycle_records_carry_identity() -> None:

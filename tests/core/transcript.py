@@ -21,6 +21,7 @@ from typing import Any
 from popguard.core.identity import DEFAULT_IDENTITY, IdentityRules
 from popguard.core.limits import Limits
 from popguard.core.records import AuditRecord, EndReason
+from popguard.core.retention import ArchiveEvent
 from popguard.core.session import ProxySession
 from popguard.policy.session import SessionPolicy
 
@@ -62,7 +63,17 @@ class Durable:
     ok: bool
 
 
-Step = C | S | ClientEof | ServerEof | End | UpstreamFailed | Durable
+@dataclass(frozen=True)
+class Retained:
+    """The shell's answer to ``pending_retention`` (popguard.core.retention)."""
+
+    ok: bool
+    path: str | None = None
+    stored: bool = True
+    reason: str | None = None
+
+
+Step = C | S | ClientEof | ServerEof | End | UpstreamFailed | Durable | Retained
 MODES = ("whole", "bytewise", "pipelined")
 
 
@@ -73,6 +84,8 @@ class Outcome:
     records: list[AuditRecord]
     session: ProxySession
     mode: str = ""
+    #: The archive events the session handed over, in order.
+    archive: list[ArchiveEvent] = field(default_factory=list)
 
     def events(self) -> list[str]:
         return [r.event.value for r in self.records]
@@ -102,6 +115,7 @@ def new_session(
     durable_deletions: bool = False,
     policy: Callable[[], SessionPolicy] | None = None,
     identity: IdentityRules = DEFAULT_IDENTITY,
+    retain: bool = False,
 ) -> ProxySession:
     """A session; ``policy`` makes a fresh SessionPolicy for each play."""
     return ProxySession(
@@ -113,6 +127,7 @@ def new_session(
         idle_notice=idle_notice,
         message_identity=message_identity,
         durable_deletions=durable_deletions,
+        retain=retain,
     )
 
 
@@ -134,6 +149,9 @@ def _feed(session: ProxySession, step: Step, chunks: Iterable[bytes] | None = No
     elif isinstance(step, Durable):
         assert session.pending_durable is not None, "no durable record was pending"
         session.durable_result(step.ok)
+    elif isinstance(step, Retained):
+        assert session.pending_retention is not None, "no DELE waited for its copy"
+        session.retention_result(step.ok, path=step.path, stored=step.stored, reason=step.reason)
 
 
 def play(steps: Sequence[Step], mode: str = "whole", **session_args: Any) -> Outcome:
@@ -141,11 +159,13 @@ def play(steps: Sequence[Step], mode: str = "whole", **session_args: Any) -> Out
     upstream = bytearray()
     client = bytearray()
     records: list[AuditRecord] = []
+    archive: list[ArchiveEvent] = []
 
     def collect() -> None:
         upstream.extend(session.take_upstream_output())
         client.extend(session.take_client_output())
         records.extend(session.take_records())
+        archive.extend(session.take_archive_events())
 
     if mode == "pipelined":
         client_bytes = b"".join(s.data for s in steps if isinstance(s, C))
@@ -166,7 +186,7 @@ def play(steps: Sequence[Step], mode: str = "whole", **session_args: Any) -> Out
             else:
                 _feed(session, step)
             collect()
-    return Outcome(bytes(upstream), bytes(client), records, session, mode)
+    return Outcome(bytes(upstream), bytes(client), records, session, mode, archive)
 
 
 def check(outcome: Outcome, expect: Expect) -> None:

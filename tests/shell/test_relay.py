@@ -19,6 +19,7 @@ from popguard.core.session import (
     REPLY_UPSTREAM_UNAVAILABLE,
     ProxySession,
 )
+from popguard.retention import RetentionStore
 from popguard.shell.relay import Relay, set_nodelay
 
 GREETING = b"+OK ready <1.2@test>\r\n"
@@ -70,6 +71,8 @@ async def rig(
     connect: Callable[[], object] | None = None,
     emit_durable: Callable[[AuditRecord], Awaitable[bool]] | None = None,
     durable_deletions: bool = False,
+    retain: bool = False,
+    retention: RetentionStore | None = None,
 ) -> AsyncIterator[Rig]:
     client_test, client_proxy = pair()
     upstream_proxy, server_test = pair()
@@ -81,7 +84,7 @@ async def rig(
         return upstream_proxy
 
     session = ProxySession(
-        client="192.0.2.1:5000", listener="mem", durable_deletions=durable_deletions
+        client="192.0.2.1:5000", listener="mem", durable_deletions=durable_deletions, retain=retain
     )
     relay = Relay(
         session,
@@ -92,6 +95,7 @@ async def rig(
         idle_timeout=idle_timeout,
         emit=records.append,
         emit_durable=emit_durable,
+        retention=retention,
     )
     r = Rig(client_test, server_test, relay, records)
 
