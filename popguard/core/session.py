@@ -137,13 +137,10 @@ received in TRANSACTION count (commands pipelined behind a login wait for
 its reply); a RETR pipelined behind the client's own UIDL is looked up all
 the same, since it is forwarded before the listing arrives.
 
-UIDL is optional in RFC 1939.  popguard stops asking for it once the server
-is known to lack it: a bare ``UIDL`` answered -ERR, or ``UIDL n`` answered
--ERR for a message that exists (its size is known, from a listing or from
-the ``LIST n`` sent behind it, and it is not marked deleted); ``UIDL n``
--ERR alone can mean "no such message".  A -ERR carrying a response code
-(``[SYS/TEMP]``, ``[IN-USE]``, RFC 2449 §8) is about something else and
-proves nothing.
+What was learnt, and when UIDL is known to be missing (so no longer
+asked), is ``popguard.core.messages``' business.  The whole of a RETR body
+is also followed by ``popguard.core.content``, so records name the message
+by its SHA-256 (RFC 5322 bytes) as well.
 
 Durable deletions (fail-closed auditing)
 ----------------------------------------
@@ -153,6 +150,15 @@ and offers the record as ``pending_durable``; client lines behind it are
 held.  The shell writes the record, waits for the sink, and answers with
 ``durable_result(ok)``: the DELE is then forwarded, or refused with
 ``-ERR [SYS/TEMP]`` and never reaches the server.
+
+Retention (popguard.core.retention)
+-----------------------------------
+Under ``retain`` (a policy, decided at login) a DELE waits at a gate too:
+first for a copy of its message (the bytes relayed by a RETR of this
+session, or popguard's own RETR, never shown to the client), handed to the
+shell as archive events, then for the shell's ``retention_result``: the copy
+is durable (the DELE goes on, after the durable record if that is on too)
+or not (refused with ``-ERR [SYS/TEMP]``, never forwarded).
 
 State and deletions
 -------------------
@@ -192,7 +198,6 @@ from popguard.core.limits import Limits
 from popguard.core.messages import MAX_IDENTITY_CACHE, MessageIndex, message_number
 from popguard.core.records import AuditRecord, EndReason, Event, FieldValue, Scalar
 from popguard.core.replies import (
-    REPLY_AUDIT_DOWN,
     REPLY_AUDIT_UNAVAILABLE,
     REPLY_IDENTITY_UNKNOWN,
     REPLY_IDLE,
@@ -222,33 +227,7 @@ from popguard.core.retention import (
 from popguard.core.sasl import DECODABLE, SaslLogin, mechanism_name
 from popguard.policy.session import SessionPolicy, Verdict
 
-__all__ = [
-    # The replies popguard makes itself live in popguard.core.replies; they
-    # are named here too for the shell and the tests.
-    "MAX_IDENTITY_CACHE",
-    "REPLY_AUDIT_DOWN",
-    "REPLY_AUDIT_UNAVAILABLE",
-    "REPLY_IDENTITY_UNKNOWN",
-    "REPLY_IDLE",
-    "REPLY_LOGIN_TIMEOUT",
-    "REPLY_MAX_SESSION",
-    "REPLY_OPERATOR_CLOSE",
-    "REPLY_RETENTION_UNAVAILABLE",
-    "REPLY_SHUTDOWN",
-    "REPLY_STLS_ACTIVE",
-    "REPLY_STLS_BEGIN",
-    "REPLY_STLS_PIPELINED",
-    "REPLY_STLS_STATE",
-    "REPLY_STLS_UNAVAILABLE",
-    "REPLY_TOO_MANY_BAD",
-    "REPLY_UPSTREAM_BROKEN",
-    "REPLY_UPSTREAM_LOST",
-    "REPLY_UPSTREAM_TIMEOUT",
-    "REPLY_UPSTREAM_UNAVAILABLE",
-    "CommandObserver",
-    "ProxySession",
-    "State",
-]
+__all__ = ["CommandObserver", "ProxySession", "State"]
 
 
 class State(enum.StrEnum):

@@ -51,7 +51,8 @@ from popguard.core.proxy_protocol import (
     is_trusted,
 )
 from popguard.core.records import AuditRecord, EndReason, Event, FieldValue
-from popguard.core.session import REPLY_AUDIT_DOWN, ProxySession
+from popguard.core.replies import REPLY_AUDIT_DOWN
+from popguard.core.session import ProxySession
 from popguard.metrics import Metrics
 from popguard.policy.model import PolicySet, client_address
 from popguard.policy.session import PolicyHolder, PolicyShared, SessionPolicy

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from popguard.core.records import EndReason
-from popguard.core.session import REPLY_AUDIT_UNAVAILABLE
+from popguard.core.replies import REPLY_AUDIT_UNAVAILABLE
 
 from .transcript import C, ClientEof, Durable, End, Expect, S, play, run_all_modes
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 
 from popguard.core.records import EndReason
+from popguard.core.replies import REPLY_RETENTION_UNAVAILABLE
 from popguard.core.retention import ArchiveBegin, ArchiveData, ArchiveEnd, ArchiveEvent
-from popguard.core.session import REPLY_RETENTION_UNAVAILABLE
 
 from .transcript import C, Durable, End, Expect, Retained, S, play, run_all_modes
 

@@ -12,7 +12,7 @@ import pytest
 
 from popguard.core.limits import Limits
 from popguard.core.records import EndReason
-from popguard.core.session import (
+from popguard.core.replies import (
     REPLY_IDLE,
     REPLY_SHUTDOWN,
     REPLY_STLS_UNAVAILABLE,
@@ -20,8 +20,8 @@ from popguard.core.session import (
     REPLY_UPSTREAM_BROKEN,
     REPLY_UPSTREAM_LOST,
     REPLY_UPSTREAM_UNAVAILABLE,
-    State,
 )
+from popguard.core.session import State
 
 from .transcript import (
     C,

@@ -15,7 +15,7 @@ import time
 import pytest
 import trio
 
-from popguard.core.session import REPLY_LOGIN_TIMEOUT, REPLY_UPSTREAM_TIMEOUT
+from popguard.core.replies import REPLY_LOGIN_TIMEOUT, REPLY_UPSTREAM_TIMEOUT
 from popguard.shell.tls import UpstreamTLS
 
 in_thread = trio.to_thread.run_sync

@@ -30,7 +30,7 @@ import pytest
 import trio
 import trustme
 
-from popguard.core.session import REPLY_UPSTREAM_UNAVAILABLE
+from popguard.core.replies import REPLY_UPSTREAM_UNAVAILABLE
 from popguard.shell.tls import CertKey, ListenerTLS, UpstreamTLS
 from popguard.testing.dovecot import DovecotInstance, stored_form
 from tests.ci import in_ci

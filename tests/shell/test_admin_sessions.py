@@ -25,7 +25,7 @@ import trio
 
 from popguard import cli
 from popguard.audit import AuditLog
-from popguard.core.session import REPLY_OPERATOR_CLOSE
+from popguard.core.replies import REPLY_OPERATOR_CLOSE
 from popguard.metrics import Metrics
 from popguard.shell.admin import (
     CSRF_HEADER,

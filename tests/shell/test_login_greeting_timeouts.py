@@ -18,12 +18,12 @@ import trio
 import trio.testing
 
 from popguard.core.records import AuditRecord
-from popguard.core.session import (
+from popguard.core.replies import (
     REPLY_LOGIN_TIMEOUT,
     REPLY_UPSTREAM_TIMEOUT,
     REPLY_UPSTREAM_UNAVAILABLE,
-    ProxySession,
 )
+from popguard.core.session import ProxySession
 from popguard.shell.relay import Relay, UpstreamSecurity
 from tests.shell.test_relay import recv_all, recv_until
 

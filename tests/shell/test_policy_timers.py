@@ -23,7 +23,8 @@ import trio.testing
 
 from popguard.audit import AuditLog
 from popguard.core.records import AuditRecord
-from popguard.core.session import REPLY_IDLE, REPLY_MAX_SESSION, ProxySession
+from popguard.core.replies import REPLY_IDLE, REPLY_MAX_SESSION
+from popguard.core.session import ProxySession
 from popguard.policy.model import Match, PolicySet, Rule
 from popguard.policy.session import PolicyHolder, PolicyShared, SessionPolicy
 from popguard.shell.relay import Relay

@@ -12,13 +12,13 @@ import trio
 import trio.testing
 
 from popguard.core.records import AuditRecord, EndReason
-from popguard.core.session import (
+from popguard.core.replies import (
     REPLY_AUDIT_UNAVAILABLE,
     REPLY_IDLE,
     REPLY_SHUTDOWN,
     REPLY_UPSTREAM_UNAVAILABLE,
-    ProxySession,
 )
+from popguard.core.session import ProxySession
 from popguard.retention import RetentionStore
 from popguard.shell.relay import Relay, set_nodelay
 

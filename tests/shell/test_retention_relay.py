@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from popguard.core.session import REPLY_RETENTION_UNAVAILABLE
+from popguard.core.replies import REPLY_RETENTION_UNAVAILABLE
 from popguard.retention import ArchiveWriter, RetentionError, RetentionStore
 
 from .test_relay import login, recv_until, rig

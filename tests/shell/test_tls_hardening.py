@@ -55,8 +55,7 @@ from popguard.core.grammar import (
 from popguard.core.identity import IdentityRefused
 from popguard.core.limits import Limits
 from popguard.core.records import EndReason
-from popguard.core.sasl import decode_base64
-from popguard.core.session import (
+from popguard.core.replies import (
     REPLY_STLS_ACTIVE,
     REPLY_STLS_BEGIN,
     REPLY_STLS_PIPELINED,
@@ -64,8 +63,9 @@ from popguard.core.session import (
     REPLY_STLS_UNAVAILABLE,
     REPLY_UPSTREAM_BROKEN,
     REPLY_UPSTREAM_UNAVAILABLE,
-    ProxySession,
 )
+from popguard.core.sasl import decode_base64
+from popguard.core.session import ProxySession
 from popguard.policy.model import Match, PolicySet, Rule, Throttle
 from popguard.policy.session import PolicyHolder, PolicyShared, SessionPolicy
 from popguard.shell.relay import MAX_PRE_TLS_LINE, UpstreamTLSError, _read_line
