@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import pathlib
 
-from hypothesis import example, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from popguard.core.records import EndReason
@@ -197,3 +197,74 @@ def test_core_imports_no_io() -> None:
                 names = [node.module]
             for name in names:
                 assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
+
+
+RETENTION_COMMANDS = [b"DELE 1", b"DELE 2", b"RETR 1", b"RETR 2", b"RSET", b"NOOP", b"QUIT"]
+
+
+def _server_reply(line: bytes, ok: bool) -> bytes:
+    """A well-behaved server's answer to one command popguard sent."""
+    verb, _, arg = line.partition(b" ")
+    if not ok and verb != b"QUIT":
+        return b"-ERR no\r\n"
+    if verb == b"RETR":
+        return b"+OK\r\nSubject: " + arg + b"\r\n\r\n..dot\r\n.\r\n"
+    if verb == b"UIDL":
+        return b"+OK " + arg + b" u" + arg + b"\r\n"
+    if verb == b"LIST":
+        return b"+OK " + arg + b" 30\r\n"
+    return b"+OK\r\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from(RETENTION_COMMANDS), st.booleans(), st.booleans()), max_size=12
+    ),
+    ending=st.sampled_from(ENDINGS),
+    identity=st.booleans(),
+)
+def test_under_retain_no_dele_goes_upstream_without_an_archived_copy(
+    steps: list[tuple[bytes, bool, bool]], ending: EndReason, identity: bool
+) -> None:
+    """Retention: every DELE forwarded follows the shell's "the copy is durable".
+
+    Each step: a client command, whether the server says +OK to what it is
+    sent, and whether the shell manages to archive.  Whatever the
+    combination, a ``DELE n`` reaches the server only right after a
+    ``message.archived`` for n, and every session ends exactly once.
+    """
+    session = new_session(message_identity=identity, retain=True)
+    session.receive_server(b"+OK hi\r\n")
+    session.receive_client(b"USER a\r\nPASS b\r\n")
+    session.receive_server(b"+OK\r\n+OK\r\n")
+    session.take_upstream_output()
+    records = session.take_records()
+    archived: list[int] = []
+    for command, server_ok, shell_ok in steps:
+        session.receive_client(command + b"\r\n")
+        while True:
+            new = session.take_records()
+            records += new
+            archived += [r["msg"] for r in new if r.event.value == "message.archived"]
+            session.take_archive_events()
+            sent = session.take_upstream_output()
+            for line in sent.split(b"\r\n")[:-1]:
+                if line.startswith(b"DELE "):
+                    assert archived, line
+                    assert archived[-1] == int(line.split()[1]), (line, archived)
+                    archived.pop()
+                    event("a DELE went upstream after its copy")
+                session.receive_server(_server_reply(line, server_ok))
+            if session.pending_retention is not None:
+                if shell_ok:
+                    session.retention_result(True, path="a/new/x", stored=True)
+                else:
+                    event("the shell could not archive")
+                    session.retention_result(False, reason="disk full")
+            elif not sent:
+                break
+    session.end(ending)
+    records += session.take_records()
+    assert [r.event.value for r in records].count("session.closed") == 1
+    assert session.pending_retention is None
