@@ -118,7 +118,7 @@ MECHANISMS: Final = frozenset(
 _SETTINGS: Final = frozenset(
     {"access", "deny_commands", "deny_reply", "auth_mechanisms", "require_tls", "idle_timeout",
      "max_session", "max_sessions_total", "max_sessions_per_client", "max_sessions_per_user",
-     "login_throttle"}
+     "login_throttle", "retain"}
 )  # fmt: skip
 
 _TLS_VERSIONS: Final = frozenset({"TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"})
