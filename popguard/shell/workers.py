@@ -28,6 +28,16 @@ the parent's ``popguard.workers.started`` record says how many workers
 there are, which ``popguard audit verify`` uses to report a worker whose
 trail is missing.
 
+Reconciliation: a worker killed outright leaves sessions with
+``session.opened`` and no ``session.closed`` in its file, and marks with no
+fate.  When a worker exits, and at start-up for the files a previous run
+left, the parent reads the last worker process's records
+(:mod:`popguard.trail.reconcile`, in a thread) and writes the missing ends
+into its own trail: ``session.orphaned`` and, for marks, ``deletions.unknown``
+(reason ``worker_died``).  Sessions it reported once (in its trail) are not
+reported again.  The slot's replacement starts only after that, so the
+records read are exactly the dead process's.
+
 Counters (connection limits, failed-login throttling, Prometheus metrics)
 are per process: see docs/deploy.md "Several workers".
 
@@ -70,6 +80,17 @@ from popguard.shell.server import (
     Endpoint,
     format_peer,
     worker_of_session,
+)
+from popguard.sinks.file import FileSink
+from popguard.trail.reconcile import (
+    DELETIONS_UNKNOWN_EVENT,
+    ORPHANED_EVENT,
+    ParentTrail,
+    ProcessTail,
+    last_process_tail,
+    orphan_records,
+    read_parent_trail,
+    worker_files,
 )
 
 __all__ = [
@@ -262,6 +283,8 @@ class _Slot:
     spawning: bool = False
     #: Where the running worker's admin listener answers (from its ready message).
     admin: tuple[str, int] | None = None
+    #: The exited worker's trail is being reconciled (its replacement waits).
+    reconciling: bool = False
 
 
 class Supervisor:
@@ -316,6 +339,10 @@ class Supervisor:
         self._changed = trio.Event()
         # Workers hold the read end; the write end dies with this process.
         self._lifeline_read, self._lifeline_write = os.pipe()
+        #: The parent's audit file; the workers' files are named after it.
+        self.audit_file = _audit_file_of(audit)
+        #: Sessions already reported as ``session.orphaned``.
+        self._reconciled: set[str] = set()
 
     @property
     def pids(self) -> list[int | None]:
@@ -337,6 +364,7 @@ class Supervisor:
         )
         status = 0
         try:
+            await self._reconcile_previous_run()
             admin = await self._open_admin()
             if admin is None and self.admin is not None:
                 status = 1  # recorded as popguard.workers.start_failed
@@ -493,7 +521,8 @@ class Supervisor:
 
     def _all_exited(self) -> bool:
         return self.stopping and all(
-            slot.process is None and not slot.spawning for slot in self.slots
+            slot.process is None and not slot.spawning and not slot.reconciling
+            for slot in self.slots
         )
 
     def _signal_workers(self, signum: int, *, ready_only: bool = False) -> None:
@@ -611,6 +640,10 @@ class Supervisor:
             # Its sessions' upstream connections were closed by the kernel,
             # without QUIT (RFC 1939 section 6): none of their DELEs took effect.
             self.audit.error("popguard.worker.died", **fields, upstream_quit=False)
+        ended: dict[str, object] = (
+            {"signal": fields["signal"]} if code < 0 else {"exit_status": code}
+        )
+        await self._reconcile_exit(slot, process.pid, ended)
         self._changed.set()
 
     async def _await_ready(self, slot: _Slot, fd: int) -> None:
@@ -630,6 +663,85 @@ class Supervisor:
         if not self._startup_over:
             self._ready_count += 1
             self._changed.set()
+
+    # -- reconciliation (docs/audit.md, "session.orphaned") --------------------
+    # Kept apart from the supervising above: these read worker files
+    # (popguard.trail.reconcile, in a thread) and write the parent's records.
+
+    async def _reconcile_previous_run(self) -> None:
+        """At start-up, before any worker runs: what a previous run's workers left
+        open (the host, or the supervisor, died with them)."""
+        if self.audit_file is None:
+            return
+        tails, parent = await trio.to_thread.run_sync(_previous_run, self.audit_file)
+        self._reconciled |= parent.reconciled
+        for slot, tail in tails.items():
+            self._report_tail(slot, parent.pids.get(slot), tail, {"previous_run": True})
+        if tails:
+            await self.audit.aflush()
+
+    async def _reconcile_exit(self, slot: _Slot, pid: int, ended: dict[str, object]) -> None:
+        """After worker ``slot`` exited: the sessions it left open.
+
+        Runs before the slot's replacement starts (so the last process in the
+        file is the one that exited), and to its end even during a stop: a
+        reconciliation begun is never cut short.
+        """
+        if self.audit_file is None:
+            return
+        path = worker_audit_file(self.audit_file, slot.index)
+        slot.reconciling = True
+        try:
+            with trio.CancelScope(shield=True):
+                tail = await trio.to_thread.run_sync(last_process_tail, path)
+                self._report_tail(slot.index, pid, tail, ended)
+                await self.audit.aflush()
+        finally:
+            slot.reconciling = False
+
+    def _report_tail(
+        self, slot: int, pid: int | None, tail: ProcessTail, ended: dict[str, object]
+    ) -> None:
+        """Write the parent's records for the sessions *tail* left open, once each."""
+        if not tail.files:
+            return
+        orphaned = unknown = 0
+        for session in tail.sessions:
+            if session.session in self._reconciled:
+                continue
+            self._reconciled.add(session.session)
+            for event, fields in orphan_records(session, slot=slot, pid=pid, ended=ended):
+                self.audit.warning(event, **fields)
+                orphaned += event == ORPHANED_EVENT
+                unknown += event == DELETIONS_UNKNOWN_EVENT
+        self.audit.event(
+            "popguard.worker.reconciled",
+            slot=slot,
+            pid=pid,
+            orphaned=orphaned,
+            deletions_unknown=unknown,
+            files=tail.files,
+            unreadable_lines=tail.skipped,
+        )
+
+
+def _audit_file_of(audit: AuditLog) -> str | None:
+    """The path of the parent's audit file, if it writes one."""
+    for sink in audit.sinks:
+        if isinstance(sink, FileSink):
+            return sink.path
+    return None
+
+
+def _previous_run(path: str) -> tuple[dict[int, ProcessTail], ParentTrail]:
+    """Every worker file's last process (left by an earlier run), and what
+    the parent's trail says was reported already.  Runs in a thread."""
+    tails = {slot: last_process_tail(name) for slot, name in worker_files(path).items()}
+    starts = [tail.started for tail in tails.values() if tail.sessions]
+    if not starts:
+        return tails, ParentTrail()
+    since = None if None in starts else min(start for start in starts if start is not None)
+    return tails, read_parent_trail(path, since=since)
 
 
 def _admin_of(message: bytes) -> tuple[str, int] | None:
