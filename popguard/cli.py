@@ -108,6 +108,7 @@ def settings_from_config(
         message_identity=config.audit.message_identity,
         identity=config.identity,
         retention=RetentionStore(config.retention_store) if config.retention_store else None,
+        shared_state=config.shared_state,
     )
 
 
@@ -132,6 +133,12 @@ def _add_serve_flags(parser: argparse.ArgumentParser, *, upstream: bool = True) 
         parser.add_argument("--upstream", metavar="HOST:PORT", help="the POP3 server to relay to")
     parser.add_argument(
         "--audit-file", metavar="FILE", help="append audit records to FILE as JSON lines"
+    )
+    parser.add_argument(
+        "--shared-state",
+        metavar="URL",
+        help="count limits and failed logins in this store, shared by every popguard: "
+        "redis://HOST:PORT/DB, rediss://..., unix:///PATH (docs/shared-state.md)",
     )
     parser.add_argument(
         "--retention-dir",
@@ -355,6 +362,7 @@ def _resolve(args: argparse.Namespace, *, upstream: str | None) -> Config:
         upstream_tls_verify=False if getattr(args, "upstream_tls_insecure", None) else None,
         workers=args.workers,
         retention_dir=getattr(args, "retention_dir", None),
+        shared_state_url=getattr(args, "shared_state", None),
     )
     _print_issues([*warnings, *more])
     return config

@@ -110,6 +110,7 @@ from popguard.schema.config_models import (
     ListenerModel,
     RetentionModel,
     SessionModel,
+    SharedStateModel,
     SyslogModel,
     UpstreamModel,
 )
@@ -139,6 +140,7 @@ __all__ = [
     "PartialConfig",
     "ProxyProtocolConfig",
     "SessionConfig",
+    "SharedStateConfig",
     "SyslogTarget",
     "UpstreamConfig",
     "Workers",
@@ -281,6 +283,20 @@ class AuditConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedStateConfig:
+    """Where limits are counted across processes (``shared_state:``, docs/shared-state.md)."""
+
+    url: str
+    #: Absolute path of a file holding the store's password, or None.
+    password_file: str | None = None
+    #: Absolute path of the CA bundle for ``rediss://``, or None (system CAs).
+    ca_file: str | None = None
+    on_failure: OnFailure = "fail-open"
+    lease_seconds: float = 30.0
+    timeout_ms: int = 500
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """A complete configuration: at least one listener and an upstream."""
 
@@ -293,6 +309,8 @@ class Config:
     audit: AuditConfig = AuditConfig()
     #: Absolute path of the retention store (docs/retention.md), or None.
     retention_store: str | None = None
+    #: The store limits are counted in across processes; None: this process.
+    shared_state: SharedStateConfig | None = None
     #: Absolute path of the policy directory (see docs/policies.md).
     policies: str | None = None
     #: Where /metrics, /healthz and /readyz are served (None: nowhere).
@@ -320,6 +338,7 @@ class PartialConfig:
     shutdown_grace: float = _DEFAULT_SHUTDOWN_GRACE
     audit: AuditConfig = AuditConfig()
     retention_store: str | None = None
+    shared_state: SharedStateConfig | None = None
     policies: str | None = None
     #: Where /metrics, /healthz and /readyz are served (None: nowhere).
     admin_listen: Address | None = None
@@ -513,6 +532,9 @@ class _Checks:
                 )
         if isinstance(audit := data.get("audit"), dict):
             self.audit(audit)
+        workers = data.get("workers")
+        if workers not in (None, 1) and data.get("shared_state") is None:
+            self.report(("workers",), _PER_PROCESS_LIMITS, "warning")
 
     # -- listeners ---------------------------------------------------------
 
@@ -795,6 +817,13 @@ class _Checks:
             self.report(("upstream",), "upstream: missing required key 'address'")
 
 
+#: Said of ``workers`` other than 1 without ``shared_state:``.
+_PER_PROCESS_LIMITS: Final = (
+    "limits and login throttles count per worker without shared_state (a per-user "
+    "limit of 3 admits 3 per worker); see docs/shared-state.md"
+)
+
+
 def _idle_timeout_warning(value: float, where: str) -> str:
     return (
         f"{where} is {value:g} seconds, below 600: RFC 1939 §3 requires a POP3 "
@@ -866,6 +895,19 @@ def _audit(model: AuditModel) -> AuditConfig:
     )
 
 
+def _shared_state(model: SharedStateModel | None) -> SharedStateConfig | None:
+    if model is None:
+        return None
+    return SharedStateConfig(
+        url=model.url,
+        password_file=model.password_file,
+        ca_file=model.ca_file,
+        on_failure=model.on_failure,
+        lease_seconds=model.lease_seconds,
+        timeout_ms=model.timeout_ms,
+    )
+
+
 def _partial(model: ConfigFile, source: str) -> PartialConfig:
     upstream = model.upstream or UpstreamModel()
     session = model.session or SessionModel()
@@ -895,6 +937,7 @@ def _partial(model: ConfigFile, source: str) -> PartialConfig:
         shutdown_grace=model.shutdown.grace_period if model.shutdown else _DEFAULT_SHUTDOWN_GRACE,
         audit=_audit(model.audit) if model.audit is not None else AuditConfig(),
         retention_store=model.retention.store if model.retention is not None else None,
+        shared_state=_shared_state(model.shared_state),
         policies=model.policies,
         admin_listen=None if admin is None else parse_listen_address(admin),
         workers=model.workers,
@@ -983,6 +1026,7 @@ def build_config(
     upstream_tls_verify: bool | None = None,
     workers: int | str | None = None,
     retention_dir: str | None = None,
+    shared_state_url: str | None = None,
 ) -> tuple[Config, list[ConfigIssue]]:
     """Apply command-line flags over *base* (a file's config, or defaults).
 
@@ -1078,6 +1122,15 @@ def build_config(
         if ok and (value == "auto" or isinstance(value, int)):
             chosen_workers = value
 
+    shared_state = partial.shared_state
+    if shared_state_url is not None:
+        ok, url = flags.value(SharedStateModel, "url", shared_state_url, "--shared-state")
+        if ok and isinstance(url, str):
+            base_state = shared_state or SharedStateConfig(url)
+            shared_state = dataclasses.replace(base_state, url=url)
+    if workers is not None and chosen_workers != 1 and shared_state is None:
+        flags.report(f"--workers: {_PER_PROCESS_LIMITS}", "warning")
+
     in_file = f" in {partial.source}" if partial.source else " in the config file"
     if not listeners and not listen:
         flags.report(
@@ -1104,6 +1157,7 @@ def build_config(
         shutdown_grace=partial.shutdown_grace,
         audit=audit,
         retention_store=retention_store,
+        shared_state=shared_state,
         policies=partial.policies,
         admin_listen=partial.admin_listen,
         workers=chosen_workers,
@@ -1155,6 +1209,7 @@ def _as_partial(base: Config | PartialConfig | None) -> PartialConfig:
         shutdown_grace=base.shutdown_grace,
         audit=base.audit,
         retention_store=base.retention_store,
+        shared_state=base.shared_state,
         policies=base.policies,
         admin_listen=base.admin_listen,
         workers=base.workers,

@@ -42,6 +42,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from popguard import __version__
 
@@ -56,6 +57,7 @@ __all__ = [
     "CommandTimer",
     "Metrics",
     "MetricsSink",
+    "merge_scrapes",
     "outcome_of",
 ]
 
@@ -743,3 +745,42 @@ class CommandTimer:
     def __iter__(self) -> Iterator[tuple[str, float]]:
         """The commands still awaiting a reply (for tests and diagnostics)."""
         return iter(tuple(self._in_flight))
+
+
+class _Merged:
+    """A collector that replays parsed scrapes, each sample labelled with its worker."""
+
+    def __init__(self, scrapes: Mapping[int, str]) -> None:
+        self._scrapes = scrapes
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for worker, text in sorted(self._scrapes.items()):
+            for family in text_string_to_metric_families(text):
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = Metric(family.name, family.documentation, family.type, family.unit)
+                    families[family.name] = merged
+                for sample in family.samples:
+                    merged.add_sample(
+                        sample.name,
+                        {**sample.labels, "worker": str(worker)},
+                        sample.value,
+                        sample.timestamp,
+                        sample.exemplar,
+                    )
+        return iter(families.values())
+
+
+def merge_scrapes(scrapes: Mapping[int, str], accept: str | None = None) -> tuple[bytes, str]:
+    """Several workers' ``/metrics`` as one exposition, every sample labelled ``worker``.
+
+    What the supervisor's admin listener serves with ``workers: N``, so one
+    scrape target describes the host: sum over ``worker`` in PromQL, or keep
+    it to see one worker.  Each metric family appears once (its samples from
+    every worker together), as the text format requires.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged(scrapes))
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry), content_type

@@ -1968,6 +1968,16 @@ def test_admin_listen(tmp_path: Path) -> None:
 def test_workers(tmp_path: Path, extra: str, expected: object) -> None:
     config, warnings = load_config(write(tmp_path, MINIMAL + extra))
     assert config.workers == expected
+    if expected == 1:
+        assert warnings == []
+    else:
+        # Without shared state, limits count per worker: said once, at the key.
+        assert [(w.line, w.severity) for w in warnings] == [(6, "warning")]
+        assert "count per worker without shared_state" in warnings[0].message
+    shared = "shared_state: {url: 'redis://127.0.0.1:6379/0'}\n"
+    config, warnings = load_config(write(tmp_path, MINIMAL + extra + shared))
+    assert config.shared_state is not None
+    assert config.shared_state.url == "redis://127.0.0.1:6379/0"
     assert warnings == []
 
 
@@ -2003,7 +2013,7 @@ def test_workers_errors_are_reported_with_the_others(tmp_path: Path) -> None:
 def test_workers_in_a_partial_file_and_flags(tmp_path: Path) -> None:
     """A file with only ``workers:``; listeners and upstream from flags."""
     partial, warnings = read_config(write(tmp_path, "workers: 3\n"))
-    assert warnings == []
+    assert [w.message.split(" ")[0] for w in warnings] == ["limits"]
     assert partial.workers == 3
     config, _ = build_config(base=partial, listen=["127.0.0.1:1110"], upstream="127.0.0.1:110")
     assert config.workers == 3

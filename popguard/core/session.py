@@ -282,6 +282,23 @@ class _SaslExchange:
     denied: bytes | None = None
 
 
+@dataclass(slots=True)
+class _ParkedClaim:
+    """A line that names an account, held while the shell asks the shared state.
+
+    ``kind``: ``"command"`` (USER or APOP: ``command``, ``account`` and the
+    verdict ``check_command`` gave), ``"auth"`` (an AUTH whose initial
+    response names the account: ``command`` is the line to forward) or
+    ``"response"`` (a SASL response that named it: ``line`` to forward).
+    """
+
+    kind: str
+    command: Command | None = None
+    account: Account | None = None
+    prior: Verdict | None = None
+    line: bytes = b""
+
+
 #: Commands whose reply decides who is logged in; later pipelined commands
 #: wait for it, so they run for a known account (see _held_for_login).
 _LOGIN_VERBS = frozenset({"PASS", "APOP", "AUTH"})
@@ -327,6 +344,7 @@ class ProxySession:
         "_input_held",
         "_logins_pending",
         "_messages",
+        "_parked_claim",
         "_pending",
         "_read_mark",
         "_read_owed",
@@ -355,6 +373,7 @@ class ProxySession:
         "marked_for_deletion",
         "message_identity",
         "observer",
+        "pending_claim",
         "pending_durable",
         "pending_retention",
         "policy",
@@ -418,6 +437,11 @@ class ProxySession:
         #: shell was given (number -> digest, size).
         self.retain = retain
         self.pending_retention: RetentionGate | None = None
+        #: With shared state (popguard.shell.shared), a line that names an
+        #: account waits while the shell asks the store whether that account
+        #: may log in (blocks, per-user limit): the account, and the line.
+        self.pending_claim: str | None = None
+        self._parked_claim: _ParkedClaim | None = None
         self._archive_out: list[ArchiveEvent] = []
         self._copies: dict[int, tuple[str, int]] | None = None
         #: The RETR body being read: its content (digest, unstuffed bytes),
@@ -637,6 +661,8 @@ class ProxySession:
         self.end_reason = reason
         self.pending_durable = None
         self.pending_retention = None
+        self.pending_claim = None
+        self._parked_claim = None
         self._gated = None
         self._content = None
         notice = self._closing_notice(reason)
@@ -732,8 +758,8 @@ class ProxySession:
                 del buf[: newline + 1]
                 self._discarding_line = False
                 continue
-            if self._gated is not None:
-                return  # held until the shell says the DELE's record is durable
+            if self._gated is not None or self._parked_claim is not None:
+                return  # held until the shell answers (durable record, copy, claim)
             sasl = self._sasl
             if sasl is not None and sasl.awaiting_server:
                 return  # held: the server has not said what the next line is
@@ -856,6 +882,9 @@ class ProxySession:
         if self._sasl_claim_refused(self._sasl):
             self._sasl = None
             return None
+        if self._shared_claim_due(self._sasl.login.account):
+            self._park_claim(_ParkedClaim("auth", forwarded))
+            return None
         return forwarded
 
     def _before_dele(self, command: Command) -> Command | None:
@@ -958,7 +987,73 @@ class ProxySession:
         if not known and self._sasl_claim_refused_in_exchange(sasl):
             self._upstream_out.append(b"*\r\n")  # cancel (RFC 5034 §4): no credentials sent
             return
+        if not known and self._shared_claim_due(sasl.login.account):
+            self._park_claim(_ParkedClaim("response", line=forwarded + CRLF))
+            return
         self._upstream_out.append(forwarded + CRLF)
+
+    # ------------------------------------------------------------------
+    # Claims decided by the shared state (popguard.shell.shared)
+    # ------------------------------------------------------------------
+    def _shared_claim_due(self, account: Account | None) -> bool:
+        """Whether naming ``account`` must wait for the shell's shared-state check."""
+        policy = self.policy
+        return (
+            account is not None
+            and policy is not None
+            and policy.active
+            and policy.uses_shared_state
+            and self.state is State.AUTHORIZATION
+        )
+
+    def _park_claim(self, parked: _ParkedClaim) -> None:
+        account = parked.account
+        if account is None and self._sasl is not None:
+            account = self._sasl.login.account
+        assert account is not None
+        self._parked_claim = parked
+        self.pending_claim = account.name
+
+    def claim_result(self, verdict: Verdict | None) -> None:
+        """The shell's answer for ``pending_claim``: the verdict of the shared checks.
+
+        Acts as the in-process ``claim`` would have: an enforced verdict
+        refuses (and is recorded), a dry-run one is recorded, and the line
+        then goes upstream.
+        """
+        parked = self._parked_claim
+        self._parked_claim = None
+        self.pending_claim = None
+        if parked is None or self.finished:
+            return
+        if parked.kind == "command":
+            assert parked.command is not None
+            verb = parked.command.verb
+            prior = parked.prior
+            if verdict is not None and (prior is None or verdict.enforced):
+                if prior is not None:
+                    self._apply_verdict(prior, verb)  # the dry run, recorded
+                prior = verdict
+            refused = self._apply_verdict(prior, verb)
+            if verb == "USER":
+                self._refused_user = prior.reply if refused and prior is not None else None
+            if not refused:
+                self._forward(parked.command, parked.account)
+        elif parked.kind == "auth":
+            assert parked.command is not None
+            if self._apply_verdict(verdict, "AUTH"):
+                self._sasl = None
+            else:
+                self._forward(parked.command)
+        else:
+            sasl = self._sasl
+            if sasl is not None and self._apply_verdict(verdict, "AUTH", reply=False):
+                assert verdict is not None
+                sasl.denied = verdict.reply
+                self._upstream_out.append(b"*\r\n")  # cancel: no credentials sent
+            elif sasl is not None:
+                self._upstream_out.append(parked.line)
+        self._process_client_lines()
 
     # ------------------------------------------------------------------
     # STLS (RFC 2595), terminated here
@@ -1027,6 +1122,9 @@ class ProxySession:
             and self.state is State.AUTHORIZATION
         ):
             self.policy_epoch += 1  # claimed_user rules may set timers
+            if policy.uses_shared_state:
+                self._park_claim(_ParkedClaim("command", command, account, verdict))
+                return True  # answered by claim_result
             on_claim = policy.claim(account.name)
             if on_claim is not None and (verdict is None or on_claim.enforced):
                 if verdict is not None:
@@ -1044,6 +1142,8 @@ class ProxySession:
         if policy is None or not policy.active or account is None:
             return False
         self.policy_epoch += 1
+        if policy.uses_shared_state:
+            return False  # _before_auth parks the line instead
         return self._apply_verdict(policy.claim(account.name), "AUTH")
 
     def _apply_verdict(self, verdict: Verdict | None, verb: str, *, reply: bool = True) -> bool:
@@ -1127,6 +1227,8 @@ class ProxySession:
         if policy is None or not policy.active or account is None:
             return False
         self.policy_epoch += 1
+        if policy.uses_shared_state:
+            return False  # _sasl_response parks the line instead
         verdict = policy.claim(account.name)
         if self._apply_verdict(verdict, "AUTH", reply=False):
             assert verdict is not None

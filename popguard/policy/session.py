@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
+from typing import Final
 
 from popguard.core.identity import account_key
 from popguard.policy.model import (
@@ -80,9 +81,15 @@ class Verdict:
 class PolicyShared:
     """What every session of one popguard process shares: policies, counters, clock."""
 
-    def __init__(self, holder: PolicyHolder, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, holder: PolicyHolder, clock: Callable[[], float], *, shared_state: bool = False
+    ) -> None:
         self.holder = holder
         self.clock = clock
+        #: Counts and failures live in a shared store (popguard.sharedstate),
+        #: asked by the shell (popguard.shell.shared): the ones here are not
+        #: used for decisions.
+        self.shared_state = shared_state
         self.counts = SessionCounts()
         self.failures = FailedLogins()
 
@@ -105,6 +112,9 @@ class SessionPolicy:
         self._cache: tuple[int, Context, Effective] | None = None
         self._counted = False
         self._counted_user: str | None = None
+        #: With shared state: failed logins (the account named, or None) for
+        #: the shell to record in the store (see :meth:`take_failures`).
+        self._failures: list[str | None] = []
 
     # -- what is in force ----------------------------------------------------
     @property
@@ -182,6 +192,73 @@ class SessionPolicy:
         if setting is None or setting.value is not True:
             return False, None
         return setting.enforced, setting.rule
+
+    # -- shared state (the shell asks the store; popguard.shell.shared) ------
+    @property
+    def uses_shared_state(self) -> bool:
+        return self._shared.shared_state
+
+    def access_verdict(self) -> Verdict | None:
+        """``access: deny`` for what is known now (rules only, no counts)."""
+        return self._access()
+
+    def limit(self, name: str) -> Setting | None:
+        """The ``max_sessions_*`` setting ``name`` in force, if any."""
+        setting = self._setting(name)
+        if setting is None or not isinstance(setting.value, int) or isinstance(setting.value, bool):
+            return None
+        return setting
+
+    def limit_verdict(self, name: str, setting: Setting) -> Verdict:
+        """The verdict for a limit the store says is reached."""
+        reply, reason = _LIMITS[name]
+        return Verdict(name, setting.rule, reply, reason)
+
+    def throttle(self) -> tuple[Throttle, Rule] | None:
+        setting = self._setting("login_throttle")
+        if setting is None or not isinstance(setting.value, Throttle):
+            return None
+        return setting.value, setting.rule
+
+    def block_key(self, kind: str) -> str | None:
+        """The store key whose block applies to this session (``client`` or ``user``)."""
+        throttle = self.throttle()
+        if throttle is None or kind not in throttle[0].by:
+            return None
+        if kind == "client":
+            return "client:" + self.peer_host
+        if self.context.claimed_user is not None:
+            return "user:" + account_key(self.context.claimed_user)
+        return None
+
+    def block_verdict(self, kind: str, remaining: float) -> Verdict | None:
+        throttle = self.throttle()
+        if throttle is None or remaining <= 0:
+            return None
+        return Verdict(
+            "login_throttle",
+            throttle[1],
+            REPLY_LOGIN_DELAY,
+            f"{kind} blocked after failed logins ({remaining:.0f} s left)",
+        )
+
+    def note_claim(self, user: str) -> None:
+        """The client named ``user`` (the shell decides the rest with the store)."""
+        self.context = replace(self.context, claimed_user=user)
+
+    def failure_keys(self, user: str | None) -> list[tuple[str, str]]:
+        """The throttle keys a failed login of ``user`` counts under, with labels."""
+        throttle = self.throttle()
+        return [] if throttle is None else self._keys(throttle[0], user)
+
+    def take_failures(self) -> list[str | None]:
+        """Failed logins queued for the store since the last call."""
+        failures, self._failures = self._failures, []
+        return failures
+
+    @property
+    def has_failures(self) -> bool:
+        return bool(self._failures)
 
     # -- connect -------------------------------------------------------------
     def check_connect(self) -> Verdict | None:
@@ -278,6 +355,10 @@ class SessionPolicy:
         claimed the same user at once cannot both pass a per-user limit.
         """
         self.context = replace(self.context, claimed_user=user, user=user)
+        if self._shared.shared_state:
+            # The store counted the user when the name was given (its slot
+            # is this session's lease): only the rules' access is left.
+            return self._access()
         verdict = _decide(
             self._access,
             lambda: self._limit(
@@ -295,7 +376,14 @@ class SessionPolicy:
         return verdict
 
     def login_failed(self, user: str | None) -> list[tuple[str, float]]:
-        """Count a failed login; returns the keys that are now blocked, with seconds."""
+        """Count a failed login; returns the keys that are now blocked, with seconds.
+
+        With shared state the failure is queued for the shell, which counts
+        it in the store (and gives back the account's slot): ``[]`` here.
+        """
+        if self._shared.shared_state:
+            self._failures.append(user)
+            return []
         setting = self._setting("login_throttle")
         if setting is None or not isinstance(setting.value, Throttle):
             return []
@@ -361,6 +449,14 @@ class SessionPolicy:
             REPLY_LOGIN_DELAY,
             f"{kind} blocked after failed logins ({remaining:.0f} s left)",
         )
+
+
+#: What the client is told, and the reason recorded, when a limit is reached.
+_LIMITS: Final = {
+    "max_sessions_total": (REPLY_TOO_MANY_CONNECTIONS, "too many sessions in total"),
+    "max_sessions_per_client": (REPLY_TOO_MANY_CONNECTIONS, "too many sessions from this client"),
+    "max_sessions_per_user": (REPLY_TOO_MANY_SESSIONS, "too many sessions for this user"),
+}
 
 
 def _decide(*checks: Callable[[], Verdict | None]) -> Verdict | None:

@@ -495,6 +495,32 @@ class IdentityModel(Model):
     allowed_chars: Annotated[str, AfterValidator(_identity_string("allowed_chars"))] | None = None
 
 
+def _shared_state_url(value: str) -> str:
+    scheme = value.partition("://")[0].lower()
+    if scheme not in ("redis", "rediss", "unix") or "://" not in value:
+        fail(f"expected redis://HOST:PORT/DB, rediss://HOST:PORT/DB or unix:///PATH, got {value!r}")
+    if "@" in value.partition("://")[2].partition("/")[0]:
+        fail("put the password in password_file, not in the URL (it would be logged)")
+    return value
+
+
+class SharedStateModel(Model):
+    """The store every popguard process counts limits in (docs/shared-state.md)."""
+
+    url: Annotated[str, AfterValidator(_shared_state_url)]
+    """redis://HOST:PORT/DB, rediss://HOST:PORT/DB (TLS) or unix:///PATH."""
+    password_file: FilePath | None = None
+    """A file holding the store's password (trailing newline stripped)."""
+    ca_file: CAFile | None = None
+    """CA bundle to verify a rediss:// server with (default: the system's store)."""
+    on_failure: Literal["fail-open", "fail-closed"] = "fail-open"
+    """When the store does not answer: count in this process, or refuse new logins."""
+    lease_seconds: Seconds = 30.0
+    """A dead process's sessions stop counting at most this long after its last heartbeat."""
+    timeout_ms: Annotated[int, AtLeast(1, "milliseconds per operation")] = 500
+    """The longest one decision may wait for the store."""
+
+
 class RetentionModel(Model):
     """Where copies go before a DELE under a ``retain`` policy (docs/retention.md)."""
 
@@ -541,6 +567,7 @@ class ConfigFile(Model):
     shutdown: ShutdownModel | None = None
     audit: AuditModel | None = None
     retention: RetentionModel | None = None
+    shared_state: SharedStateModel | None = None
     policies: FilePath | None = None
     """The policy directory (docs/policies.md)."""
     admin: AdminModel | None = None

@@ -250,8 +250,11 @@ class Readiness:
         probe_timeout: float = 2.0,
         cache_seconds: float = 5.0,
         connect: Callable[[str, int], Awaitable[trio.abc.Stream]] | None = None,
+        shared_state_healthy: Callable[[], bool] | None = None,
     ) -> None:
         self._listeners_up = listeners_up
+        #: The shared-state store answers (``shared_state:``; None: not used).
+        self._shared_state_healthy = shared_state_healthy
         self._audit_healthy = audit_healthy
         self._upstream = upstream
         self._probe_timeout = probe_timeout
@@ -263,11 +266,14 @@ class Readiness:
         self.probes = 0
 
     async def __call__(self) -> dict[str, bool]:
-        return {
+        checks = {
             "listeners": _safely(self._listeners_up),
             "upstream": await self.upstream_reachable(),
             "audit": _safely(self._audit_healthy),
         }
+        if self._shared_state_healthy is not None:
+            checks["shared_state"] = _safely(self._shared_state_healthy)
+        return checks
 
     async def upstream_reachable(self) -> bool:
         if self._upstream is None:
@@ -325,8 +331,9 @@ class _Slot:
 class AdminServer:
     """Serves ``/metrics``, ``/healthz``, ``/readyz`` and ``/sessions`` on its own listeners.
 
-    ``metrics`` None: ``/metrics`` is 404 (a supervisor: each worker serves
-    its own).  ``sessions`` None: ``/sessions`` is 404.
+    ``metrics`` None: ``/metrics`` comes from ``scrape`` (a supervisor: the
+    workers' scrapes merged), or is 404.  ``sessions`` None: ``/sessions`` is
+    404.
     """
 
     def __init__(
@@ -335,6 +342,7 @@ class AdminServer:
         ready: ReadyCheck,
         *,
         sessions: SessionControl | None = None,
+        scrape: Callable[[str | None], Awaitable[tuple[bytes, str]]] | None = None,
         request_timeout: float = REQUEST_TIMEOUT,
         ready_timeout: float = READY_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
@@ -345,6 +353,7 @@ class AdminServer:
         self.metrics = metrics
         self.ready = ready
         self.sessions = sessions
+        self.scrape = scrape
         self.request_timeout = request_timeout
         self.ready_timeout = ready_timeout
         self.max_connections = max_connections
@@ -500,6 +509,9 @@ class AdminServer:
         if path == "/metrics" and self.metrics is not None:
             body, content_type = self.metrics.exposition(request.headers.get("accept"))
             return 200, body, content_type, ()
+        if path == "/metrics" and self.scrape is not None:
+            body, content_type = await self.scrape(request.headers.get("accept"))
+            return 200, body, content_type, ()
         if path == "/healthz":
             return 200, b"ok\n", _TEXT, ()
         if path == "/readyz":
@@ -508,7 +520,7 @@ class AdminServer:
             status, document = await self.sessions.list_sessions(request.parameter("user"))
             return _json(status, document)
         if path == "/":
-            paths = ["/metrics"] if self.metrics is not None else []
+            paths = ["/metrics"] if self.metrics is not None or self.scrape else []
             paths += ["/healthz", "/readyz"]
             if self.sessions is not None:
                 paths += [_SESSIONS_PATH, "POST /sessions/ID/close"]

@@ -38,6 +38,8 @@ from popguard.core.records import AuditRecord, EndReason, Event
 from popguard.core.session import ProxySession
 from popguard.policy.session import Deadline, SessionPolicy
 from popguard.retention import RetentionStore
+from popguard.sharedstate import SharedState
+from popguard.shell import shared
 from popguard.shell.archive import SessionArchive
 from popguard.shell.tcp import TCPStream
 from popguard.shell.timers import SessionTimers
@@ -120,6 +122,7 @@ class Relay:
         "_abort_reason",
         "_archive",
         "_before_login",
+        "_claiming",
         "_client_may_send",
         "_client_run",
         "_client_scope",
@@ -146,7 +149,9 @@ class Relay:
         "_retaining",
         "_retention",
         "_scope",
+        "_session_id",
         "_settling",
+        "_shared",
         "_started_at",
         "_timed",
         "_timers",
@@ -184,8 +189,15 @@ class Relay:
         proxy_header: bytes | None = None,
         timers: SessionTimers | None = None,
         retention: RetentionStore | None = None,
+        shared_state: SharedState | None = None,
+        session_id: str = "",
     ) -> None:
         self.session = session
+        #: The store that counts sessions and failed logins across processes
+        #: (popguard.shell.shared), and this session's id in it.
+        self._shared = shared_state
+        self._session_id = session_id
+        self._claiming = False
         #: The copies this session makes under a ``retain`` policy (made on
         #: first use; without a store every DELE under retain is refused).
         self._retention = retention
@@ -750,18 +762,67 @@ class Relay:
         if self._before_login and session.logged_in:
             self._before_login = False
             self.rearm()  # the login timer no longer applies
+        if session.pending_claim is not None:
+            await self._settle_claim()
+        policy = self.policy
+        if policy is not None and policy.has_failures:
+            await self._record_failures(policy)
         if session.has_archive_events:
             self._write_archive()
         if session.pending_retention is not None:
             await self._settle_retention()
         if session.pending_durable is not None:
             await self._settle_durable()
+        if session.has_records:
+            # Queued before the client hears of it: a worker killed between
+            # the two has its record in the queue, not only the +OK sent.
+            self._emit_records()
         if session.has_client_output:
             await self._flush_client()
         if session.has_upstream_output:
             await self._flush_upstream()
         if session.has_records:
-            self._emit_records()
+            self._emit_records()  # what sending produced (an error ending the session)
+
+    async def _settle_claim(self) -> None:
+        """The core named an account: ask the shared state whether it may log in."""
+        if self._claiming:
+            return  # the task already asking will see any new request
+        session = self.session
+        policy = self.policy
+        shared_state = self._shared
+        self._claiming = True
+        try:
+            while (account := session.pending_claim) is not None:
+                verdict = None
+                if policy is not None and shared_state is not None:
+                    verdict = await shared.check_claim(
+                        policy, shared_state, self._session_id, account
+                    )
+                session.claim_result(verdict)
+        finally:
+            self._claiming = False
+
+    async def _record_failures(self, policy: SessionPolicy) -> None:
+        """Count failed logins in the shared state; record the blocks they start."""
+        if self._shared is None:
+            policy.take_failures()
+            return
+        started = await shared.record_failures(policy, self._shared, self._session_id)
+        for label, seconds, rule in started:
+            self._emit(
+                AuditRecord(
+                    Event.POLICY_LOGIN_BLOCKED,
+                    {
+                        "key": label,
+                        "seconds": round(seconds),
+                        "rule": rule.name if rule else None,
+                        "policy_file": rule.where if rule else None,
+                        "mode": rule.mode if rule else None,
+                        "user": self.session.user,
+                    },
+                )
+            )
 
     def _write_archive(self) -> None:
         """Hand the core's archive events to this session's copies."""

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 import trio
 
 from popguard.audit import AuditLog, session_context
-from popguard.config import ProxyProtocolConfig
+from popguard.config import ProxyProtocolConfig, SharedStateConfig
 from popguard.core.identity import DEFAULT_IDENTITY, IdentityRules
 from popguard.core.limits import Limits
 from popguard.core.proxy_protocol import (
@@ -57,6 +57,8 @@ from popguard.metrics import Metrics
 from popguard.policy.model import PolicySet, client_address
 from popguard.policy.session import PolicyHolder, PolicyShared, SessionPolicy
 from popguard.retention import RetentionStore
+from popguard.sharedstate import SharedState, open_shared_state
+from popguard.shell import shared
 from popguard.shell.admin import AdminServer, Readiness
 from popguard.shell.relay import Relay, UpstreamSecurity
 from popguard.shell.tcp import TCPStream
@@ -114,6 +116,9 @@ class ServerSettings:
     #: Where copies go before a DELE under a ``retain`` policy (config
     #: ``retention.store``); None: such a DELE is refused (docs/retention.md).
     retention: RetentionStore | None = None
+    #: Where limits and failed logins are counted across processes (config
+    #: ``shared_state:``); None: in this process (docs/shared-state.md).
+    shared_state: SharedStateConfig | None = None
 
 
 def format_peer(sockaddr: object) -> str:
@@ -169,10 +174,14 @@ class ProxyServer:
         policy_loader: PolicyLoader | None = None,
         metrics: Metrics | None = None,
         worker: int | None = None,
+        shared_state: SharedState | None = None,
     ) -> None:
         self.settings = settings
         self.audit = audit
         self.metrics = metrics
+        #: Where limits and failed logins are counted across processes
+        #: (popguard.shell.shared); None: in this process only.
+        self.shared_state = shared_state
         #: This process's worker slot (1-based; None: a single process).
         self.worker = worker
         self._id_prefix = session_id_prefix(worker)
@@ -384,7 +393,10 @@ class ProxyServer:
                     listener=listener,
                     tls=self._listener_tls.get(listener) == "implicit",
                 )
-                verdict = policy.check_connect()
+                if self.shared_state is not None and policy.uses_shared_state:
+                    verdict = await shared.check_connect(policy, self.shared_state, session_id)
+                else:
+                    verdict = policy.check_connect()
                 if verdict is not None:
                     name = "policy.denied" if verdict.enforced else "policy.dry_run"
                     self.audit.warning(name, **verdict.fields(), command=None)
@@ -393,7 +405,7 @@ class ProxyServer:
                         return
             # Run here, not in a coroutine of its own: a frame fewer for
             # every idle session to keep.
-            relay = self._relay(tcp, client, listener, policy, endpoints)
+            relay = self._relay(tcp, client, listener, policy, endpoints, session_id)
             sessions = self._sessions
             sessions[session_id] = LiveSession(context, relay)
             self._all_closed = trio.Event() if len(sessions) == 1 else self._all_closed
@@ -411,6 +423,13 @@ class ProxyServer:
                     self._all_closed.set()
                 if policy is not None:
                     policy.closed()
+                    if self.shared_state is not None and policy.uses_shared_state:
+                        # Even when cancelled (shutdown): a lease not removed
+                        # only expires with its heartbeat.
+                        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_WAIT):
+                            await shared.close(
+                                policy, self.shared_state, session_id, relay.session.user
+                            )
 
     def _new_session_id(self) -> str:
         """A random id no live session has (a worker's starts with its slot)."""
@@ -496,6 +515,7 @@ class ProxyServer:
         listener: str,
         policy: SessionPolicy | None,
         endpoints: tuple[tuple[str, int], tuple[str, int]],
+        session_id: str = "",
     ) -> Relay:
         """The session's core and its relay."""
         settings = self.settings
@@ -542,6 +562,8 @@ class ProxyServer:
             proxy_header=proxy_header,
             timers=self.timers,
             retention=settings.retention,
+            shared_state=self.shared_state if policy is not None else None,
+            session_id=session_id,
         )
 
     def _upstream_security(self) -> UpstreamSecurity | None:
@@ -708,8 +730,12 @@ async def serve(
     SIGHUP and SIGUSR1 reopen the audit file and reload the policies.
     """
     shared = None
+    state: SharedState | None = None
     if policies is not None:
-        shared = PolicyShared(PolicyHolder(policies), trio.current_time)
+        state = _open_shared_state(settings.shared_state, audit)
+        shared = PolicyShared(
+            PolicyHolder(policies), trio.current_time, shared_state=state is not None
+        )
     server = ProxyServer(
         settings,
         audit,
@@ -717,6 +743,7 @@ async def serve(
         policy_loader=policy_loader,
         metrics=metrics,
         worker=worker.index if worker is not None else None,
+        shared_state=state,
     )
     await server.open_listeners()  # a bind error surfaces here, not in a group
     admin_server: AdminServer | None = None
@@ -729,6 +756,9 @@ async def serve(
                 upstream=(settings.upstream.host, settings.upstream.port),
                 audit_healthy=lambda: audit.healthy,
                 connect=probe_connector(settings),
+                shared_state_healthy=(
+                    None if state is None else lambda: bool(getattr(state, "healthy", True))
+                ),
             )
             admin_server = AdminServer(metrics, readiness, sessions=server)
             bound = await admin_server.open(admin)  # likewise a plain OSError
@@ -736,22 +766,48 @@ async def serve(
                 audit.event("admin.listening", address=str(Endpoint(host, port)))
     if after_bind is not None:
         after_bind()  # e.g. drop root once ports 110/995 are bound
-    with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_on_signals, signals, server, audit)
-            if admin_server is not None:
-                await nursery.start(admin_server.run)
+    try:
+        with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_on_signals, signals, server, audit)
+                if state is not None:
+                    await nursery.start(state.run)  # the leases' heartbeat
+                if admin_server is not None:
+                    await nursery.start(admin_server.run)
 
-            async def run_server(task_status: trio.TaskStatus[ProxyServer]) -> None:
-                await server.run(task_status=task_status)
-                nursery.cancel_scope.cancel()
+                async def run_server(task_status: trio.TaskStatus[ProxyServer]) -> None:
+                    await server.run(task_status=task_status)
+                    nursery.cancel_scope.cancel()
 
-            await nursery.start(run_server)
-            task_status.started(server)
-            if worker is not None:
-                # The supervisor's admin listener asks this one about sessions.
-                worker.ready(admin_server.bound[0] if admin_server is not None else None)
-                nursery.start_soon(worker.watch_parent, server.request_shutdown, audit)
+                await nursery.start(run_server)
+                task_status.started(server)
+                if worker is not None:
+                    # The supervisor's admin listener asks this one about sessions.
+                    worker.ready(admin_server.bound[0] if admin_server is not None else None)
+                    nursery.start_soon(worker.watch_parent, server.request_shutdown, audit)
+    finally:
+        if state is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_WAIT):
+                await state.aclose()
+
+
+def _open_shared_state(config: SharedStateConfig | None, audit: AuditLog) -> SharedState | None:
+    """The store limits are counted in, from ``shared_state:`` (None: this process)."""
+    if config is None:
+        return None
+
+    def on_event(name: str, fields: dict[str, object]) -> None:
+        audit.warning(name, **fields)  # shared_state.unavailable / .recovered
+
+    return open_shared_state(
+        config.url,
+        password_file=config.password_file,
+        ca_file=config.ca_file,
+        on_failure=config.on_failure,
+        on_event=on_event,
+        lease_seconds=config.lease_seconds,
+        op_timeout=config.timeout_ms / 1000,
+    )
 
 
 def probe_connector(

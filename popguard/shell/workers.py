@@ -68,6 +68,7 @@ from typing import Any, Final
 import trio
 
 from popguard.audit import AuditLog
+from popguard.metrics import merge_scrapes
 from popguard.shell.admin import (
     REQUESTED_BY_HEADER,
     AdminServer,
@@ -408,7 +409,31 @@ class Supervisor:
     def admin_server(self) -> AdminServer:
         """The parent's admin listener (not yet bound): no metrics of its own;
         readiness and sessions asked of the workers."""
-        return AdminServer(None, self._readiness, sessions=self)
+        return AdminServer(None, self._readiness, sessions=self, scrape=self._scrape)
+
+    async def _scrape(self, accept: str | None) -> tuple[bytes, str]:
+        """``/metrics``: every running worker's, merged, each sample labelled ``worker``.
+
+        A worker that does not answer is left out (its absence shows as the
+        missing ``worker`` label, and in ``/readyz``).
+        """
+        scrapes: dict[int, str] = {}
+
+        async def ask(slot: _Slot) -> None:
+            address = slot.admin
+            if address is None or not slot.ready:
+                return
+            try:
+                status, body = await admin_request(address, "GET", "/metrics")
+            except OSError:
+                return
+            if status == 200:
+                scrapes[slot.index] = body.decode("utf-8", "replace")
+
+        async with trio.open_nursery() as nursery:
+            for slot in self.slots:
+                nursery.start_soon(ask, slot)
+        return merge_scrapes(scrapes, accept)
 
     async def _readiness(self) -> dict[str, bool]:
         """``/readyz``: no stop began, every worker is ready, and each worker's

@@ -72,16 +72,24 @@ async def stack(
     sink: ListSink | None = None,
     policies: Any = None,
     policy_loader: Any = None,
+    shared_state: Any = None,
+    demo: DemoUpstream | None = None,
     **settings: Any,
 ) -> AsyncIterator[Stack]:
-    demo = DemoUpstream(sample_store(), faults)
+    """A proxy in front of a demo upstream (``demo``: one already serving,
+    ``upstream_port`` its port; ``shared_state``: the store limits count in)."""
+    own_demo = demo is None
+    demo = demo or DemoUpstream(sample_store(), faults)
     if sink is None:
         sink = ListSink()
     if audit is None:
         audit = AuditLog([sink])
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(demo.serve, host, 0)
-        port = upstream_port if upstream_port is not None else bound_port(listeners)
+        port = upstream_port
+        if own_demo:
+            listeners = await nursery.start(demo.serve, host, 0)
+            port = upstream_port if upstream_port is not None else bound_port(listeners)
+        assert port is not None
         config = ServerSettings(
             listeners=(ListenerSpec("test", Endpoint(host, 0)),),
             upstream=Endpoint(host, port),
@@ -89,8 +97,16 @@ async def stack(
         )
         shared = None
         if policies is not None:
-            shared = PolicyShared(PolicyHolder(policies), trio.current_time)
-        proxy = ProxyServer(config, audit, policies=shared, policy_loader=policy_loader)
+            shared = PolicyShared(
+                PolicyHolder(policies), trio.current_time, shared_state=shared_state is not None
+            )
+        proxy = ProxyServer(
+            config,
+            audit,
+            policies=shared,
+            policy_loader=policy_loader,
+            shared_state=shared_state,
+        )
         await nursery.start(proxy.run)
         yield Stack(proxy, demo, proxy.bound["test"][0].port, sink, host)
         proxy.request_shutdown(immediate=True)
