@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from popguard.config import ConfigError, ConfigIssue
 from popguard.policy.load import Issue as PolicyIssue
@@ -85,3 +86,15 @@ def test_the_config_imports_no_shell_sinks_or_trail() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == ""
+
+
+def test_the_server_does_not_import_the_supervisor() -> None:
+    # server.py and workers.py once imported each other; what they share
+    # (a worker's role) has a module of its own.
+    code = "import sys, popguard.shell.server\nprint('popguard.shell.workers' in sys.modules)\n"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "False"
+    source = (Path(__file__).parent.parent / "popguard/shell/server.py").read_text()
+    assert "popguard.shell.workers" not in source

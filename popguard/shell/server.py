@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import trio
 
@@ -61,13 +61,11 @@ from popguard.sharedstate import SharedState, open_shared_state
 from popguard.shell import shared
 from popguard.shell.admin import AdminServer, Readiness
 from popguard.shell.relay import Relay, UpstreamSecurity
+from popguard.shell.role import WorkerRole
 from popguard.shell.tcp import TCPStream
 from popguard.shell.timers import SessionTimers
 from popguard.shell.tls import ListenerTLS, TLSContexts, UpstreamTLS, legacy_warnings
 from popguard.shell.tlssock import TLSSocketStream
-
-if TYPE_CHECKING:  # workers.py imports this module
-    from popguard.shell.workers import WorkerRole
 
 
 @dataclass(frozen=True, slots=True)
