@@ -21,6 +21,9 @@ a module of its own, which knows nothing of sessions:
 ``sasl``      the account inside an AUTH exchange (PLAIN, LOGIN, CRAM-MD5);
 ``messages``  UIDLs and sizes learnt, and the lookups still worth making;
 ``capa``      the CAPA and AUTH listings as the client sees them;
+``stls``      when STLS may begin (popguard terminates it);
+``content``   a RETR body unstuffed, and its SHA-256;
+``retention`` archive events and the DELE gate (``retain``);
 ``replies``   the replies popguard writes itself;
 ``records``   audit records as data; ``limits`` the bounds.
 
@@ -206,11 +209,7 @@ from popguard.core.replies import (
     REPLY_OPERATOR_CLOSE,
     REPLY_RETENTION_UNAVAILABLE,
     REPLY_SHUTDOWN,
-    REPLY_STLS_ACTIVE,
     REPLY_STLS_BEGIN,
-    REPLY_STLS_PIPELINED,
-    REPLY_STLS_STATE,
-    REPLY_STLS_UNAVAILABLE,
     REPLY_TOO_MANY_BAD,
     REPLY_UPSTREAM_BROKEN,
     REPLY_UPSTREAM_LOST,
@@ -225,6 +224,7 @@ from popguard.core.retention import (
     RetentionGate,
 )
 from popguard.core.sasl import DECODABLE, SaslLogin, mechanism_name
+from popguard.core.stls import stls_refusal
 from popguard.policy.session import SessionPolicy, Verdict
 
 __all__ = ["CommandObserver", "ProxySession", "State"]
@@ -1059,23 +1059,22 @@ class ProxySession:
     # STLS (RFC 2595), terminated here
     # ------------------------------------------------------------------
     def _stls(self) -> None:
-        if not self.stls and not self.client_tls:
-            reason, reply = "STLS is not offered", REPLY_STLS_UNAVAILABLE
-        elif self.client_tls:
-            reason, reply = "TLS is already active", REPLY_STLS_ACTIVE
-        elif self.state is not State.AUTHORIZATION or self._sasl is not None:
-            reason, reply = "STLS after login", REPLY_STLS_STATE
-        elif self._pending:
-            reason, reply = "STLS behind commands in progress", REPLY_STLS_PIPELINED
-        else:
-            self._stls_discarded = len(self._client_buf)
-            self._client_buf.clear()
-            self._discarding_line = False
-            self._client_out.append(REPLY_STLS_BEGIN)
-            self.starttls_pending = True
+        refusal = stls_refusal(
+            offered=self.stls,
+            encrypted=self.client_tls,
+            authorization=self.state is State.AUTHORIZATION and self._sasl is None,
+            replies_owed=bool(self._pending),
+        )
+        if refusal is not None:
+            reason, reply = refusal
+            self._record(Event.COMMAND_REJECTED, reason=reason, command="STLS")
+            self._queue_local(reply)
             return
-        self._record(Event.COMMAND_REJECTED, reason=reason, command="STLS")
-        self._queue_local(reply)
+        self._stls_discarded = len(self._client_buf)
+        self._client_buf.clear()
+        self._discarding_line = False
+        self._client_out.append(REPLY_STLS_BEGIN)
+        self.starttls_pending = True
 
     def tls_established(self, side: str, *, stls: bool, **details: Scalar) -> None:
         """The shell finished a TLS handshake: implicit TLS, or the upstream's."""
