@@ -430,6 +430,15 @@ class Metrics:
             ["side"],
             registry=registry,
         )
+        self.shared_state_outages = Counter(
+            "popguard_shared_state_outages",
+            "Times the shared state (shared_state:) stopped answering "
+            "(shared_state.unavailable: fail-open counts in this process meanwhile, "
+            "fail-closed refuses new logins).",
+            registry=registry,
+        )
+        #: ``popguard_shared_state_up``, once :meth:`bind_shared_state` says there is one.
+        self.shared_state_up: Gauge | None = None
         self.audit_sink_failures = Counter(
             "popguard_audit_sink_failures",
             "Times an audit sink started failing (audit.sink.failed).",
@@ -499,6 +508,7 @@ class Metrics:
             "upstream.failed": self._upstream_failed,
             "tls.established": self._tls_established,
             "audit.sink.failed": self._sink_failed,
+            "shared_state.unavailable": self._shared_state_down,
             "audit.records.lost": self._records_lost,
         }
         self.sink = MetricsSink(self)
@@ -668,6 +678,19 @@ class Metrics:
     def _tls_established(self, event: Mapping[str, Any]) -> None:
         side = _from_set(event.get("side"), _TLS_SIDES)
         self._tls(side, _from_set(event.get("tls_version"), _TLS_VERSIONS)).inc()
+
+    def _shared_state_down(self, event: Mapping[str, Any]) -> None:
+        self.shared_state_outages.inc()
+
+    def bind_shared_state(self, healthy: Callable[[], bool]) -> None:
+        """Export ``popguard_shared_state_up`` (1: the store answers), read at scrape time."""
+        if self.shared_state_up is None:
+            self.shared_state_up = Gauge(
+                "popguard_shared_state_up",
+                "1 while the shared state (shared_state:) answers, 0 during an outage.",
+                registry=self.registry,
+            )
+        self.shared_state_up.set_function(lambda: 1.0 if healthy() else 0.0)
 
     def _sink_failed(self, event: Mapping[str, Any]) -> None:
         self._sink_failures(self._sink_label(event.get("sink"))).inc()

@@ -125,20 +125,38 @@ class MessageContent:
         """Whether the terminator has been fed."""
         return self._done
 
-    def feed(self, chunk: bytes) -> bytes:
+    def feed(self, chunk: bytes, *, keep: bool = True) -> bytes:
         """Take the next relayed bytes; return the message bytes they complete.
 
-        Raises ``ValueError`` for bytes after the terminator (in this chunk
-        or a later one); nothing is consumed then.
+        With ``keep=False`` nothing is returned (``b""``): the bytes are only
+        hashed, with no copy at all where no line needs unstuffing (the
+        digest without an archive copy, the common case).  Raises
+        ``ValueError`` for bytes after the terminator (in this chunk or a
+        later one); nothing is consumed then.
         """
         if self._done:
             if chunk:
                 raise ValueError("bytes fed after the terminator")
             return b""
-        data = self._pending + chunk if self._pending else chunk
+        pending = self._pending
+        if self._at_start and pending == CRLF and chunk and chunk[:1] != _DOT:
+            # The body does not begin with a dot: its virtual CRLF can go
+            # now, without copying the chunk behind it.
+            pending = self._pending = b""
+            self._at_start = False
+        data = pending + chunk if pending else chunk
         # memchr finds the first "." at once; no dot-line starts before it.
         dot = data.find(_DOT)
-        if dot != -1 and (first := _DOT_LINE.search(data, max(dot - len(CRLF), 0))) is not None:
+        first = _DOT_LINE.search(data, max(dot - len(CRLF), 0)) if dot != -1 else None
+        view = memoryview(data)
+        if first is not None and first.start() == len(data) - len(MULTILINE_TERMINATOR):
+            if data.endswith(MULTILINE_TERMINATOR):
+                # Only the terminator: the message is everything before its
+                # ".\r\n", nothing to unstuff.
+                cut = len(data) - len(MULTILINE_TERMINATOR) + len(CRLF)
+                self._done = True
+                return self._take(view[:cut], keep)
+        if first is not None:
             start = first.start()
             end = _find_terminator(data, start)
             if end is None:
@@ -150,19 +168,28 @@ class MessageContent:
                 raise ValueError("bytes fed after the terminator")
             # Only the part from the first dot-line on is scanned again.
             message = data[:start] + _DOT_LINE.sub(CRLF, data[start:cut])
-        else:
-            cut = len(data) - _open_end(data)
-            message = data[:cut] if cut != len(data) else data
-        self._pending = data[cut:] if not self._done else b""
-        if self._at_start and message:
+            self._pending = data[cut:] if not self._done else b""
+            return self._take(message, keep)
+        cut = len(data) - _open_end(data)
+        self._pending = data[cut:]
+        return self._take(data if cut == len(data) else view[:cut], keep)
+
+    def _take(self, message: bytes | memoryview, keep: bool) -> bytes:
+        """Hash (and return, if ``keep``) the message bytes just completed."""
+        if self._done:
+            self._pending = b""
+        if self._at_start and len(message):
             # The virtual CRLF: never cut in two (a held suffix starts with a
             # CR, and its LF is none), so the first bytes returned start with it.
             message = message[len(CRLF) :]
             self._at_start = False
-        if message:
-            self._hash.update(message)
-            self._size += len(message)
-        return message
+        if not len(message):
+            return b""
+        self._hash.update(message)
+        self._size += len(message)
+        if not keep:
+            return b""
+        return message if isinstance(message, bytes) else message.tobytes()
 
     def finish(self) -> str:
         """The message's SHA-256, in hex; only once the terminator was fed."""

@@ -1402,7 +1402,7 @@ class ProxySession:
     def _feed_content(self, chunk: bytes) -> None:
         content = self._content
         assert content is not None
-        data = content.feed(chunk)
+        data = content.feed(chunk, keep=self._archiving)
         if data and self._archiving:
             self._archive_out.append(ArchiveData(self._content_msg, data))
 

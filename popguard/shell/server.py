@@ -747,6 +747,8 @@ async def serve(
     admin_server: AdminServer | None = None
     if metrics is not None:
         metrics.bind_active(lambda: server.active_sessions)
+        if state is not None:
+            metrics.bind_shared_state(lambda: bool(getattr(state, "healthy", True)))
         metrics.watch_audit(audit)
         if admin is not None:
             readiness = Readiness(

@@ -97,6 +97,12 @@ def assert_unstuffs(body: bytes, message: bytes) -> None:
         assert out == message, how
         assert content.finish() == expected_digest, how
         assert content.size == len(message), how
+        # Hashing only (no archive copy wanted): the same digest and size.
+        digest_only = MessageContent()
+        for chunk in chunks:
+            assert digest_only.feed(chunk, keep=False) == b""
+        assert digest_only.finish() == expected_digest, how
+        assert digest_only.size == len(message), how
 
 
 # -- the tricky bodies ---------------------------------------------------------

@@ -11,11 +11,14 @@ from __future__ import annotations
 import poplib
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
+from tests.integration.conftest import free_loopback_port
 from tests.sharedstate.redisserver import RedisServer
 
 REPLY_IN_USE = b"-ERR [IN-USE] Too many sessions for this user"
@@ -78,6 +81,17 @@ def refused(address: tuple[str, int], user: str, password: str) -> bytes:
     finally:
         client.close()
     return error.value.args[0]
+
+
+def metric(port: int, name: str) -> float:
+    """One unlabelled sample of a popguard's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return float(sample.value)
+    raise AssertionError(f"{name} not in /metrics")
 
 
 def live_keys(server: RedisServer) -> dict[str, int]:
@@ -166,7 +180,13 @@ def test_redis_down_each_on_failure_mode_then_back_without_a_restart(
 ):
     box = mailbox(make_messages(1, seed=174))
     closed = popguard_process(*setup(tmp_path, redis_server.url, on_failure="fail-closed"))
-    opened = popguard_process(*setup(tmp_path, redis_server.url, on_failure="fail-open"))
+    admin = free_loopback_port()
+    opened = popguard_process(
+        *setup(tmp_path, redis_server.url, on_failure="fail-open"),
+        "--admin-listen",
+        f"127.0.0.1:{admin}",
+    )
+    assert metric(admin, "popguard_shared_state_up") == 1.0
     logged_in(closed.address, box.user, box.password).quit()
     closed.wait_for("session.closed")
     redis_server.stop()
@@ -177,6 +197,8 @@ def test_redis_down_each_on_failure_mode_then_back_without_a_restart(
     # fail-open: served, counted in the process, and the outage recorded.
     logged_in(opened.address, box.user, box.password).quit()
     assert opened.wait_for("shared_state.unavailable")
+    assert metric(admin, "popguard_shared_state_up") == 0.0
+    assert metric(admin, "popguard_shared_state_outages_total") == 1.0
     redis_server.start()
     deadline = time.monotonic() + 10
     while True:
@@ -187,6 +209,8 @@ def test_redis_down_each_on_failure_mode_then_back_without_a_restart(
             assert time.monotonic() < deadline, "no recovery after Redis came back"
             time.sleep(0.2)
     assert closed.wait_for("session.closed", count=2)
+    logged_in(opened.address, box.user, box.password).quit()  # the store answers again
+    assert metric(admin, "popguard_shared_state_up") == 1.0
 
 
 def test_workers_share_the_limit(
