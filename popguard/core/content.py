@@ -149,13 +149,16 @@ class MessageContent:
         dot = data.find(_DOT)
         first = _DOT_LINE.search(data, max(dot - len(CRLF), 0)) if dot != -1 else None
         view = memoryview(data)
-        if first is not None and first.start() == len(data) - len(MULTILINE_TERMINATOR):
-            if data.endswith(MULTILINE_TERMINATOR):
-                # Only the terminator: the message is everything before its
-                # ".\r\n", nothing to unstuff.
-                cut = len(data) - len(MULTILINE_TERMINATOR) + len(CRLF)
-                self._done = True
-                return self._take(view[:cut], keep)
+        if (
+            first is not None
+            and first.start() == len(data) - len(MULTILINE_TERMINATOR)
+            and data.endswith(MULTILINE_TERMINATOR)
+        ):
+            # Only the terminator: the message is everything before its
+            # ".\r\n", nothing to unstuff.
+            cut = len(data) - len(MULTILINE_TERMINATOR) + len(CRLF)
+            self._done = True
+            return self._take(view[:cut], keep)
         if first is not None:
             start = first.start()
             end = _find_terminator(data, start)
