@@ -1028,16 +1028,7 @@ class ProxySession:
             return
         if parked.kind == "command":
             assert parked.command is not None
-            verb = parked.command.verb
-            prior = parked.prior
-            if verdict is not None and (prior is None or verdict.enforced):
-                if prior is not None:
-                    self._apply_verdict(prior, verb)  # the dry run, recorded
-                prior = verdict
-            refused = self._apply_verdict(prior, verb)
-            if verb == "USER":
-                self._refused_user = prior.reply if refused and prior is not None else None
-            if not refused:
+            if not self._claim_decided(parked.command.verb, parked.prior, verdict):
                 self._forward(parked.command, parked.account)
         elif parked.kind == "auth":
             assert parked.command is not None
@@ -1124,11 +1115,20 @@ class ProxySession:
             if policy.uses_shared_state:
                 self._park_claim(_ParkedClaim("command", command, account, verdict))
                 return True  # answered by claim_result
-            on_claim = policy.claim(account.name)
-            if on_claim is not None and (verdict is None or on_claim.enforced):
-                if verdict is not None:
-                    self._apply_verdict(verdict, verb)  # the dry run, recorded
-                verdict = on_claim
+            return self._claim_decided(verb, verdict, policy.claim(account.name))
+        return self._claim_decided(verb, verdict, None)
+
+    def _claim_decided(self, verb: str, prior: Verdict | None, on_claim: Verdict | None) -> bool:
+        """Record what ``check_command`` and the claim decided; True if refused.
+
+        An enforced claim verdict wins over a dry-run command verdict (which
+        is recorded all the same); without one, the command's stands.
+        """
+        verdict = prior
+        if on_claim is not None and (prior is None or on_claim.enforced):
+            if prior is not None:
+                self._apply_verdict(prior, verb)  # the dry run, recorded
+            verdict = on_claim
         refused = self._apply_verdict(verdict, verb)
         if verb == "USER":
             self._refused_user = verdict.reply if refused and verdict is not None else None

@@ -102,18 +102,22 @@ async def test_the_total_holds_across_both_proxies() -> None:
     assert second == b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
 
 
-async def test_fail_closed_refuses_new_sessions_while_the_store_is_down() -> None:
-    # A real Redis client pointed at a port nothing listens on.
+def unreachable_store(on_failure: str, events: list[str]) -> ResilientState:
+    """A real Redis client pointed at a loopback port nothing listens on."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         dead = probe.getsockname()[1]
-    events: list[str] = []
-    state = ResilientState(
+    return ResilientState(
         RedisState(f"redis://127.0.0.1:{dead}/0", op_timeout=0.3),
         LocalState(),
-        "fail-closed",
+        on_failure,  # type: ignore[arg-type]
         lambda name, fields: events.append(name),
     )
+
+
+async def test_fail_closed_refuses_new_sessions_while_the_store_is_down() -> None:
+    events: list[str] = []
+    state = unreachable_store("fail-closed", events)
     rules = PolicySet((policy_rule("cap", max_sessions_total=100),))
     async with stack(policies=rules, shared_state=state) as s:
         out = await in_thread(raw_session, s.port, b"")
@@ -123,16 +127,8 @@ async def test_fail_closed_refuses_new_sessions_while_the_store_is_down() -> Non
 
 
 async def test_fail_open_counts_in_this_process_and_says_so() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead = probe.getsockname()[1]
     events: list[str] = []
-    state = ResilientState(
-        RedisState(f"redis://127.0.0.1:{dead}/0", op_timeout=0.3),
-        LocalState(),
-        "fail-open",
-        lambda name, fields: events.append(name),
-    )
+    state = unreachable_store("fail-open", events)
     rules = PolicySet((policy_rule("one-each", max_sessions_per_user=1, match=Match()),))
     async with stack(policies=rules, shared_state=state) as s:
         out = await in_thread(raw_session, s.port, b"USER demo\r\nPASS demo\r\nQUIT\r\n")
