@@ -106,6 +106,7 @@ def settings_from_config(
         shutdown_grace=config.shutdown_grace,
         limits=config.limits,
         message_identity=config.audit.message_identity,
+        content_digests=config.audit.content_digests,
         identity=config.identity,
         retention=RetentionStore(config.retention_store) if config.retention_store else None,
         shared_state=config.shared_state,

@@ -280,6 +280,9 @@ class AuditConfig:
     #: Look up each message's UIDL and size upstream (two extra one-line
     #: commands, once per message), so records name messages durably.
     message_identity: bool = True
+    #: With ``message_identity``: records name a message retrieved whole by
+    #: the SHA-256 of its content too (docs/audit.md).
+    content_digests: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -892,6 +895,7 @@ def _audit(model: AuditModel) -> AuditConfig:
         durable_timeout_ms=model.durable_timeout_ms,
         syslog=targets,
         message_identity=model.message_identity,
+        content_digests=model.content_digests,
     )
 
 

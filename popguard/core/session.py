@@ -364,6 +364,7 @@ class ProxySession:
         "bytes_to_client",
         "bytes_to_upstream",
         "client_tls",
+        "content_digests",
         "durable_deletions",
         "end_reason",
         "finished",
@@ -393,6 +394,7 @@ class ProxySession:
         limits: Limits = _DEFAULT_LIMITS,
         idle_notice: bool = True,
         message_identity: bool = False,
+        content_digests: bool = True,
         identity: IdentityRules = DEFAULT_IDENTITY,
         durable_deletions: bool = False,
         retain: bool = False,
@@ -422,6 +424,9 @@ class ProxySession:
         #: How the upstream maps login names to accounts.
         self.identity = identity
         self.message_identity = message_identity
+        #: With message_identity: follow each RETR body for its SHA-256
+        #: (popguard.core.content); retention follows it regardless.
+        self.content_digests = content_digests
         #: What popguard learnt about each message number this session
         #: (popguard.core.messages); made on first use, so that a session
         #: that never names a message does not pay for one.
@@ -1389,7 +1394,7 @@ class ProxySession:
         msg = message_number(entry.arg)
         account = self.account
         archive = self.retain and account is not None and self.state is State.TRANSACTION
-        if msg is None or not (archive or self.message_identity):
+        if msg is None or not (archive or (self.message_identity and self.content_digests)):
             return
         self._content = MessageContent()
         self._content_msg = msg

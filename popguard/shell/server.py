@@ -107,6 +107,8 @@ class ServerSettings:
     limits: Limits = field(default_factory=Limits)
     #: Look up UIDL and size upstream so records name messages durably.
     message_identity: bool = True
+    #: With message identity, the SHA-256 of each message retrieved whole.
+    content_digests: bool = True
     #: TLS toward the upstream: none, implicit or starttls.
     upstream_tls: UpstreamTLS = field(default_factory=UpstreamTLS)
     #: How the upstream maps a login name to an account (config ``identity:``).
@@ -531,6 +533,7 @@ class ProxyServer:
             limits=settings.limits,
             idle_notice=settings.idle_notice,
             message_identity=settings.message_identity,
+            content_digests=settings.content_digests,
             identity=settings.identity,
             durable_deletions=self.audit.fail_closed,
             policy=policy,

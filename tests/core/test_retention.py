@@ -259,3 +259,17 @@ def test_top_is_not_the_message_and_gets_no_digest() -> None:
     retrieved = out.record("message.retrieved")
     assert "digest" not in retrieved.fields
     assert out.archive == []
+
+
+def test_content_digests_off_leaves_retr_records_without_one_but_retention_keeps_its_own() -> None:
+    steps = [*LOGIN, C(b"RETR 1\r\n"), S(b"+OK 1 AAA\r\n+OK 1 %d\r\n" % len(MESSAGE) + RETR_REPLY)]
+    out = play(steps, message_identity=True, content_digests=False)
+    assert "digest" not in out.record("message.retrieved").fields
+    assert out.session.messages.digests == {}
+    # Under retain the copy is still followed and named by its digest.
+    retained = play(
+        [*LOGIN, C(b"DELE 1\r\n"), S(RETR_REPLY), Retained(ok=True, path=PATH)],
+        retain=True,
+        content_digests=False,
+    )
+    assert retained.record("message.archived")["digest"] == DIGEST

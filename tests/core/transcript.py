@@ -116,6 +116,7 @@ def new_session(
     policy: Callable[[], SessionPolicy] | None = None,
     identity: IdentityRules = DEFAULT_IDENTITY,
     retain: bool = False,
+    content_digests: bool = True,
 ) -> ProxySession:
     """A session; ``policy`` makes a fresh SessionPolicy for each play."""
     return ProxySession(
@@ -128,6 +129,7 @@ def new_session(
         message_identity=message_identity,
         durable_deletions=durable_deletions,
         retain=retain,
+        content_digests=content_digests,
     )
 
 
