@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from popguard.core.grammar import strip_line_ending
+from popguard.core.grammar import escape_text, strip_line_ending
 from popguard.core.identity import Account, IdentityRefused, IdentityRules
 
 #: The mechanisms whose account popguard can read from the exchange.
@@ -143,3 +143,51 @@ class SaslLogin:
                 raise IdentityRefused("a CRAM-MD5 response that is not user and digest")
             self.account = rules.account(user)
         return encode_base64(data)
+
+
+@dataclass(slots=True)
+class SaslExchange:
+    """One AUTH exchange as the session follows it."""
+
+    mechanism: str
+    #: Reads the account from the responses.
+    login: SaslLogin
+    #: Whose line comes next: the server's (challenge or result) or the
+    #: client's (a response to a challenge).
+    awaiting_server: bool = True
+    #: popguard cancelled the exchange with "*" (a policy refused the
+    #: account, or popguard could not tell it): the client gets this reply
+    #: instead of the server's -ERR.
+    denied: bytes | None = None
+
+
+def auth_label(rest: bytes) -> str | None:
+    """How records name an AUTH's mechanism: its name, or as given, escaped."""
+    name = rest.partition(b" ")[0]
+    return mechanism_name(name) or escape_text(name[:20]) or None
+
+
+def open_auth(rest: bytes, rules: IdentityRules) -> tuple[SaslExchange, bytes]:
+    """An ``AUTH mechanism [initial-response]`` line (``rest``: after "AUTH ").
+
+    Returns the exchange to follow and what goes upstream after "AUTH ": the
+    mechanism as given, then the initial response canonically re-encoded.
+    Raises :class:`IdentityRefused` for a line popguard must refuse: a
+    malformed one, a mechanism whose account it cannot read, an empty
+    initial response, or one :meth:`SaslLogin.initial` refuses.
+    """
+    name, space, initial = rest.partition(b" ")
+    mechanism = mechanism_name(name)
+    if mechanism is None:
+        raise IdentityRefused("a malformed AUTH command")
+    if mechanism not in DECODABLE:
+        raise IdentityRefused(
+            f"popguard cannot tell which account {mechanism} logs in to; "
+            "use " + ", ".join(sorted(DECODABLE))
+        )
+    if space and not initial:
+        raise IdentityRefused("an empty initial response")
+    login = SaslLogin(mechanism, rules)
+    forwarded = login.initial(initial if space else None)
+    line = name if forwarded is None else name + b" " + forwarded
+    return SaslExchange(mechanism, login), line

@@ -18,7 +18,8 @@ a module of its own, which knows nothing of sessions:
 
 ``grammar``   command lines and status lines (RFC 1939, RFC 2449);
 ``identity``  login name to account, the way the server maps it;
-``sasl``      the account inside an AUTH exchange (PLAIN, LOGIN, CRAM-MD5);
+``sasl``      an AUTH exchange: which lines open one, and the account inside
+              it (PLAIN, LOGIN, CRAM-MD5);
 ``messages``  UIDLs and sizes learnt, and the lookups still worth making;
 ``capa``      the CAPA and AUTH listings as the client sees them;
 ``stls``      when STLS may begin (popguard terminates it);
@@ -223,7 +224,7 @@ from popguard.core.retention import (
     ArchiveEvent,
     RetentionGate,
 )
-from popguard.core.sasl import DECODABLE, SaslLogin, mechanism_name
+from popguard.core.sasl import SaslExchange, auth_label, open_auth
 from popguard.core.stls import stls_refusal
 from popguard.policy.session import SessionPolicy, Verdict
 
@@ -266,20 +267,6 @@ class _Pending:
     internal: bool = False
     #: The account a USER or APOP names (``popguard.core.identity``).
     account: Account | None = None
-
-
-@dataclass(slots=True)
-class _SaslExchange:
-    mechanism: str
-    #: Reads the account from the responses (``popguard.core.sasl``).
-    login: SaslLogin
-    #: Whose line comes next: the server's (challenge or result) or the
-    #: client's (a response to a challenge).
-    awaiting_server: bool = True
-    #: popguard cancelled the exchange with "*" (a policy refused the
-    #: account, or popguard could not tell it): the client gets this reply
-    #: instead of the server's -ERR.
-    denied: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -480,7 +467,7 @@ class ProxySession:
         self._bad_commands = 0
         #: The account of the last USER the server accepted (for PASS).
         self._claimed: Account | None = None
-        self._sasl: _SaslExchange | None = None
+        self._sasl: SaslExchange | None = None
         #: Local replies produced since the shell last took client output;
         #: with ``_pending`` they bound what a client that never reads costs.
         self._unsent_local = 0
@@ -949,31 +936,14 @@ class ProxySession:
 
     def _open_sasl(self, command: Command) -> Command | None:
         """Follow an AUTH exchange; the AUTH line to forward, or None if refused."""
-        name, space, initial = command.rest.partition(b" ")
-        mechanism = mechanism_name(name)
-        label = mechanism or escape_text(name[:20]) or None
-        login = SaslLogin(mechanism or "", self.identity)
         try:
-            if mechanism is None:
-                raise IdentityRefused("a malformed AUTH command")
-            if mechanism not in DECODABLE:
-                raise IdentityRefused(
-                    f"popguard cannot tell which account {mechanism} logs in to; "
-                    "use " + ", ".join(sorted(DECODABLE))
-                )
-            if space and not initial:
-                raise IdentityRefused("an empty initial response")
-            forwarded = login.initial(initial if space else None)
+            self._sasl, rest = open_auth(command.rest, self.identity)
         except IdentityRefused as exc:
-            self._refuse_login(label, exc.login, str(exc))
+            self._refuse_login(auth_label(command.rest), exc.login, str(exc))
             return None
-        self._sasl = _SaslExchange(mechanism, login)
-        line = command.line[:5] + name
-        if forwarded is not None:
-            line += b" " + forwarded
-        return Command(command.verb, command.args, line + CRLF)
+        return Command(command.verb, command.args, command.line[:5] + rest + CRLF)
 
-    def _sasl_response(self, sasl: _SaslExchange, line: bytes) -> None:
+    def _sasl_response(self, sasl: SaslExchange, line: bytes) -> None:
         """A client line during AUTH: relayed as popguard read it, or cancelled."""
         sasl.awaiting_server = True
         body = strip_line_ending(line)
@@ -1139,7 +1109,7 @@ class ProxySession:
             self._refused_user = verdict.reply if refused and verdict is not None else None
         return refused
 
-    def _sasl_claim_refused(self, sasl: _SaslExchange) -> bool:
+    def _sasl_claim_refused(self, sasl: SaslExchange) -> bool:
         """The SASL account is known from the AUTH line: may it log in?  True if refused."""
         policy = self.policy
         account = sasl.login.account
@@ -1225,7 +1195,7 @@ class ProxySession:
             return tuple({"msg": msg} for msg in sorted(marks))
         return messages.fields_of(marks)
 
-    def _sasl_claim_refused_in_exchange(self, sasl: _SaslExchange) -> bool:
+    def _sasl_claim_refused_in_exchange(self, sasl: SaslExchange) -> bool:
         policy = self.policy
         account = sasl.login.account
         if policy is None or not policy.active or account is None:
