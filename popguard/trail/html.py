@@ -340,7 +340,8 @@ class DeletionLog:
                 f'<tr data-event="{event}">{common}'
                 f'<td class="n">{_value(item.get("msg"))}</td>'
                 f'<td class="mono">{_value(item.get("uidl"))}</td>'
-                f'<td class="n">{_value(item.get("size"))}</td>{place}</tr>\n'
+                f'<td class="n">{_value(item.get("size"))}</td>'
+                f'<td class="mono hash">{_value(item.get("digest"))}</td>{place}</tr>\n'
             )
 
     def copy_to(self, out: IO[str]) -> None:
@@ -546,11 +547,13 @@ def _deletions_head(page: Page) -> str:
         f'<section id="deletions" data-records="{log.records}" data-messages="{listed}">'
         f"<h2>Deletions</h2><p>{listed} messages in {log.records} deletion records. "
         "Deleted: the server confirmed QUIT (RFC 1939 UPDATE). The other outcomes may "
-        "have removed some or all of their messages. Messages are named by UIDL and "
-        "size where popguard knew them; <em>seal</em> is the record's chain hash.</p>"
+        "have removed some or all of their messages. Messages are named by UIDL, "
+        "size and <em>digest</em> (the SHA-256 of the message's content, once "
+        "popguard saw it whole) where popguard knew them; <em>seal</em> is the "
+        "record's chain hash.</p>"
         '<table class="deletions"><thead><tr><th>Time (UTC)</th><th>User</th>'
         '<th>Outcome</th><th class="n">Msg</th><th>UIDL</th><th class="n">Size</th>'
-        "<th>Record</th><th>Session</th><th>Seal</th></tr></thead><tbody>\n"
+        "<th>Digest</th><th>Record</th><th>Session</th><th>Seal</th></tr></thead><tbody>\n"
     )
 
 

@@ -11,6 +11,7 @@ hostile) trail must not be able to inject anything into the page.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import random
 from collections.abc import Iterator
 from html.parser import HTMLParser
@@ -86,6 +87,8 @@ def _session(rng: random.Random, when: datetime.datetime, user: str) -> list[dic
             entry: dict[str, Any] = {"msg": msg, "uidl": uidl, "size": size}
             if rng.random() < 0.1:
                 del entry["uidl"]  # a server without UIDL
+            if rng.random() < 0.5:  # retrieved whole first: named by content too
+                entry["digest"] = hashlib.sha256(f"{user} {msg} {size}".encode()).hexdigest()
             records.append({"event": "dele.marked", "user": user, **entry})
             marked.append(entry)
     if rng.random() < 0.2:
@@ -362,7 +365,7 @@ def check_figures(page: Element, rows: list[dict[str, Any]]) -> int:
     return compared
 
 
-Deletion = tuple[str, str | None, str, str, str, str]
+Deletion = tuple[str, str | None, str, str, str, str, str]
 DELETION_RECORDS = ("deletions.committed", "deletions.failed", "deletions.unknown")
 
 
@@ -373,8 +376,8 @@ def expected_deletions(
     until: datetime.datetime | None = None,
     users: tuple[str, ...] = (),
 ) -> list[Deletion]:
-    """(event, user, msg, uidl, size, hash) for each message of each deletion
-    record in the period, read straight from the trail."""
+    """(event, user, msg, uidl, size, digest, hash) for each message of each
+    deletion record in the period, read straight from the trail."""
     rows: list[Deletion] = []
     for _path, _line, _data, record in iter_records([str(p) for p in paths]):
         if record.get("event") not in DELETION_RECORDS:
@@ -393,6 +396,7 @@ def expected_deletions(
                     str(entry["msg"]),
                     safe_text(entry.get("uidl", "")),
                     str(entry["size"]),
+                    safe_text(entry.get("digest", "")),
                     record.get("hash", ""),
                 )
             )
@@ -409,6 +413,6 @@ def page_deletions(page: Element) -> list[Deletion]:
         cells = tr.find_all("td")
         event = tr.attrs["data-event"]
         assert event is not None
-        msg, uidl, size, seal = (cells[i].text for i in (3, 4, 5, 8))
-        rows.append((event, _row_user(cells[1]), msg, uidl, size, seal))
+        msg, uidl, size, digest, seal = (cells[i].text for i in (3, 4, 5, 6, 9))
+        rows.append((event, _row_user(cells[1]), msg, uidl, size, digest, seal))
     return rows
