@@ -13,7 +13,7 @@ reload applies to the next command of every open session.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, replace
 from typing import Final
 
@@ -202,15 +202,20 @@ class SessionPolicy:
         """``access: deny`` for what is known now (rules only, no counts)."""
         return self._access()
 
-    def limit(self, name: str) -> Setting | None:
-        """The ``max_sessions_*`` setting ``name`` in force, if any."""
+    def limit_value(self, name: str, *, enforced_only: bool = False) -> int | None:
+        """The ``max_sessions_*`` limit ``name`` in force (None: none, or only a
+        dry-run one when ``enforced_only``)."""
         setting = self._setting(name)
         if setting is None or not isinstance(setting.value, int) or isinstance(setting.value, bool):
             return None
-        return setting
+        if enforced_only and setting.rule.mode != "enforce":
+            return None
+        return setting.value
 
-    def limit_verdict(self, name: str, setting: Setting) -> Verdict:
-        """The verdict for a limit the store says is reached."""
+    def limit_verdict(self, name: str) -> Verdict:
+        """The verdict for the limit ``name``, which the store says is reached."""
+        setting = self._setting(name)
+        assert setting is not None, name
         reply, reason = _LIMITS[name]
         return Verdict(name, setting.rule, reply, reason)
 
@@ -266,17 +271,9 @@ class SessionPolicy:
         shared = self._shared
         verdict = _decide(
             self._access,
+            lambda: self._limit("max_sessions_total", shared.counts.total),
             lambda: self._limit(
-                "max_sessions_total",
-                shared.counts.total,
-                REPLY_TOO_MANY_CONNECTIONS,
-                "too many sessions in total",
-            ),
-            lambda: self._limit(
-                "max_sessions_per_client",
-                shared.counts.per_client[self.peer_host],
-                REPLY_TOO_MANY_CONNECTIONS,
-                "too many sessions from this client",
+                "max_sessions_per_client", shared.counts.per_client[self.peer_host]
             ),
             lambda: self._blocked("client"),
         )
@@ -339,12 +336,7 @@ class SessionPolicy:
             self._access,
             lambda: self._blocked("client"),
             lambda: self._blocked("user"),
-            lambda: self._limit(
-                "max_sessions_per_user",
-                self._shared.counts.per_user[user],
-                REPLY_TOO_MANY_SESSIONS,
-                "too many sessions for this user",
-            ),
+            lambda: self._limit("max_sessions_per_user", self._shared.counts.per_user[user]),
         )
 
     def login_succeeded(self, user: str) -> Verdict | None:
@@ -361,12 +353,7 @@ class SessionPolicy:
             return self._access()
         verdict = _decide(
             self._access,
-            lambda: self._limit(
-                "max_sessions_per_user",
-                self._shared.counts.per_user[user],
-                REPLY_TOO_MANY_SESSIONS,
-                "too many sessions for this user",
-            ),
+            lambda: self._limit("max_sessions_per_user", self._shared.counts.per_user[user]),
         )
         if verdict is not None and verdict.enforced:
             return verdict
@@ -422,10 +409,11 @@ class SessionPolicy:
             return None
         return Verdict("access", setting.rule, REPLY_ACCESS_DENIED, "access denied")
 
-    def _limit(self, name: str, current: int, reply: bytes, reason: str) -> Verdict | None:
+    def _limit(self, name: str, current: int) -> Verdict | None:
         setting = self._setting(name)
         if setting is None or not isinstance(setting.value, int) or current < setting.value:
             return None
+        reply, reason = _LIMITS[name]
         return Verdict(name, setting.rule, reply, reason)
 
     def _blocked(self, kind: str) -> Verdict | None:
@@ -459,15 +447,10 @@ _LIMITS: Final = {
 }
 
 
-def _decide(*checks: Callable[[], Verdict | None]) -> Verdict | None:
-    """The first enforced verdict of ``checks``; else the first dry-run one.
-
-    A dry-run rule only records what it would do: it must never stop an
-    enforced setting that comes after it from being checked.
-    """
+def strongest(verdicts: Iterable[Verdict | None]) -> Verdict | None:
+    """The first enforced verdict, else the first dry-run one (consumed lazily)."""
     dry_run: Verdict | None = None
-    for check in checks:
-        verdict = check()
+    for verdict in verdicts:
         if verdict is None:
             continue
         if verdict.enforced:
@@ -475,3 +458,12 @@ def _decide(*checks: Callable[[], Verdict | None]) -> Verdict | None:
         if dry_run is None:
             dry_run = verdict
     return dry_run
+
+
+def _decide(*checks: Callable[[], Verdict | None]) -> Verdict | None:
+    """The first enforced verdict of ``checks``; else the first dry-run one.
+
+    A dry-run rule only records what it would do: it must never stop an
+    enforced setting that comes after it from being checked.
+    """
+    return strongest(check() for check in checks)

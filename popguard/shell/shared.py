@@ -32,7 +32,7 @@ from typing import Final
 
 from popguard.core.identity import account_key
 from popguard.policy.model import Rule
-from popguard.policy.session import SessionPolicy, Verdict
+from popguard.policy.session import SessionPolicy, Verdict, strongest
 from popguard.sharedstate import Decision, SharedState, SharedStateRefused
 
 __all__ = ["REPLY_SHARED_STATE_DOWN", "check_claim", "check_connect", "close", "record_failures"]
@@ -54,14 +54,6 @@ def _store_down(reason: str) -> Verdict:
     return Verdict("shared_state", _STORE_RULE, REPLY_SHARED_STATE_DOWN, reason)
 
 
-def _limit_value(policy: SessionPolicy, name: str, *, enforced_only: bool) -> int | None:
-    setting = policy.limit(name)
-    if setting is None or (enforced_only and setting.rule.mode != "enforce"):
-        return None
-    assert isinstance(setting.value, int)
-    return setting.value
-
-
 async def check_connect(policy: SessionPolicy, state: SharedState, session: str) -> Verdict | None:
     """Before the upstream is contacted; the session holds a lease if admitted."""
     verdicts: list[Verdict | None] = [policy.access_verdict()]
@@ -74,39 +66,33 @@ async def check_connect(policy: SessionPolicy, state: SharedState, session: str)
             verdicts.append(await _open(policy, state, session))
     except SharedStateRefused as exc:
         return _store_down(str(exc))
-    return _pick(verdicts)
+    return strongest(verdicts)
 
 
 async def _open(policy: SessionPolicy, state: SharedState, session: str) -> Verdict | None:
     """The two connect limits: checked (dry-run ones too), the lease taken unless enforced."""
-    names = ("max_sessions_total", "max_sessions_per_client")
-    decision = await state.open_session(
-        session,
-        policy.peer_host,
-        total=_limit_value(policy, names[0], enforced_only=False),
-        per_client=_limit_value(policy, names[1], enforced_only=False),
-    )
+    decision = await _open_with(policy, state, session, enforced_only=False)
     if decision is Decision.OK:
         return None
-    name = _LIMIT_OF[decision]
-    setting = policy.limit(name)
-    assert setting is not None
-    verdict = policy.limit_verdict(name, setting)
+    verdict = policy.limit_verdict(_LIMIT_OF[decision])
     if not verdict.enforced:
         # A dry-run limit was reached: recorded; the session counts all the
         # same, under the enforced limits only.
-        again = await state.open_session(
-            session,
-            policy.peer_host,
-            total=_limit_value(policy, names[0], enforced_only=True),
-            per_client=_limit_value(policy, names[1], enforced_only=True),
-        )
+        again = await _open_with(policy, state, session, enforced_only=True)
         if again is not Decision.OK:
-            enforced = _LIMIT_OF[again]
-            limit = policy.limit(enforced)
-            assert limit is not None
-            return policy.limit_verdict(enforced, limit)
+            return policy.limit_verdict(_LIMIT_OF[again])
     return verdict
+
+
+async def _open_with(
+    policy: SessionPolicy, state: SharedState, session: str, *, enforced_only: bool
+) -> Decision:
+    return await state.open_session(
+        session,
+        policy.peer_host,
+        total=policy.limit_value("max_sessions_total", enforced_only=enforced_only),
+        per_client=policy.limit_value("max_sessions_per_client", enforced_only=enforced_only),
+    )
 
 
 async def check_claim(
@@ -125,7 +111,7 @@ async def check_claim(
             verdicts.append(await _claim(policy, state, session, user))
     except SharedStateRefused as exc:
         return _store_down(str(exc))
-    return _pick(verdicts)
+    return strongest(verdicts)
 
 
 async def _claim(
@@ -133,15 +119,11 @@ async def _claim(
 ) -> Verdict | None:
     name = "max_sessions_per_user"
     key = account_key(user)
-    setting = policy.limit(name)
-    enforced = setting is not None and setting.rule.mode == "enforce"
-    limit = setting.value if setting is not None and isinstance(setting.value, int) else None
-    decision = await state.claim_user(session, key, limit=limit)
+    decision = await state.claim_user(session, key, limit=policy.limit_value(name))
     if decision is Decision.OK:
         return None
-    assert setting is not None
-    verdict = policy.limit_verdict(name, setting)
-    if not enforced:
+    verdict = policy.limit_verdict(name)
+    if not verdict.enforced:
         await state.claim_user(session, key, limit=None)  # dry run: counted all the same
     return verdict
 
@@ -183,8 +165,3 @@ async def close(policy: SessionPolicy, state: SharedState, session: str, user: s
 
 def _first_enforced(verdicts: list[Verdict | None]) -> Verdict | None:
     return next((v for v in verdicts if v is not None and v.enforced), None)
-
-
-def _pick(verdicts: list[Verdict | None]) -> Verdict | None:
-    """The first enforced verdict, else the first dry-run one (as the policy engine decides)."""
-    return _first_enforced(verdicts) or next((v for v in verdicts if v is not None), None)
