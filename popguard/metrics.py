@@ -447,7 +447,8 @@ class Metrics:
         )
         self.audit_write = Histogram(
             "popguard_audit_write_seconds",
-            "Time to write one audit record in a sink's writer (including any fsync).",
+            "Time to write one audit record in a sink's writer: a batch's write (fsync included) "
+            "shared among its records.",
             buckets=AUDIT_WRITE_BUCKETS,
             registry=registry,
         )
