@@ -8,9 +8,11 @@ the records of both processes, and Redis's own keys.
 
 from __future__ import annotations
 
+import json
 import poplib
 import signal
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -92,6 +94,16 @@ def metric(port: int, name: str) -> float:
             if sample.name == name and not sample.labels:
                 return float(sample.value)
     raise AssertionError(f"{name} not in /metrics")
+
+
+def readiness(port: int) -> tuple[int, bool]:
+    """/readyz's status and its shared_state check."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as reply:
+            status, body = reply.status, reply.read()
+    except urllib.error.HTTPError as error:
+        status, body = error.code, error.read()
+    return status, json.loads(body)["checks"]["shared_state"]
 
 
 def live_keys(server: RedisServer) -> dict[str, int]:
@@ -199,6 +211,7 @@ def test_redis_down_each_on_failure_mode_then_back_without_a_restart(
     assert opened.wait_for("shared_state.unavailable")
     assert metric(admin, "popguard_shared_state_up") == 0.0
     assert metric(admin, "popguard_shared_state_outages_total") == 1.0
+    assert readiness(admin) == (503, False)
     redis_server.start()
     deadline = time.monotonic() + 10
     while True:
@@ -211,6 +224,7 @@ def test_redis_down_each_on_failure_mode_then_back_without_a_restart(
     assert closed.wait_for("session.closed", count=2)
     logged_in(opened.address, box.user, box.password).quit()  # the store answers again
     assert metric(admin, "popguard_shared_state_up") == 1.0
+    assert readiness(admin) == (200, True)
 
 
 def test_workers_share_the_limit(
