@@ -178,7 +178,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -330,6 +330,7 @@ class ProxySession:
         "_gated",
         "_input_held",
         "_logins_pending",
+        "_marks",
         "_messages",
         "_parked_claim",
         "_pending",
@@ -358,7 +359,6 @@ class ProxySession:
         "identity",
         "idle_notice",
         "limits",
-        "marked_for_deletion",
         "message_identity",
         "observer",
         "pending_claim",
@@ -449,8 +449,9 @@ class ProxySession:
         self.user: str | None = None
         self.finished = False
         self.end_reason: EndReason | None = None
-        #: Message numbers marked by DELE and not yet committed or unmarked.
-        self.marked_for_deletion: set[int] = set()
+        #: What :attr:`marked_for_deletion` holds (None: nothing; most
+        #: sessions mark nothing, and an empty set is 216 bytes).
+        self._marks: set[int] | None = None
 
         self.bytes_from_client = 0
         self.bytes_to_client = 0
@@ -591,6 +592,11 @@ class ProxySession:
         return not self.finished and bool(pending) and pending[0].verb == "GREETING"
 
     @property
+    def marked_for_deletion(self) -> Set[int]:
+        """Message numbers marked by DELE and not yet committed or unmarked."""
+        return self._marks if self._marks is not None else _NO_MARKS
+
+    @property
     def logged_in(self) -> bool:
         """A login succeeded (the session left AUTHORIZATION)."""
         return self.state is not State.AUTHORIZATION
@@ -684,7 +690,7 @@ class ProxySession:
                 self._record(Event.DELETIONS_UNKNOWN, **fields)
             else:
                 self._record(Event.DELETIONS_DISCARDED, **fields)
-            self.marked_for_deletion.clear()
+            self._marks = None
         self._record(
             Event.SESSION_CLOSED,
             reason=reason.value,
@@ -1189,7 +1195,7 @@ class ProxySession:
         messages = self._messages
         return {"msg": msg} if messages is None else messages.fields(msg)
 
-    def _identities(self, marks: set[int]) -> tuple[Mapping[str, Scalar], ...]:
+    def _identities(self, marks: Set[int]) -> tuple[Mapping[str, Scalar], ...]:
         messages = self._messages
         if messages is None:
             return tuple({"msg": msg} for msg in sorted(marks))
@@ -1649,7 +1655,7 @@ class ProxySession:
     def _rset_reply(self, entry: _Pending, ok: bool, line: bytes) -> bool:
         if ok and self.state is State.TRANSACTION:
             self._record(Event.RSET, messages=self._identities(self.marked_for_deletion))
-            self.marked_for_deletion.clear()
+            self._marks = None
         return False
 
     def _quit_reply(self, entry: _Pending, ok: bool, line: bytes) -> bool:
@@ -1755,7 +1761,9 @@ class ProxySession:
 
     def _dele_result(self, ok: bool, msg: int | None, line: bytes) -> None:
         if ok and msg is not None and self.state is State.TRANSACTION:
-            self.marked_for_deletion.add(msg)
+            if self._marks is None:
+                self._marks = set()
+            self._marks.add(msg)
             self._record(Event.DELE_MARKED, **self._identity(msg))
         elif not ok:
             self._record(
@@ -1769,7 +1777,7 @@ class ProxySession:
             # marked messages were removed, -ERR that some or none were.
             self.state = State.UPDATE
             messages = self._identities(self.marked_for_deletion)
-            self.marked_for_deletion.clear()
+            self._marks = None
             if ok and messages:
                 self._record(Event.DELETIONS_COMMITTED, messages=messages)
             elif not ok:
@@ -1832,6 +1840,8 @@ _ON_REPLY: Final[Mapping[str, _ReplyHandler]] = {
     "QUIT": ProxySession._quit_reply,
 }
 
+
+_NO_MARKS: Final[frozenset[int]] = frozenset()
 
 #: The end of a multi-line reply.  A compiled search is ~30% faster than
 #: ``bytes.find`` here: mail has a CR every line, which defeats find's skips.

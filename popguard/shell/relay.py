@@ -24,6 +24,7 @@ UPDATE, so nothing is deleted).
 from __future__ import annotations
 
 import contextlib
+import enum
 import math
 import socket
 import ssl
@@ -98,6 +99,15 @@ DurableSink = Callable[[AuditRecord], Awaitable[bool]]
 Connector = Callable[[], Awaitable[trio.abc.Stream]]
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class _Blocked(enum.Enum):
+    """A socket read that would block (see ``Relay._read_socket``)."""
+
+    BLOCKED = enum.auto()
+
+
+_BLOCKED: Final = _Blocked.BLOCKED
 
 
 def set_nodelay(stream: trio.abc.Stream) -> None:
@@ -233,7 +243,9 @@ class Relay:
         self._client_sending = False
         self._upstream_sending = False
         self._last_activity = 0.0
-        self._client_may_send = trio.Event()
+        #: Set when the core wants the client's input again (made when the
+        #: client pump waits for it; None before: an idle session keeps none).
+        self._client_may_send: trio.Event | None = None
         #: Each pump's cancel scope, and whether the pump is parked in a wait
         #: for input: only such a wait is ever cancelled (see _stop_receiving).
         self._client_scope = trio.CancelScope()
@@ -257,8 +269,9 @@ class Relay:
         self._pumps_left = 2
         self._pump_nursery: trio.Nursery | None = None
         self._policy_epoch = 0
-        #: Dry-run timers already reported (each once per session).
-        self._dry_reported: set[str] = set()
+        #: Dry-run timers already reported (each once per session; made on
+        #: first use, as most sessions report none).
+        self._dry_reported: set[str] | None = None
 
     # ------------------------------------------------------------------
     def abort(self, reason: EndReason, detail: str | None = None) -> None:
@@ -311,7 +324,7 @@ class Relay:
             timers.append(idle)
         else:
             timers += policy.deadlines(
-                idle, self._last_activity, self._started_at, skip_dry_run=self._dry_reported
+                idle, self._last_activity, self._started_at, skip_dry_run=self._dry_reported or ()
             )
         return timers
 
@@ -361,6 +374,8 @@ class Relay:
                     )
                 )
                 if rule.mode != "enforce":
+                    if self._dry_reported is None:
+                        self._dry_reported = set()
                     self._dry_reported.add(name)
                     continue
             self.abort(*self._timer_end(name))
@@ -487,7 +502,27 @@ class Relay:
                     return
                 continue
             if session.wants_client_data:
-                data = await self._receive_client()
+                tcp = self._client_tcp
+                data: bytes | _Blocked | None
+                if tcp is None or tcp.pushback:
+                    data = await self._receive_client_stream(tcp)
+                else:
+                    data = self._read_socket(tcp.socket, client=True)
+                    if data is _BLOCKED:
+                        # The wait is made here, not in a helper coroutine, and
+                        # holds no chunk: an idle session keeps one frame less.
+                        self._client_waiting = True
+                        try:
+                            await trio.lowlevel.wait_readable(tcp.socket)
+                        except trio.ClosedResourceError as exc:
+                            session.end(EndReason.CLIENT_ERROR, _describe(exc))
+                            return
+                        finally:
+                            self._client_waiting = False
+                        continue
+                    if self._client_run >= FAIRNESS_READS:
+                        self._client_run = 0
+                        await trio.lowlevel.checkpoint()  # never starve other sessions
             elif session.client_input_open:
                 self._client_may_send = event = trio.Event()
                 self._client_waiting = True
@@ -509,51 +544,48 @@ class Relay:
             session.receive_client(data)
             await self._flush_both()
 
-    async def _receive_client(self) -> bytes | None:
-        """One read from the client (b"" at EOF; None: the session ended).
+    def _read_socket(self, sock: socket.socket, *, client: bool) -> bytes | _Blocked | None:
+        """One ``recv`` on a pump's plain TCP socket, without entering trio.
 
-        On a plain TCP connection the socket is read directly, and trio is
-        entered only when there is nothing to read (as bench/floor.py does):
-        every trio stream call is a scheduler pass even when the data is
-        already there.
+        Returns the bytes (b"" at EOF), ``_BLOCKED`` when there is nothing
+        to read (the caller waits, then calls again), or None when the read
+        failed and the session has ended.  Every trio stream call is a
+        scheduler pass even when the data is already there, so the socket
+        is read directly, as bench/floor.py does.
         """
-        tcp = self._client_tcp
-        if tcp is None:
-            self._client_waiting = True
-            try:
-                data = await self.client.receive_some(CLIENT_RECEIVE_SIZE)
-            except _STREAM_ERRORS as exc:
-                self.session.end(EndReason.CLIENT_ERROR, _describe(exc))
-                return None
-            finally:
-                self._client_waiting = False
-            return bytes(data) if isinstance(data, bytearray) else data
-        if tcp.pushback:
-            return tcp.take_pushback(CLIENT_RECEIVE_SIZE)
-        sock = tcp.socket
-        while True:
-            try:
-                data = sock.recv(CLIENT_RECEIVE_SIZE)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                self.session.end(EndReason.CLIENT_ERROR, _describe(exc))
-                return None
+        try:
+            data = sock.recv(CLIENT_RECEIVE_SIZE if client else RECEIVE_SIZE)
+        except BlockingIOError:
+            if client:
+                self._client_run = 0
             else:
-                self._client_run += 1
-                if self._client_run >= FAIRNESS_READS:
-                    self._client_run = 0
-                    await trio.lowlevel.checkpoint()  # never starve other sessions
-                return data
-            self._client_run = 0
-            self._client_waiting = True
-            try:
-                await trio.lowlevel.wait_readable(sock)
-            except trio.ClosedResourceError as exc:
-                self.session.end(EndReason.CLIENT_ERROR, _describe(exc))
-                return None
-            finally:
-                self._client_waiting = False
+                self._upstream_run = 0
+            return _BLOCKED
+        except OSError as exc:
+            reason = EndReason.CLIENT_ERROR if client else EndReason.UPSTREAM_ERROR
+            self.session.end(reason, _describe(exc))
+            return None
+        if client:
+            self._client_run += 1
+        else:
+            self._upstream_run += 1
+        return data
+
+    async def _receive_client_stream(self, tcp: TCPStream | None) -> bytes | None:
+        """One read from a TLS (or test) client stream, or what a TCP
+        connection's PROXY header read left over (b"" at EOF; None: the
+        session ended)."""
+        if tcp is not None:
+            return tcp.take_pushback(CLIENT_RECEIVE_SIZE)
+        self._client_waiting = True
+        try:
+            data = await self.client.receive_some(CLIENT_RECEIVE_SIZE)
+        except _STREAM_ERRORS as exc:
+            self.session.end(EndReason.CLIENT_ERROR, _describe(exc))
+            return None
+        finally:
+            self._client_waiting = False
+        return bytes(data) if isinstance(data, bytearray) else data
 
     async def _client_handshake(self, *, stls: bool) -> bool:
         """TLS with the client: POP3S at connect, or after popguard's +OK to STLS.
@@ -658,13 +690,31 @@ class Relay:
         raise _GreetingTimeout(f"no greeting from the upstream within {timeout:g} s")
 
     async def _pump_upstream(self) -> None:
-        """Upstream to core; see :meth:`_pump_client`."""
+        """Upstream to core; see :meth:`_pump_client` and :meth:`_client_loop`."""
         session = self.session
         scope = self._upstream_scope = trio.CancelScope()
         try:
             with scope:
                 while not session.finished:
-                    data = await self._receive_upstream()
+                    tcp = self._upstream_tcp
+                    data: bytes | _Blocked | None
+                    if tcp is None:
+                        data = await self._receive_upstream_stream()
+                    else:
+                        data = self._read_socket(tcp.socket, client=False)
+                        if data is _BLOCKED:
+                            self._upstream_waiting = True
+                            try:
+                                await trio.lowlevel.wait_readable(tcp.socket)
+                            except trio.ClosedResourceError as exc:
+                                session.end(EndReason.UPSTREAM_ERROR, _describe(exc))
+                                break
+                            finally:
+                                self._upstream_waiting = False
+                            continue
+                        if self._upstream_run >= FAIRNESS_READS:
+                            self._upstream_run = 0
+                            await trio.lowlevel.checkpoint()  # never starve other sessions
                     if data is None:
                         break
                     if not data:
@@ -674,7 +724,7 @@ class Relay:
                     await self._flush_both()
                     if session.starttls_pending:
                         self._interrupt_client()  # the client pump does the handshake
-                    elif session.wants_client_data:
+                    elif session.wants_client_data and self._client_may_send is not None:
                         self._client_may_send.set()
             self._stop_receiving()
         finally:
@@ -685,36 +735,6 @@ class Relay:
         self._pumps_left -= 1
         if self._pumps_left == 0 and self._pump_nursery is not None:
             self._pump_nursery.cancel_scope.cancel()
-
-    async def _receive_upstream(self) -> bytes | None:
-        """One read from the upstream (b"" at EOF; None: the session ended)."""
-        tcp = self._upstream_tcp
-        if tcp is None:
-            return await self._receive_upstream_stream()
-        sock = tcp.socket
-        while True:
-            try:
-                data = sock.recv(RECEIVE_SIZE)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                self.session.end(EndReason.UPSTREAM_ERROR, _describe(exc))
-                return None
-            else:
-                self._upstream_run += 1
-                if self._upstream_run >= FAIRNESS_READS:
-                    self._upstream_run = 0
-                    await trio.lowlevel.checkpoint()  # never starve other sessions
-                return data
-            self._upstream_run = 0
-            self._upstream_waiting = True
-            try:
-                await trio.lowlevel.wait_readable(sock)
-            except trio.ClosedResourceError as exc:
-                self.session.end(EndReason.UPSTREAM_ERROR, _describe(exc))
-                return None
-            finally:
-                self._upstream_waiting = False
 
     async def _receive_upstream_stream(self) -> bytes | None:
         """One read from a TLS (or test) upstream stream."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import secrets
 import signal
 import socket
@@ -60,7 +61,7 @@ from popguard.retention import RetentionStore
 from popguard.sharedstate import SharedState, open_shared_state
 from popguard.shell import shared
 from popguard.shell.admin import AdminServer, Readiness
-from popguard.shell.relay import Relay, UpstreamSecurity
+from popguard.shell.relay import Connector, Relay, UpstreamSecurity
 from popguard.shell.role import WorkerRole
 from popguard.shell.tcp import TCPStream
 from popguard.shell.timers import SessionTimers
@@ -207,6 +208,16 @@ class ProxyServer:
         #: The bound address of each listener, once serving (port 0 resolved).
         self.bound: dict[str, list[Endpoint]] = {}
         self._opened: list[tuple[ListenerSpec, list[socket.socket]]] = []
+        # What every session's relay is given, made once rather than per
+        # session: an idle session keeps each of them.
+        upstream = settings.upstream
+        connect: Connector = partial(connect_tcp, upstream.host, upstream.port)
+        if metrics is not None:
+            connect = metrics.timed_connector(connect, trio.current_time)
+        self._connect: Connector = connect
+        self._upstream_label = str(upstream)
+        self._emit = audit.emit
+        self._emit_durable = audit.emit_durable
 
     @property
     def active_sessions(self) -> int:
@@ -539,23 +550,17 @@ class ProxyServer:
             policy=policy,
             observer=self.metrics.command_timer(trio.current_time) if self.metrics else None,
         )
-        upstream = settings.upstream
-        connect = partial(connect_tcp, upstream.host, upstream.port)
         return Relay(
             session,
             stream,
-            connect_upstream=(
-                self.metrics.timed_connector(connect, trio.current_time)
-                if self.metrics is not None
-                else connect
-            ),
-            upstream_label=str(upstream),
+            connect_upstream=self._connect,
+            upstream_label=self._upstream_label,
             connect_timeout=settings.connect_timeout,
             idle_timeout=settings.idle_timeout,
             login_timeout=settings.login_timeout,
             greeting_timeout=settings.greeting_timeout,
-            emit=self.audit.emit,
-            emit_durable=self.audit.emit_durable,
+            emit=self._emit,
+            emit_durable=self._emit_durable,
             policy=policy,
             client_tls=self.tls.listeners.get(listener),
             implicit_tls=mode == "implicit",
@@ -637,20 +642,28 @@ class ProxyServer:
 async def connect_tcp(host: str, port: int) -> TCPStream:
     """Connect to the upstream.
 
-    An address literal is connected directly; a name goes through
-    ``trio.open_tcp_stream`` (resolver thread, happy eyeballs across its
-    addresses).  The direct path saves a thread round trip per session.
+    An address literal is connected directly, on a plain non-blocking
+    socket that trio only waits on (no trio socket made and detached again
+    per session); a name goes through ``trio.open_tcp_stream`` (resolver
+    thread, happy eyeballs across its addresses).
     """
     family = _literal_family(host)
     if family is None:
         return TCPStream.adopt(await trio.open_tcp_stream(host, port))
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        await sock.connect((host, port))
+        sock.setblocking(False)
+        try:
+            sock.connect((host, port))
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise OSError(error, os.strerror(error), f"{host}:{port}") from None
     except BaseException:
         sock.close()
         raise
-    return TCPStream(socket.socket(fileno=sock.detach()))
+    return TCPStream(sock)
 
 
 def _literal_family(host: str) -> socket.AddressFamily | None:
