@@ -13,8 +13,9 @@ without a Python loop per line.  :class:`MessageContent` follows one body:
   and nowhere else: a bare CR or a bare LF is a byte inside a line.  This
   is the framing of popguard's own terminator search
   (``ProxySession._relay_body``: only CRLF "." CRLF ends a reply, see
-  ``grammar.MULTILINE_TERMINATOR``), so the digest covers exactly the bytes
-  the client was given as the message.
+  ``grammar.MULTILINE_TERMINATOR``; a followed body's end is found here),
+  so the digest covers exactly the bytes the client was given as the
+  message.
 * **Unstuffing** (RFC 1939 §3): a line that begins with "." and is not the
   terminator has that first octet stripped.  Read the body as if a CRLF came
   before it; then every line start that begins with "." is the sequence
@@ -33,11 +34,16 @@ without a Python loop per line.  :class:`MessageContent` follows one body:
   the held suffix starts with a CR and neither LF nor "." is one.
 * **Speed.**  Base64 and most binary parts hold no "." at all, so a memchr
   for the first "." settles those chunks (and starts the search in the
-  others).  Otherwise one compiled-pattern scan looks for CRLF ".", which
-  Python 3.11's ``bytes.find`` does at half that speed: mail has a CR on
-  every line, and ``find`` then keeps stepping one byte at a time.  Only a
-  chunk holding a dot-line (the last one holds the terminator's) pays two
-  more scans from that line on: for the terminator, and the substitution.
+  others).  Otherwise one compiled-pattern search finds the first CRLF
+  ".", which Python 3.11's ``bytes.find`` does at half that speed: mail has
+  a CR on every line, and ``find`` then keeps stepping one byte at a time.
+  A chunk without one is hashed in place, without a copy.  From the first
+  dot-line on, one ``split`` at CRLF "." does the rest: each piece after it
+  follows a dot-line, and the first piece that begins with CRLF follows the
+  terminator's.  So finding the end of the body and unstuffing it are one
+  scan, and :meth:`MessageContent.take` gives the relay that end: a body
+  followed for its digest is scanned once, not once for the relay's
+  terminator and again here.
 
 What real Dovecot (2.3.19, ``src/pop3/pop3-commands.c`` ``fetch_callback``)
 sends for a Maildir file, checked byte for byte by
@@ -73,11 +79,11 @@ __all__ = ["MessageContent"]
 #: The termination octet (RFC 1939 §3).
 _DOT: Final = b"."
 
-#: A line that starts with the termination octet: stuffed, or the terminator.
-_DOT_LINE: Final = re.compile(re.escape(CRLF + _DOT))
+_DOT_ORD: Final = _DOT[0]
 
-#: A compiled search beats ``bytes.find`` here, as in ``session._find_terminator``.
-_find_terminator: Final = re.compile(re.escape(MULTILINE_TERMINATOR)).search
+#: A line that starts with the termination octet: stuffed, or the terminator.
+_DOT_LINE_BYTES: Final = CRLF + _DOT
+_DOT_LINE: Final = re.compile(re.escape(_DOT_LINE_BYTES))
 
 #: What may end a chunk and be completed by the next one into a dot-line or
 #: the terminator: the terminator's proper prefixes, as suffixes (longest
@@ -138,54 +144,84 @@ class MessageContent:
             if chunk:
                 raise ValueError("bytes fed after the terminator")
             return b""
-        pending = self._pending
-        if self._at_start and pending == CRLF and chunk and chunk[:1] != _DOT:
-            # The body does not begin with a dot: its virtual CRLF can go
-            # now, without copying the chunk behind it.
-            pending = self._pending = b""
-            self._at_start = False
-        data = pending + chunk if pending else chunk
-        # memchr finds the first "." at once; no dot-line starts before it.
-        dot = data.find(_DOT)
-        first = _DOT_LINE.search(data, max(dot - len(CRLF), 0)) if dot != -1 else None
-        view = memoryview(data)
-        if (
-            first is not None
-            and first.start() == len(data) - len(MULTILINE_TERMINATOR)
-            and data.endswith(MULTILINE_TERMINATOR)
-        ):
-            # Only the terminator: the message is everything before its
-            # ".\r\n", nothing to unstuff.
-            cut = len(data) - len(MULTILINE_TERMINATOR) + len(CRLF)
-            self._done = True
-            return self._take(view[:cut], keep)
-        if first is not None:
-            start = first.start()
-            end = _find_terminator(data, start)
-            if end is None:
-                cut = len(data) - _open_end(data)
-            elif end.end() == len(data):
-                cut = end.start() + len(CRLF)  # this CRLF ends the message's last line
-                self._done = True
-            else:
-                raise ValueError("bytes fed after the terminator")
-            # Only the part from the first dot-line on is scanned again.
-            message = data[:start] + _DOT_LINE.sub(CRLF, data[start:cut])
-            self._pending = data[cut:] if not self._done else b""
-            return self._take(message, keep)
-        cut = len(data) - _open_end(data)
-        self._pending = data[cut:]
-        return self._take(data if cut == len(data) else view[:cut], keep)
+        end, message, pending, at_start = self._scan(chunk, 0)
+        if end != -1 and end != len(chunk):
+            raise ValueError("bytes fed after the terminator")
+        return self._commit(end, message, pending, at_start, keep)
 
-    def _take(self, message: bytes | memoryview, keep: bool) -> bytes:
-        """Hash (and return, if ``keep``) the message bytes just completed."""
+    def take(self, data: bytes, pos: int = 0, *, keep: bool = False) -> tuple[int, bytes]:
+        """Take the body's bytes from ``data[pos:]`` up to its terminator.
+
+        Returns where the body ends in ``data`` (just after the terminator;
+        -1 when it does not end in this data, which is then all taken) and,
+        with ``keep``, the message bytes completed.  This is the relay's
+        one scan of a RETR body: finding the terminator and unstuffing are
+        the same search for CRLF ".".
+        """
         if self._done:
-            self._pending = b""
-        if self._at_start and len(message):
-            # The virtual CRLF: never cut in two (a held suffix starts with a
-            # CR, and its LF is none), so the first bytes returned start with it.
-            message = message[len(CRLF) :]
-            self._at_start = False
+            return pos, b""
+        end, message, pending, at_start = self._scan(data, pos)
+        return end, self._commit(end, message, pending, at_start, keep)
+
+    def _scan(self, data: bytes, pos: int) -> tuple[int, bytes | memoryview, bytes, bool]:
+        """Read ``data[pos:]`` without changing anything.
+
+        Returns (where the body ends in ``data`` or -1, the message bytes
+        completed, the bytes held for the next call, whether those still
+        begin with the body's virtual CRLF).
+        """
+        pending = self._pending
+        at_start = self._at_start
+        if at_start and pending == CRLF and len(data) > pos and data[pos] != _DOT_ORD:
+            # The body does not begin with a dot: its virtual CRLF can go
+            # now, without copying the data behind it.
+            pending, at_start = b"", False
+        if pending:
+            buf, start, base = pending + data[pos:], 0, pos - len(pending)
+        else:
+            buf, start, base = data, pos, 0
+        skip = len(CRLF) if at_start else 0  # the virtual CRLF is no content
+        # memchr finds the first "." at once; no dot-line starts before it.
+        dot = buf.find(_DOT, start)
+        first = _DOT_LINE.search(buf, max(dot - len(CRLF), start)) if dot != -1 else None
+        if first is None:
+            cut = len(buf) - _open_end(buf)
+            view = memoryview(buf)
+            message = buf if start + skip == 0 and cut == len(buf) else view[start + skip : cut]
+            return -1, message, buf[cut:], at_start and cut == 0
+        # One split from the first dot-line on: every piece after the first
+        # follows a CRLF "." (a stuffed line, or the terminator's).
+        dot_line = first.start()
+        pieces = _DOT_LINE.split(buf[dot_line:])
+        parts = [buf[start:dot_line]]
+        offset = dot_line  # where the current dot-line starts in buf
+        last = len(pieces) - 1
+        for index in range(1, last + 1):
+            piece = pieces[index]
+            if piece[:2] == CRLF:  # CRLF "." CRLF: the end of the body
+                parts.append(b"")  # its CRLF ends the message's last line
+                message = CRLF.join(parts)[skip:]
+                return offset + len(MULTILINE_TERMINATOR) + base, message, b"", False
+            if index == last and (piece == b"" or piece == b"\r"):
+                # CRLF "." (CR) at the very end: the next data decides.
+                message = CRLF.join(parts)[skip:]
+                return -1, message, buf[offset:], at_start and offset == 0
+            parts.append(piece)  # a stuffed line: its dot is dropped
+            offset += len(_DOT_LINE_BYTES) + len(piece)
+        held = _open_end(parts[-1])
+        if held:
+            parts[-1] = parts[-1][:-held]
+        message = CRLF.join(parts)[skip:]
+        return -1, message, buf[len(buf) - held :], False
+
+    def _commit(
+        self, end: int, message: bytes | memoryview, pending: bytes, at_start: bool, keep: bool
+    ) -> bytes:
+        """Keep what :meth:`_scan` read: hash ``message``, hold ``pending``."""
+        self._pending = pending
+        self._at_start = at_start
+        if end != -1:
+            self._done = True
         if not len(message):
             return b""
         self._hash.update(message)

@@ -1340,23 +1340,33 @@ class ProxySession:
         self._complete(status, line)
 
     def _relay_body(self, data: bytes, pos: int) -> int:
-        """Stream a multi-line reply through, finding only its terminator."""
-        tail = self._tail
-        probe = tail + data[pos : pos + 4]
-        found = probe.find(MULTILINE_TERMINATOR)
-        if found != -1:
-            end = pos + found + len(MULTILINE_TERMINATOR) - len(tail)
+        """Stream a multi-line reply through, finding only its terminator.
+
+        A body followed for its content (a RETR's digest, a retention copy)
+        is framed by :meth:`MessageContent.take`, whose one search for CRLF
+        "." finds the terminator and the stuffed lines alike.
+        """
+        content = self._content
+        if content is not None:
+            end, message = content.take(data, pos, keep=self._archiving)
+            if message:
+                self._archive_out.append(ArchiveData(self._content_msg, message))
         else:
-            found = _find_terminator(data, pos)
-            end = found + len(MULTILINE_TERMINATOR) if found != -1 else -1
+            tail = self._tail
+            probe = tail + data[pos : pos + 4]
+            found = probe.find(MULTILINE_TERMINATOR)
+            if found != -1:
+                end = pos + found + len(MULTILINE_TERMINATOR) - len(tail)
+            else:
+                found = _find_terminator(data, pos)
+                end = found + len(MULTILINE_TERMINATOR) if found != -1 else -1
         chunk = (data[pos:] if pos else data) if end == -1 else data[pos:end]
         if not self._body_internal:
             self._client_out.append(chunk)
         self._reply_bytes += len(chunk)
-        if self._content is not None:
-            self._feed_content(chunk)
         if end == -1:
-            self._tail = chunk[-4:] if len(chunk) >= 4 else (tail + chunk)[-4:]
+            if content is None:
+                self._tail = chunk[-4:] if len(chunk) >= 4 else (self._tail + chunk)[-4:]
             return len(data)
         self._reader = _Reader.STATUS
         self._complete(Status.OK, b"")
@@ -1379,13 +1389,6 @@ class ProxySession:
             assert account is not None
             uidl = self._messages.uidls.get(msg) if self._messages is not None else None
             self._archive_out.append(ArchiveBegin(msg, account.name, uidl))
-
-    def _feed_content(self, chunk: bytes) -> None:
-        content = self._content
-        assert content is not None
-        data = content.feed(chunk, keep=self._archiving)
-        if data and self._archiving:
-            self._archive_out.append(ArchiveData(self._content_msg, data))
 
     def _end_content(self) -> tuple[str, int] | None:
         """The RETR body is complete: its digest and size, learnt (and archived)."""
