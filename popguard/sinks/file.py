@@ -54,6 +54,15 @@ __all__ = ["FSYNC_POLICIES", "FileSink", "FsyncPolicy"]
 FsyncPolicy = Literal["always", "interval", "never"]
 FSYNC_POLICIES: Final[tuple[FsyncPolicy, ...]] = ("always", "interval", "never")
 
+#: How long the writer, once woken, gathers records before writing them.
+#: With ``interval`` (200 ms by default) or ``never``, a record written 20 ms
+#: later is no less durable, and each wake-up of the writer costs GIL
+#: hand-offs with the event loop: 5 -> 30 ms took the writer's CPU per
+#: session from about 200 to 110 us (concurrency bench, audit file on).
+#: With ``always`` every record should reach the disk at once: 5 ms.
+BATCH_DELAY: Final = 0.020
+BATCH_DELAY_ALWAYS: Final = 0.005
+
 _OPEN_FLAGS: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 _MODE: Final = 0o640
 _SCHEMA: Final = 1
@@ -87,6 +96,7 @@ class FileSink(QueuedSink):
         self.path = os.fspath(path)
         super().__init__(name or f"file:{self.path}", queue_size=queue_size)
         self.fsync_policy: FsyncPolicy = fsync
+        self.batch_delay = BATCH_DELAY_ALWAYS if fsync == "always" else BATCH_DELAY
         self.fsync_interval = fsync_interval_ms / 1000
         self._key = key
         #: Time of the oldest write not yet fsynced (``time.monotonic()``).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import errno
 import io
 import json
@@ -19,6 +20,7 @@ import trio
 from popguard.audit import (
     AuditLog,
     ConsoleSink,
+    iso_utc,
     open_audit_log_from_config,
     session_context,
 )
@@ -430,3 +432,64 @@ def test_emit_cost_on_the_event_loop(tmp_path: Path) -> None:
     per_record = statistics.median(samples)
     print(f"emit(): {per_record * 1e6:.1f} us per record (fsync=always)")
     assert per_record < 500e-6
+
+
+# --------------------------------------------------------------------------
+# The pipeline's own processors: session fields and the timestamp
+# --------------------------------------------------------------------------
+
+
+async def test_session_context_nests_reaches_child_tasks_and_yields_to_record_fields() -> None:
+    sink = ListSink()
+    log = AuditLog([sink])
+
+    async def child() -> None:
+        log.event("in.child")
+
+    with session_context(session="s1", client="192.0.2.1:1", listener="pop3"):
+        with session_context(client="198.51.100.7:2", proxy="192.0.2.1:1"):
+            log.event("inner")
+        log.event("outer", listener="own")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(child)
+    log.event("outside")
+    inner, outer, in_child, outside = sink.events
+    assert (inner["session"], inner["client"], inner["proxy"]) == (
+        "s1",
+        "198.51.100.7:2",
+        "192.0.2.1:1",
+    )
+    assert (outer["client"], outer["listener"]) == ("192.0.2.1:1", "own")
+    assert "proxy" not in outer
+    assert in_child["session"] == "s1"
+    assert not {"session", "client", "listener"} & outside.keys()
+    log.close()
+
+
+@pytest.mark.parametrize(
+    ("seconds", "micro"),
+    [(0, 0), (1, 5), (1_781_000_000, 0), (1_781_000_000, 123_456), (1_781_000_059, 999_999)],
+)
+def test_timestamps_are_structlogs_iso_utc_text(seconds: int, micro: int) -> None:
+    # TimeStamper(fmt="iso", utc=True) writes datetime.isoformat() with "Z":
+    # no fraction at all when the microseconds are 0.
+    expected = (
+        datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+        .replace(microsecond=micro)
+        .isoformat()
+        .replace("+00:00", "Z")
+    )
+    assert iso_utc(seconds + (micro + 0.5) / 1_000_000) == expected  # mid-microsecond
+
+
+def test_a_records_timestamp_is_now_in_utc() -> None:
+    sink = ListSink()
+    log = AuditLog([sink])
+    before = datetime.datetime.now(datetime.UTC)
+    log.event("tick")
+    after = datetime.datetime.now(datetime.UTC)
+    stamp = sink.events[0]["timestamp"]
+    assert stamp.endswith("Z")
+    when = datetime.datetime.fromisoformat(stamp)
+    assert before - datetime.timedelta(milliseconds=1) <= when <= after
+    log.close()
