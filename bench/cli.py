@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--audit-breakdown",
         action="store_true",
-        help="like --audit-compare, plus two more popguards with each half of full auditing "
-        "alone: message identity without a file, and the file without identity",
+        help="like --audit-compare, plus a popguard with the audit file but no message "
+        "identity (full / file only is what identity costs)",
     )
     parser.add_argument(
         "--policy-compare",

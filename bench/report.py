@@ -461,7 +461,6 @@ def workers_rows(wk: dict[str, Any], results: dict[str, Any]) -> list[Row]:
 
 
 _PART_LABELS = {
-    "identity": "      message identity only (no file)",
     "file": "      audit file only (no identity)",
 }
 
@@ -540,7 +539,7 @@ def audit_rows(results: dict[str, Any]) -> list[Row]:
                         f"{'+' if added >= 0 else ''}{num(added)} µs",
                     )
                 )
-            parts = [s for s in ("identity", "file") if s in cpu]
+            parts = [s for s in ("file",) if s in cpu]
             if parts:
                 out.append(
                     Row(
@@ -562,7 +561,7 @@ def audit_rows(results: dict[str, Any]) -> list[Row]:
                         f"{'+' if added >= 0 else ''}{num(added)} ms",
                     )
                 )
-                parts = [s for s in ("identity", "file") if s in cpu]
+                parts = [s for s in ("file",) if s in cpu]
                 if parts:
                     out.append(
                         Row(

@@ -474,9 +474,10 @@ class AuditModel(Model):
     durable_timeout_ms: Annotated[int, AtLeast(1, "a wait of a millisecond or more")] = 5000
     syslog: list[SyslogModel] | None = None
     message_identity: bool = True
+    """Look up each message's UIDL and size upstream, so records name it durably
+    (skipped when no sink would record it and no retention store is set)."""
     content_digests: bool = True
     """With message_identity: name each message retrieved whole by its SHA-256 too."""
-    """Look up each message's UIDL and size upstream, so records name it durably."""
 
 
 def _identity_string(name: str) -> Callable[[str], str]:

@@ -218,6 +218,12 @@ class ProxyServer:
         self._upstream_label = str(upstream)
         self._emit = audit.emit
         self._emit_durable = audit.emit_durable
+        #: Message identity (UIDL and size lookups, content digests) is work
+        #: for the records: skipped when no sink would receive one, unless a
+        #: retention store names its copies by UIDL.
+        self._message_identity = settings.message_identity and (
+            bool(audit.sinks) or settings.retention is not None
+        )
 
     @property
     def active_sessions(self) -> int:
@@ -543,7 +549,7 @@ class ProxyServer:
             listener=listener,
             limits=settings.limits,
             idle_notice=settings.idle_notice,
-            message_identity=settings.message_identity,
+            message_identity=self._message_identity,
             content_digests=settings.content_digests,
             identity=settings.identity,
             durable_deletions=self.audit.fail_closed,

@@ -544,3 +544,18 @@ async def test_policy_reload_applies_to_open_sessions_and_keeps_old_set_on_error
     assert s.sink.named("policy.reload_failed")[0]["errors"] == [
         "policies/bad.yaml:2:3: unknown key"
     ]
+
+
+@pytest.mark.parametrize("with_sink", [True, False])
+async def test_message_identity_lookups_only_when_a_sink_records_them(with_sink: bool) -> None:
+    # UIDL and LIST lookups (and the content digest) are for the records:
+    # with no sink at all nothing would receive them, so nothing is asked.
+    audit = AuditLog([ListSink()] if with_sink else [])
+    async with stack(audit=audit) as s:
+        reply = await in_thread(
+            raw_session, s.port, b"USER demo\r\nPASS demo\r\nRETR 1\r\nQUIT\r\n"
+        )
+    assert reply.count(b"+OK") >= 4
+    lookups = [line for line in s.demo.received_commands if line.upper().startswith(b"UIDL")]
+    assert bool(lookups) is with_sink
+    assert no_quit_upstream(s.demo) is False  # the client's QUIT went through
