@@ -269,13 +269,19 @@ class SessionPolicy:
     def check_connect(self) -> Verdict | None:
         """Before the upstream is contacted.  The session counts once allowed."""
         shared = self._shared
-        verdict = _decide(
-            self._access,
-            lambda: self._limit("max_sessions_total", shared.counts.total),
-            lambda: self._limit(
-                "max_sessions_per_client", shared.counts.per_client[self.peer_host]
-            ),
-            lambda: self._blocked("client"),
+        # Without rules every check is None: skip building them (a session
+        # still counts, for the rules a reload may bring).
+        verdict = (
+            None
+            if not self.active
+            else _decide(
+                self._access,
+                lambda: self._limit("max_sessions_total", shared.counts.total),
+                lambda: self._limit(
+                    "max_sessions_per_client", shared.counts.per_client[self.peer_host]
+                ),
+                lambda: self._blocked("client"),
+            )
         )
         if verdict is None or not verdict.enforced:
             shared.counts.opened(self.peer_host)
@@ -332,6 +338,8 @@ class SessionPolicy:
     def claim(self, user: str) -> Verdict | None:
         """The client named a user (USER, APOP, or SASL): may it try to log in?"""
         self.context = replace(self.context, claimed_user=user)
+        if not self.active:
+            return None
         return _decide(
             self._access,
             lambda: self._blocked("client"),
@@ -351,9 +359,13 @@ class SessionPolicy:
             # The store counted the user when the name was given (its slot
             # is this session's lease): only the rules' access is left.
             return self._access()
-        verdict = _decide(
-            self._access,
-            lambda: self._limit("max_sessions_per_user", self._shared.counts.per_user[user]),
+        verdict = (
+            None
+            if not self.active
+            else _decide(
+                self._access,
+                lambda: self._limit("max_sessions_per_user", self._shared.counts.per_user[user]),
+            )
         )
         if verdict is not None and verdict.enforced:
             return verdict

@@ -339,3 +339,18 @@ def test_half_closed_client_gets_every_held_command_answered() -> None:
         policy=factory(shared(ALICE_READ_ONLY)),
     )
     assert out.record("policy.denied")["command"] == "DELE"
+
+
+def test_sessions_opened_without_rules_count_against_limits_a_reload_brings() -> None:
+    # With no rules every check is skipped, but sessions and logins still
+    # count, so a limit loaded later sees the sessions already open.
+    state = shared()
+    first = play(
+        [S(GREETING), C(b"USER alice\r\nPASS pw\r\n"), S(b"+OK\r\n+OK\r\n")], policy=factory(state)
+    )
+    assert first.session.state.value == "TRANSACTION"
+    assert state.counts.total == 1
+    state.holder.replace(PolicySet((rule("one-each", max_sessions_per_user=1),)))
+    second = play([S(GREETING), C(b"USER alice\r\n")], policy=factory(state))
+    assert second.upstream == b""
+    assert second.client == GREETING + b"-ERR [IN-USE] Too many sessions for this user\r\n"
