@@ -81,17 +81,34 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+#: What JSON writes as it is.  Tuples of types, not ``str | bool | int``:
+#: ``isinstance`` with a union made in the call builds the union every time.
+_SCALARS: Final = (str, bool, int)
+_SEQUENCES: Final = (list, tuple)
+#: The exact types a record's values almost always have.
+_PLAIN: Final = frozenset({str, int, bool, type(None)})
+
+
 def jsonable(value: Any) -> Any:
     """``value`` with tuples as lists and anything exotic as its ``str``."""
-    if value is None or isinstance(value, str | bool | int):
+    if value is None or isinstance(value, _SCALARS):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
-    if isinstance(value, list | tuple):
+    if isinstance(value, _SEQUENCES):
         return [jsonable(item) for item in value]
     if isinstance(value, Mapping):
         return {str(key): jsonable(item) for key, item in value.items()}
     return str(value)
+
+
+def jsonable_record(event: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`jsonable` for a record (a new dict), with one call for the
+    whole record rather than one per field where every value is plain."""
+    return {
+        key if type(key) is str else str(key): (value if type(value) in _PLAIN else jsonable(value))
+        for key, value in event.items()
+    }
 
 
 def render_json(event: Mapping[str, Any]) -> str:

@@ -44,7 +44,7 @@ from popguard.sinks.base import (
     Kind,
     QueuedSink,
     describe_error,
-    jsonable,
+    jsonable_record,
     utc_timestamp,
 )
 from popguard.trail import chain as trail
@@ -177,7 +177,7 @@ class FileSink(QueuedSink):
         return (self.chain.seal_line(record) + "\n").encode("ascii")
 
     def _seal(self, event: Mapping[str, Any]) -> bytes:
-        record = jsonable(event)
+        record = jsonable_record(event)
         for name in trail.CHAIN_FIELDS:
             if name in record:  # never let a field pose as a chain field
                 record[f"{name}_"] = record.pop(name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from popguard.sinks.base import Entry, QueuedSink, jsonable, render_json
+from popguard.sinks.base import Entry, QueuedSink, jsonable_record, render_json
 
 __all__ = ["StdoutSink"]
 
@@ -27,7 +27,7 @@ class StdoutSink(QueuedSink):
     def _deliver(self, entry: Entry) -> None:
         assert entry.event is not None
         if entry.payload is None:
-            entry.payload = (render_json(jsonable(entry.event)) + "\n").encode("ascii")
+            entry.payload = (render_json(jsonable_record(entry.event)) + "\n").encode("ascii")
         stream = self._stream if self._stream is not None else sys.stdout
         stream.write(entry.payload.decode("ascii"))
         stream.flush()

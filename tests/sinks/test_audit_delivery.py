@@ -26,7 +26,7 @@ from popguard.audit import (
 )
 from popguard.config import AuditConfig
 from popguard.core.records import AuditRecord, Event
-from popguard.sinks.base import Entry, QueuedSink, ThreadedSink
+from popguard.sinks.base import Entry, QueuedSink, ThreadedSink, jsonable, jsonable_record
 from popguard.sinks.file import FileSink
 from popguard.sinks.stream import StdoutSink
 from tests.listsink import ListSink
@@ -493,3 +493,28 @@ def test_a_records_timestamp_is_now_in_utc() -> None:
     when = datetime.datetime.fromisoformat(stamp)
     assert before - datetime.timedelta(milliseconds=1) <= when <= after
     log.close()
+
+
+def test_a_records_values_are_made_json_the_same_way_field_by_field_or_whole() -> None:
+    event = {
+        "event": Event.DELE_MARKED,  # a str subclass: kept as the string it is
+        "msg": 3,
+        "ok": True,
+        "detail": None,
+        "messages": ({"msg": 1, "uidl": "a"}, {"msg": 2}),
+        "ratio": float("inf"),
+        7: "a key that is not a string",
+        "when": datetime.date(2026, 12, 7),
+    }
+    expected = {
+        "event": "dele.marked",
+        "msg": 3,
+        "ok": True,
+        "detail": None,
+        "messages": [{"msg": 1, "uidl": "a"}, {"msg": 2}],
+        "ratio": "inf",
+        "7": "a key that is not a string",
+        "when": "2026-12-07",
+    }
+    assert jsonable_record(event) == expected == jsonable(event)
+    assert json.loads(json.dumps(jsonable_record(event))) == expected
