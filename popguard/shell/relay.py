@@ -109,6 +109,23 @@ class _Blocked(enum.Enum):
 
 _BLOCKED: Final = _Blocked.BLOCKED
 
+#: What a pump's wait for input raises when the connection is gone.
+_WAIT_ERRORS = (trio.ClosedResourceError, trio.BrokenResourceError)
+
+
+def _source(
+    stream: trio.abc.Stream | None, tcp: TCPStream | None
+) -> socket.socket | TLSSocketStream | None:
+    """What a pump reads without entering trio (``Relay._read_socket``): the
+    plain TCP socket, or the TLS connection (a :class:`TLSSocketStream`
+    returns every record the kernel already holds as one chunk, so one
+    network read costs one pass through the core and one write); None for
+    a stream read through trio (trio's TLS, a test's stream, or bytes a
+    PROXY header read left over)."""
+    if tcp is not None:
+        return None if tcp.pushback else tcp.socket
+    return stream if isinstance(stream, TLSSocketStream) else None
+
 
 def set_nodelay(stream: trio.abc.Stream) -> None:
     """Turn Nagle off: a POP3 reply is one write and must leave at once.
@@ -503,18 +520,22 @@ class Relay:
                 continue
             if session.wants_client_data:
                 tcp = self._client_tcp
+                source = _source(self.client, tcp)
                 data: bytes | _Blocked | None
-                if tcp is None or tcp.pushback:
+                if source is None:
                     data = await self._receive_client_stream(tcp)
                 else:
-                    data = self._read_socket(tcp.socket, client=True)
+                    data = self._read_socket(source, client=True)
                     if data is _BLOCKED:
                         # The wait is made here, not in a helper coroutine, and
                         # holds no chunk: an idle session keeps one frame less.
                         self._client_waiting = True
                         try:
-                            await trio.lowlevel.wait_readable(tcp.socket)
-                        except trio.ClosedResourceError as exc:
+                            if isinstance(source, TLSSocketStream):
+                                await source.wait_receivable()
+                            else:
+                                await trio.lowlevel.wait_readable(source)
+                        except _WAIT_ERRORS as exc:
                             session.end(EndReason.CLIENT_ERROR, _describe(exc))
                             return
                         finally:
@@ -544,8 +565,11 @@ class Relay:
             session.receive_client(data)
             await self._flush_both()
 
-    def _read_socket(self, sock: socket.socket, *, client: bool) -> bytes | _Blocked | None:
-        """One ``recv`` on a pump's plain TCP socket, without entering trio.
+    def _read_socket(
+        self, source: socket.socket | TLSSocketStream, *, client: bool
+    ) -> bytes | _Blocked | None:
+        """One read from a pump's plain TCP socket (``recv``) or TLS
+        connection (``receive_nowait``), without entering trio.
 
         Returns the bytes (b"" at EOF), ``_BLOCKED`` when there is nothing
         to read (the caller waits, then calls again), or None when the read
@@ -553,18 +577,24 @@ class Relay:
         scheduler pass even when the data is already there, so the socket
         is read directly, as bench/floor.py does.
         """
+        size = CLIENT_RECEIVE_SIZE if client else RECEIVE_SIZE
         try:
-            data = sock.recv(CLIENT_RECEIVE_SIZE if client else RECEIVE_SIZE)
+            if isinstance(source, TLSSocketStream):
+                data = source.receive_nowait(size)
+            else:
+                data = source.recv(size)
         except BlockingIOError:
+            data = None
+        except _STREAM_ERRORS as exc:
+            reason = EndReason.CLIENT_ERROR if client else EndReason.UPSTREAM_ERROR
+            self.session.end(reason, _describe(exc))
+            return None
+        if data is None:
             if client:
                 self._client_run = 0
             else:
                 self._upstream_run = 0
             return _BLOCKED
-        except OSError as exc:
-            reason = EndReason.CLIENT_ERROR if client else EndReason.UPSTREAM_ERROR
-            self.session.end(reason, _describe(exc))
-            return None
         if client:
             self._client_run += 1
         else:
@@ -572,7 +602,7 @@ class Relay:
         return data
 
     async def _receive_client_stream(self, tcp: TCPStream | None) -> bytes | None:
-        """One read from a TLS (or test) client stream, or what a TCP
+        """One read from trio's TLS or a test's client stream, or what a TCP
         connection's PROXY header read left over (b"" at EOF; None: the
         session ended)."""
         if tcp is not None:
@@ -696,17 +726,20 @@ class Relay:
         try:
             with scope:
                 while not session.finished:
-                    tcp = self._upstream_tcp
+                    source = _source(self.upstream, self._upstream_tcp)
                     data: bytes | _Blocked | None
-                    if tcp is None:
+                    if source is None:
                         data = await self._receive_upstream_stream()
                     else:
-                        data = self._read_socket(tcp.socket, client=False)
+                        data = self._read_socket(source, client=False)
                         if data is _BLOCKED:
                             self._upstream_waiting = True
                             try:
-                                await trio.lowlevel.wait_readable(tcp.socket)
-                            except trio.ClosedResourceError as exc:
+                                if isinstance(source, TLSSocketStream):
+                                    await source.wait_receivable()
+                                else:
+                                    await trio.lowlevel.wait_readable(source)
+                            except _WAIT_ERRORS as exc:
                                 session.end(EndReason.UPSTREAM_ERROR, _describe(exc))
                                 break
                             finally:
@@ -737,12 +770,9 @@ class Relay:
             self._pump_nursery.cancel_scope.cancel()
 
     async def _receive_upstream_stream(self) -> bytes | None:
-        """One read from a TLS (or test) upstream stream."""
+        """One read from trio's TLS or a test's upstream stream."""
         upstream = self.upstream
         assert upstream is not None
-        # A TLSSocketStream returns every record the kernel already holds as
-        # one chunk (Dovecot writes 4 KiB records), so one network read costs
-        # one pass through the core and one client write.
         self._upstream_waiting = True
         try:
             data = await upstream.receive_some(RECEIVE_SIZE)

@@ -16,6 +16,10 @@ OpenSSL says ``SSLWantReadError``/``SSLWantWriteError``.  It behaves like
   kernel already holds, up to the size asked for, as one chunk (a server
   writing 4 KiB records costs one pass through the relay per network read,
   not one per record); when data was there at once it still yields once;
+* :meth:`~TLSSocketStream.receive_nowait` is the same read without trio,
+  and :meth:`~TLSSocketStream.wait_receivable` the wait: the relay's pumps
+  read TLS as they read plain TCP, entering trio only to wait, and skip the
+  read that would fail right after one that drained the kernel;
 * ``send_all`` does not yield when the kernel took every record at once.
 
 OpenSSL can need the other direction of the socket (a write that must
@@ -88,6 +92,10 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
         #: Plaintext decrypted before close_notify was sent (see send_eof),
         #: returned by the next receives.
         self._held = b""
+        #: What the last read found: None, nothing (ask OpenSSL); True, the
+        #: kernel drained (wait until readable); False, OpenSSL must write
+        #: first (wait until writable).
+        self._blocked: bool | None = None
         #: Which task waits for the socket in trio, per direction; the other
         #: task, if it needs the same direction, waits for this event.
         self._parked = {False: False, True: False}
@@ -187,41 +195,70 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
         self._check_open()
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving")
+        size = max_bytes or DEFAULT_RECEIVE_SIZE
+        data = self.receive_nowait(size)
+        if data is None:
+            while data is None:
+                await self.wait_receivable()
+                data = self.receive_nowait(size)
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+
+    def receive_nowait(self, max_bytes: int) -> bytes | None:
+        """What :meth:`receive_some` returns, without entering trio: None when
+        nothing can be decrypted yet (await :meth:`wait_receivable`, then call
+        again).  It never yields, so a caller that finds data again and again
+        must let other tasks run now and then (a checkpoint of its own).
+
+        When the last read found the kernel drained (OpenSSL wanted more
+        bytes), this returns None at once: a relay pump that just relayed a
+        chunk then waits without one more failing ``SSL_read``.  Waiting is
+        then at worst one wasted pass, never a hang: the wait ends at once if
+        the socket became readable meanwhile.
+        """
+        self._check_open()
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving")
+        if self._held or self._deferred is not None or self._eof_received:
+            if self._held:
+                held, self._held = self._held[:max_bytes], self._held[max_bytes:]
+                return held
+            if self._deferred is not None:
+                raise self._deferred
+            return b""
+        if self._blocked is not None:
+            return None
+        sock = self.socket
+        try:
+            data = sock.recv(max_bytes if max_bytes < MAX_RECORD else MAX_RECORD)
+        except ssl.SSLWantReadError:
+            self._blocked = True
+            return None
+        except ssl.SSLWantWriteError:
+            self._blocked = False
+            return None
+        except ssl.SSLZeroReturnError:
+            data = b""  # close_notify
+        except (OSError, ValueError) as exc:
+            raise self._translate(exc) from exc
+        if not data:
+            self._eof_received = True
+        elif len(data) < max_bytes:
+            data = self._gather(data, max_bytes)
+        return data
+
+    async def wait_receivable(self) -> None:
+        """Wait until :meth:`receive_nowait` may have something: for the
+        socket to be readable, or writable if OpenSSL must write first."""
+        self._check_open()
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving")
         self._receiving = True
         try:
-            size = max_bytes or DEFAULT_RECEIVE_SIZE
-            if self._held or self._deferred is not None or self._eof_received:
-                await trio.lowlevel.checkpoint()
-                if self._held:
-                    held, self._held = self._held[:size], self._held[size:]
-                    return held
-                if self._deferred is not None:
-                    raise self._deferred
-                return b""
-            sock = self.socket
-            waited = False
-            data: bytes | None = None
-            while data is None:
-                try:
-                    data = sock.recv(size if size < MAX_RECORD else MAX_RECORD)
-                except ssl.SSLWantReadError:
-                    waited = True
-                    await self._wait(readable=True)
-                except ssl.SSLWantWriteError:
-                    waited = True
-                    await self._wait(readable=False)
-                except ssl.SSLZeroReturnError:
-                    data = b""  # close_notify
-                except (OSError, ValueError) as exc:
-                    raise self._translate(exc) from exc
-            if not data:
-                self._eof_received = True
-            elif len(data) < size:
-                data = self._gather(data, size)
-            if not waited:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
+            await self._wait(readable=self._blocked is not False)
         finally:
+            self._blocked = None
             self._receiving = False
 
     def _gather(self, data: bytes, size: int) -> bytes:
@@ -241,8 +278,10 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
                     break
                 chunks.append(more)
                 total += len(more)
-        except _WANT:
-            pass
+        except ssl.SSLWantReadError:
+            self._blocked = True
+        except ssl.SSLWantWriteError:
+            self._blocked = False
         except ssl.SSLZeroReturnError:
             self._eof_received = True  # the next receive reports it
         except (OSError, ValueError) as exc:

@@ -272,6 +272,44 @@ async def test_a_receive_gathers_every_record_already_there(pki: PKI) -> None:
         assert len(await receive_exactly(client, 50_000 - 12_345)) == 50_000 - 12_345
 
 
+async def test_receive_nowait_reads_without_yielding_and_says_when_to_wait(pki: PKI) -> None:
+    async with tls_pair(pki) as (client, server):
+        assert client.receive_nowait(65536) is None  # nothing sent yet
+        for _ in range(20):
+            await server.send_all(b"r" * 1000)  # 20 records
+        with trio.fail_after(LIMIT):
+            await client.wait_receivable()
+        await trio.sleep(0.05)  # every record in the kernel
+        before = trio.lowlevel.current_statistics().tasks_runnable
+        assert client.receive_nowait(65536) == b"r" * 20_000  # one chunk
+        assert trio.lowlevel.current_statistics().tasks_runnable == before
+        # The read drained the kernel: until a wait, no further SSL_read is
+        # tried (None at once), even though more has arrived meanwhile.
+        await server.send_all(b"+OK\r\n")
+        await trio.sleep(0.05)
+        assert client.receive_nowait(65536) is None
+        with trio.fail_after(LIMIT):
+            await client.wait_receivable()  # returns at once: the data is there
+        assert client.receive_nowait(65536) == b"+OK\r\n"
+        await server.send_eof()
+        with trio.fail_after(LIMIT):
+            while (data := client.receive_nowait(65536)) is None:
+                await client.wait_receivable()
+        assert data == b""  # close_notify
+        assert client.receive_nowait(65536) == b""
+
+
+async def test_wait_receivable_is_one_waiter_at_a_time(pki: PKI) -> None:
+    async with tls_pair(pki) as (client, server), trio.open_nursery() as nursery:
+        nursery.start_soon(server.wait_receivable)
+        await trio.sleep(0.01)
+        with pytest.raises(trio.BusyResourceError):
+            server.receive_nowait(100)
+        with pytest.raises(trio.BusyResourceError):
+            await server.receive_some()
+        await client.send_all(b"x")
+
+
 async def test_a_large_send_is_corked_then_flushed(pki: PKI) -> None:
     async with tls_pair(pki) as (client, server):
         payload = b"z" * 200_000  # more than one record: corked
