@@ -150,6 +150,7 @@ class Relay:
         "_archive",
         "_before_login",
         "_claiming",
+        "_client_drained",
         "_client_may_send",
         "_client_run",
         "_client_scope",
@@ -182,6 +183,7 @@ class Relay:
         "_started_at",
         "_timed",
         "_timers",
+        "_upstream_drained",
         "_upstream_label",
         "_upstream_run",
         "_upstream_scope",
@@ -272,6 +274,11 @@ class Relay:
         #: Reads in a row that found data without waiting (fairness).
         self._client_run = 0
         self._upstream_run = 0
+        #: The last read of that plain socket was short: the kernel had no
+        #: more, so the next read waits first instead of failing (a recv that
+        #: raises BlockingIOError costs a system call and an exception).
+        self._client_drained = False
+        self._upstream_drained = False
         #: The plain TCP connections, read directly on the hot path.
         self._client_tcp = client if isinstance(client, TCPStream) else None
         self._upstream_tcp: TCPStream | None = None
@@ -581,8 +588,19 @@ class Relay:
         try:
             if isinstance(source, TLSSocketStream):
                 data = source.receive_nowait(size)
+            elif client and self._client_drained:
+                self._client_drained = False
+                data = None  # wait first (the wait ends at once if data came)
+            elif not client and self._upstream_drained:
+                self._upstream_drained = False
+                data = None
             else:
                 data = source.recv(size)
+                if len(data) < size:
+                    if client:
+                        self._client_drained = True
+                    else:
+                        self._upstream_drained = True
         except BlockingIOError:
             data = None
         except _STREAM_ERRORS as exc:
