@@ -538,10 +538,10 @@ class Relay:
                         # holds no chunk: an idle session keeps one frame less.
                         self._client_waiting = True
                         try:
-                            if isinstance(source, TLSSocketStream):
-                                await source.wait_receivable()
-                            else:
+                            if isinstance(source, socket.socket):
                                 await trio.lowlevel.wait_readable(source)
+                            else:
+                                await source.wait_receivable()
                         except _WAIT_ERRORS as exc:
                             session.end(EndReason.CLIENT_ERROR, _describe(exc))
                             return
@@ -586,7 +586,9 @@ class Relay:
         """
         size = CLIENT_RECEIVE_SIZE if client else RECEIVE_SIZE
         try:
-            if isinstance(source, TLSSocketStream):
+            # socket.socket, not the TLS class, first: an isinstance check
+            # against a trio stream (an ABC) is a Python-level call.
+            if not isinstance(source, socket.socket):
                 data = source.receive_nowait(size)
             elif client and self._client_drained:
                 self._client_drained = False
@@ -753,10 +755,10 @@ class Relay:
                         if data is _BLOCKED:
                             self._upstream_waiting = True
                             try:
-                                if isinstance(source, TLSSocketStream):
-                                    await source.wait_receivable()
-                                else:
+                                if isinstance(source, socket.socket):
                                     await trio.lowlevel.wait_readable(source)
+                                else:
+                                    await source.wait_receivable()
                             except _WAIT_ERRORS as exc:
                                 session.end(EndReason.UPSTREAM_ERROR, _describe(exc))
                                 break
