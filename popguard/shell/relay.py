@@ -753,6 +753,8 @@ class Relay:
                     else:
                         data = self._read_socket(source, client=False)
                         if data is _BLOCKED:
+                            # Waited for here, as in _client_loop: a helper
+                            # coroutine would be a frame more per idle session.
                             self._upstream_waiting = True
                             try:
                                 if isinstance(source, socket.socket):
