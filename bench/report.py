@@ -6,16 +6,17 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-#: Goals popguard is measured against.  A report, not a test: missing one
-#: prints BELOW (for a ratio) or OVER (for a cost), never fails the run.
-GOAL_BULK = 0.90
-GOAL_PINGPONG = 0.60
+#: Goals popguard is measured against: issue #11's, for popguard as deployed
+#: (run with --audit-file).  A report, not a test: missing one prints BELOW
+#: (for a ratio) or OVER (for a cost), never fails the run.
+GOAL_BULK = 0.80
+GOAL_PINGPONG = 0.50
 GOAL_CONCURRENCY = 0.85
-GOAL_CPU_MS = 1.0
-GOAL_IDLE_KB = 20.0
+GOAL_CPU_MS = 1.2
+GOAL_IDLE_KB = 16.0
 #: Full auditing (audit file, hash chain, UIDL identity) against auditing
-#: off: at most 10 % of throughput, in each of bulk, concurrency and dele.
-GOAL_AUDIT = 0.90
+#: off: at most 5 % of throughput, in each of bulk, concurrency and dele.
+GOAL_AUDIT = 0.95
 #: A tree of 1000 rules against no policies: ping-pong and concurrency
 #: change by less than 5 %.
 GOAL_POLICY = 0.95
@@ -288,14 +289,14 @@ def rows(results: dict[str, Any]) -> list[Row]:
         )
         out += _swarm_rows(cc, results)
         cpu = cc["cpu_per_session_ms"]
-        ok = cpu["median"] < GOAL_CPU_MS
+        ok = cpu["median"] <= GOAL_CPU_MS
         out.append(
             Row(
                 "(e) popguard CPU per session (from (c))",
                 "",
                 spread(cpu, "ms"),
                 "",
-                "(none set)" if tls_mode else f"< {GOAL_CPU_MS:g} ms",
+                "(none set)" if tls_mode else f"<= {GOAL_CPU_MS:g} ms",
                 "" if tls_mode else "PASS" if ok else "OVER",
                 ref.get("cpu", ""),
             )
@@ -342,14 +343,14 @@ def rows(results: dict[str, Any]) -> list[Row]:
     mem = cases.get("memory")
     if mem and "error" not in mem:
         kb = mem["kib_per_session"]
-        ok = kb["median"] < GOAL_IDLE_KB
+        ok = kb["median"] <= GOAL_IDLE_KB
         out.append(
             Row(
                 f"(d) memory per idle session ({mem['held']} held)",
                 "Dovecot " + spread(mem["dovecot_pss_kib_per_session"], "kB PSS"),
                 spread(kb, "kB RSS"),
                 "",
-                f"< {GOAL_IDLE_KB:g} kB",
+                f"<= {GOAL_IDLE_KB:g} kB",
                 "PASS" if ok else "OVER",
                 REFERENCE["memory"],
             )
@@ -1153,7 +1154,7 @@ def render(results: dict[str, Any]) -> str:
     if body:
         lines += [
             "",
-            "Audit cost: full auditing / auditing off (goal: full auditing costs at most 10 % "
+            "Audit cost: full auditing / auditing off (goal: full auditing costs at most 5 % "
             "of throughput)",
             "  full = audit file (hash chain, fsync interval) + message identity (UIDL, LIST); "
             f"audit file on {meta.get('workdir_fs', '?')}",
