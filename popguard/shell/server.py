@@ -219,10 +219,12 @@ class ProxyServer:
         self._emit = audit.emit
         self._emit_durable = audit.emit_durable
         #: Message identity (UIDL and size lookups, content digests) is work
-        #: for the records: skipped when no sink would receive one, unless a
-        #: retention store names its copies by UIDL.
+        #: for the records: skipped when no sink would receive one (the
+        #: metrics sink only counts events), unless a retention store names
+        #: its copies by UIDL.
+        recording = [sink for sink in audit.sinks if metrics is None or sink is not metrics.sink]
         self._message_identity = settings.message_identity and (
-            bool(audit.sinks) or settings.retention is not None
+            bool(recording) or settings.retention is not None
         )
 
     @property

@@ -22,6 +22,7 @@ import trio
 
 from popguard.audit import AuditLog
 from popguard.core.limits import Limits
+from popguard.metrics import Metrics
 from popguard.policy.model import Match, PolicySet, Rule
 from popguard.policy.session import PolicyHolder, PolicyShared
 from popguard.shell.server import (
@@ -74,6 +75,7 @@ async def stack(
     policy_loader: Any = None,
     shared_state: Any = None,
     demo: DemoUpstream | None = None,
+    metrics: Metrics | None = None,
     **settings: Any,
 ) -> AsyncIterator[Stack]:
     """A proxy in front of a demo upstream (``demo``: one already serving,
@@ -106,6 +108,7 @@ async def stack(
             policies=shared,
             policy_loader=policy_loader,
             shared_state=shared_state,
+            metrics=metrics,
         )
         await nursery.start(proxy.run)
         yield Stack(proxy, demo, proxy.bound["test"][0].port, sink, host)
@@ -549,9 +552,11 @@ async def test_policy_reload_applies_to_open_sessions_and_keeps_old_set_on_error
 @pytest.mark.parametrize("with_sink", [True, False])
 async def test_message_identity_lookups_only_when_a_sink_records_them(with_sink: bool) -> None:
     # UIDL and LIST lookups (and the content digest) are for the records:
-    # with no sink at all nothing would receive them, so nothing is asked.
-    audit = AuditLog([ListSink()] if with_sink else [])
-    async with stack(audit=audit) as s:
+    # with no sink but the metrics' (which only counts events) nothing would
+    # receive them, so nothing is asked.
+    metrics = Metrics()
+    audit = AuditLog([ListSink(), metrics.sink] if with_sink else [metrics.sink])
+    async with stack(audit=audit, metrics=metrics) as s:
         reply = await in_thread(
             raw_session, s.port, b"USER demo\r\nPASS demo\r\nRETR 1\r\nQUIT\r\n"
         )
