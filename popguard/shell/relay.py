@@ -996,9 +996,9 @@ class Relay:
         if not session.finished:
             session.end(self._abort_reason or EndReason.CLIENT_ERROR, "session task ended")
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(FINAL_FLUSH_TIMEOUT):
-                data = session.take_client_output()
-                if data:
+            data = session.take_client_output()
+            if data:  # (most sessions have said everything: no scope then)
+                with trio.move_on_after(FINAL_FLUSH_TIMEOUT):
                     # If the client is gone, the close record already says why.
                     with contextlib.suppress(*_STREAM_ERRORS):
                         await self.client.send_all(data)
