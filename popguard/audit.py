@@ -127,22 +127,20 @@ _EXCLUDE: Final = "__popguard_exclude"
 
 
 class _SinkLogger:
-    """The end of an :class:`AuditLog`'s own structlog pipeline.
+    """The logger at the end of an :class:`AuditLog`'s own structlog pipeline.
 
-    structlog hands the finished event dict to the wrapped logger's method
-    (as keyword arguments, a fresh dict); this one fans it out to the
-    log's sinks.  Each ``AuditLog`` has its own pipeline, so a second
-    instance (a test, a worker) never rewires the first, and nothing
-    configures structlog for the whole process.
+    The pipeline's last processor (``AuditLog._deliver``) hands each finished
+    event dict to the log's sinks and renders it as ``""``, so structlog
+    calls this logger with nothing left to do: the record is not repacked
+    into keyword arguments on its way out.  Each ``AuditLog`` has its own
+    pipeline, so a second instance (a test, a worker) never rewires the
+    first, and nothing configures structlog for the whole process.
     """
 
-    __slots__ = ("_dispatch",)
+    __slots__ = ()
 
-    def __init__(self, dispatch: Callable[[EventDict], None]) -> None:
-        self._dispatch = dispatch
-
-    def msg(self, **event_dict: Any) -> None:
-        self._dispatch(event_dict)
+    def msg(self, *_rendered: str) -> None:
+        """Nothing: the last processor delivered the record."""
 
     info = warning = error = msg
 
@@ -212,12 +210,13 @@ class AuditLog:
         if worker is not None:
             identity["worker"] = worker  # one chain and file per worker process
         self._log = structlog.wrap_logger(
-            _SinkLogger(self._dispatch),
+            _SinkLogger(),
             processors=[
                 _merge_session,
                 structlog.processors.add_log_level,
                 _add_timestamp,
                 _add_schema,
+                self._deliver,
             ],
             wrapper_class=structlog.make_filtering_bound_logger(0),
             cache_logger_on_first_use=False,
@@ -317,8 +316,13 @@ class AuditLog:
                 await done.wait()
         return ticket.done.is_set() and ticket.ok
 
+    def _deliver(self, logger: object, method: str, event_dict: EventDict) -> str:
+        """The pipeline's last processor: hand the finished record to the sinks."""
+        self._dispatch(event_dict)
+        return ""
+
     def _dispatch(self, event_dict: EventDict) -> None:
-        """Fan a finished event out (from :class:`_SinkLogger`, on any thread)."""
+        """Fan a finished event out (from :meth:`_deliver`, on any thread)."""
         ticket = event_dict.pop(_TICKET, None)
         exclude = event_dict.pop(_EXCLUDE, None)
         if self._queued:
