@@ -196,8 +196,8 @@ def make_variants(
 ) -> dict[str, Variant]:
     """The popguard configurations, their config files written under ``workdir``.
 
-    * ``popguard``: as deployed by default (``--no-console``, message identity
-      on), plus ``--audit-file`` when given.
+    * ``popguard``: ``--no-console``, plus ``--audit-file`` when given (without
+      it no sink records anything, so popguard skips message identity).
     * ``off``: auditing off: no audit file and ``audit.message_identity: false``
       (popguard asks the server nothing of its own).
     * ``full``: full auditing: the audit file (hash chain, always on for the

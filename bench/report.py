@@ -1095,7 +1095,7 @@ def render(results: dict[str, Any]) -> str:
                 f"{tree.get('networks', '?')} client networks, {tree.get('patterns', '?')} globs "
                 "and @domains, 1 catch-all (login_throttle, session limits)",
                 "  no policies: a policy directory with rules: []; both popguards otherwise as "
-                "the default (--no-console, message identity on, no audit file)",
+                "the default (--no-console, no audit file, so no message identity)",
                 "  each repetition runs DIRECT NONE POLICY, rotated by one per repetition",
                 "",
             ]
