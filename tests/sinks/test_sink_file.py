@@ -19,7 +19,7 @@ import trio
 from popguard.audit import AuditLog, JsonLinesSink, open_audit_log, open_audit_log_from_config
 from popguard.config import AuditConfig
 from popguard.core.records import AuditRecord, Event
-from popguard.sinks.file import FileSink
+from popguard.sinks.file import BATCH_DELAY, BATCH_DELAY_ALWAYS, FileSink
 from popguard.trail import chain as trail
 from tests.listsink import ListSink
 
@@ -588,3 +588,20 @@ async def test_fail_closed_on_a_full_disk(
     assert await log.emit_durable(record(4))
     log.close()
     assert [r.get("msg") for r in read_records(audit_path)] == [None, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("policy", "delay"),
+    [("always", BATCH_DELAY_ALWAYS), ("interval", BATCH_DELAY), ("never", BATCH_DELAY)],
+)
+def test_the_writer_gathers_records_longer_unless_every_record_is_synced(
+    audit_path: Path, policy: Any, delay: float
+) -> None:
+    # Each wake-up of the writer trades the GIL with the event loop: with
+    # fsync interval or never it gathers 20 ms of records, with always 5 ms.
+    sink = FileSink(audit_path, fsync=policy)
+    try:
+        assert sink.batch_delay == delay
+        assert BATCH_DELAY_ALWAYS < BATCH_DELAY
+    finally:
+        sink.close()
