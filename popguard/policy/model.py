@@ -26,6 +26,7 @@ import fnmatch
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Final, Literal
 
 Mode = Literal["enforce", "dry-run"]
@@ -246,6 +247,18 @@ class Context:
     claimed_user: str | None = None
     user: str | None = None
 
+    def claimed(self, user: str) -> Context:
+        """This context once the client named ``user``.
+
+        (``dataclasses.replace`` would do, at several times the cost, on a
+        path every session takes.)
+        """
+        return Context(self.client, self.listener, self.tls, user, self.user)
+
+    def logged_in(self, user: str) -> Context:
+        """This context once the server accepted ``user``'s login."""
+        return Context(self.client, self.listener, self.tls, user, user)
+
 
 @dataclass(frozen=True, slots=True)
 class Setting:
@@ -278,7 +291,13 @@ def client_address(peer: str) -> IPAddress | None:
         host = peer[1 : peer.find("]")]
     elif peer.count(":") == 1:
         host = peer.partition(":")[0]
-    host = host.partition("%")[0]
+    return _ip_address(host.partition("%")[0])
+
+
+@lru_cache(maxsize=1024)
+def _ip_address(host: str) -> IPAddress | None:
+    """``host`` parsed, or None (cached: sessions come from few hosts, and
+    parsing one costs more than the rest of a session's policy setup)."""
     try:
         return ipaddress.ip_address(host)
     except ValueError:

@@ -249,7 +249,7 @@ class SessionPolicy:
 
     def note_claim(self, user: str) -> None:
         """The client named ``user`` (the shell decides the rest with the store)."""
-        self.context = replace(self.context, claimed_user=user)
+        self.context = self.context.claimed(user)
 
     def failure_keys(self, user: str | None) -> list[tuple[str, str]]:
         """The throttle keys a failed login of ``user`` counts under, with labels."""
@@ -337,7 +337,7 @@ class SessionPolicy:
 
     def claim(self, user: str) -> Verdict | None:
         """The client named a user (USER, APOP, or SASL): may it try to log in?"""
-        self.context = replace(self.context, claimed_user=user)
+        self.context = self.context.claimed(user)
         if not self.active:
             return None
         return _decide(
@@ -354,7 +354,7 @@ class SessionPolicy:
         match on ``user`` apply from this point, and two sessions that
         claimed the same user at once cannot both pass a per-user limit.
         """
-        self.context = replace(self.context, claimed_user=user, user=user)
+        self.context = self.context.logged_in(user)
         if self._shared.shared_state:
             # The store counted the user when the name was given (its slot
             # is this session's lease): only the rules' access is left.

@@ -33,7 +33,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Final, NamedTuple
 
 import trio
@@ -674,7 +674,10 @@ async def connect_tcp(host: str, port: int) -> TCPStream:
     return TCPStream(sock)
 
 
+@lru_cache(maxsize=64)
 def _literal_family(host: str) -> socket.AddressFamily | None:
+    """The family of an address literal, or None for a name (cached: the
+    upstream's host is the same for every session)."""
     try:
         return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
