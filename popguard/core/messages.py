@@ -20,7 +20,14 @@ Where the facts come from, cheapest first:
   (:meth:`client_reply`);
 * popguard's own ``UIDL n`` / ``LIST n``, sent invisibly before a RETR, TOP
   or DELE for what is still unknown (:meth:`lookups`,
-  :meth:`internal_reply`).
+  :meth:`internal_reply`);
+* popguard's own bare ``UIDL`` and ``LIST``, sent once instead, when a
+  session touches a second message of a maildrop known (from a ``STAT``
+  reply) to hold at most :data:`LISTING_MAX` messages.  A client that walks
+  its mailbox with RETR alone then costs the server two listings, not two
+  more commands per message.  popguard asks its own ``STAT`` (once, beside
+  the second message's lookups) when the client sent none.  Whatever a
+  listing did not name is still looked up one message at a time.
 
 UIDL is optional in RFC 1939.  Lookups stop asking for it once the server
 is known to lack it: a bare ``UIDL`` answered -ERR, or ``UIDL n`` answered
@@ -35,18 +42,24 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Set
-from typing import Final
+from typing import Final, NamedTuple
 
 from popguard.core.grammar import reply_text
 from popguard.core.records import Scalar
 
-__all__ = ["MAX_IDENTITY_CACHE", "MessageIndex", "message_number"]
+__all__ = ["LISTING_MAX", "MAX_IDENTITY_CACHE", "Lookup", "MessageIndex", "message_number"]
 
 #: At most this many messages per session get identity lookups, and at most
 #: this many UIDLs and sizes are learnt (bounded memory for a client that
 #: walks or lists a huge mailbox: some 250 octets per message learnt); later
 #: ones are recorded by number only.
 MAX_IDENTITY_CACHE: Final = 100_000
+
+#: A maildrop of at most this many messages is listed whole (popguard's own
+#: bare UIDL and LIST) once a session touches its second message: some
+#: 40 kB on the wire and at most ~150 kB learnt, against two commands per
+#: message otherwise.  A larger one is looked up one message at a time.
+LISTING_MAX: Final = 1000
 
 #: Digits in a message number or size that are learnt (int() stays cheap).
 _MAX_NUMBER_DIGITS: Final = 20
@@ -67,6 +80,21 @@ _MAX_INDEX_LINE: Final = 512
 _UNIQUE_ID: Final = re.compile(rb"[\x21-\x7e]{1,70}")
 
 
+class Lookup(NamedTuple):
+    """What :meth:`MessageIndex.lookups` asks for: ``UIDL n`` and ``LIST n``
+    (``uidl``, ``size``), a ``STAT`` first, or bare ``UIDL`` and ``LIST``
+    listings instead."""
+
+    uidl: bool = False
+    size: bool = False
+    stat: bool = False
+    listing_uidl: bool = False
+    listing_size: bool = False
+
+
+_NOTHING: Final = Lookup()
+
+
 def message_number(arg: bytes | None) -> int | None:
     """A command's message-number argument, or None if it is not one."""
     if arg is None or not arg.isdigit():
@@ -78,12 +106,16 @@ class MessageIndex:
     """UIDLs and sizes learnt in one session, and the lookups still worth making."""
 
     __slots__ = (
+        "_listed",
         "_listing_buf",
         "_listing_skip",
         "_listing_uidl",
+        "_listings_pending",
         "_requested",
+        "_stat_asked",
         "_uidl_refused_for",
         "archived",
+        "count",
         "digests",
         "sizes",
         "uidl_supported",
@@ -100,7 +132,14 @@ class MessageIndex:
         self.archived: dict[int, str] = {}
         #: False once the server is known to have no UIDL command.
         self.uidl_supported = True
+        #: Messages in the maildrop, from a STAT reply (None: not known).
+        self.count: int | None = None
         self._requested: set[int] = set()
+        # popguard's own STAT was sent; its own listings were sent, and how
+        # many of them are still unanswered.
+        self._stat_asked = False
+        self._listed = False
+        self._listings_pending = 0
         # A UIDL -ERR only means "no UIDL here" if LIST then finds the message.
         self._uidl_refused_for: int | None = None
         # The listing being read: a UIDL (True) or LIST listing, its partial
@@ -130,16 +169,47 @@ class MessageIndex:
 
     # -- popguard's own lookups --------------------------------------------
 
-    def lookups(self, msg: int) -> tuple[bool, bool]:
-        """Whether to ask ``UIDL msg`` and ``LIST msg`` now (each message once)."""
-        if msg in self._requested:
-            return False, False
+    def lookups(self, msg: int) -> Lookup:
+        """What to ask the server now so that ``msg`` is named (each message once).
+
+        The first message is looked up on its own.  From the second on, a
+        maildrop of known size (at most :data:`LISTING_MAX`) is listed whole,
+        once; while a listing is unanswered nothing more is asked (it will
+        name the message).  A maildrop of unknown size gets popguard's own
+        STAT beside the second message's lookups.
+        """
         want_uidl = self.uidl_supported and msg not in self.uidls
         want_size = msg not in self.sizes
-        if not (want_uidl or want_size) or len(self._requested) >= MAX_IDENTITY_CACHE:
-            return False, False
-        self._requested.add(msg)
-        return want_uidl, want_size
+        if not (want_uidl or want_size) or msg in self._requested or self._listings_pending:
+            return _NOTHING
+        requested = self._requested
+        if requested and not self._listed:
+            count = self.count
+            if count is not None and count <= LISTING_MAX:
+                self._listed = True
+                uidl = self.uidl_supported and len(self.uidls) < count
+                size = len(self.sizes) < count
+                self._listings_pending = uidl + size
+                return Lookup(listing_uidl=uidl, listing_size=size)
+        if len(requested) >= MAX_IDENTITY_CACHE:
+            return _NOTHING
+        stat = self.count is None and not self._stat_asked and bool(requested)
+        if stat:
+            self._stat_asked = True
+        requested.add(msg)
+        return Lookup(uidl=want_uidl, size=want_size, stat=stat)
+
+    def listing_answered(self, verb: str, ok: bool, line: bytes) -> None:
+        """One of popguard's own bare listings is over (read whole, or -ERR ``line``)."""
+        self._listings_pending = max(0, self._listings_pending - 1)
+        if not ok and verb == "UIDL" and no_uidl(line):
+            self.uidl_supported = False  # a bare UIDL fails only where there is none
+
+    def learn_stat(self, line: bytes) -> None:
+        """A STAT's ``+OK count octets`` (the client's or popguard's own)."""
+        words = reply_text(line).split()
+        if words and words[0].isdigit() and len(words[0]) <= _MAX_NUMBER_DIGITS:
+            self.count = int(words[0])
 
     def internal_reply(self, verb: str, msg: int, ok: bool, line: bytes, marked: Set[int]) -> None:
         """The reply to popguard's own ``UIDL msg`` or ``LIST msg``.

@@ -1167,14 +1167,24 @@ class ProxySession:
         """Ask the server for what is unknown of a message's UIDL and size, invisibly."""
         if msg is None or not self.message_identity or self.state is not State.TRANSACTION:
             return
-        want_uidl, want_size = self.messages.lookups(msg)
-        number = str(msg).encode("ascii")
-        if want_uidl:
-            self._pending.append(_Pending("UIDL", number, internal=True))
-            self._upstream_out.append(b"UIDL " + number + b"\r\n")
-        if want_size:
-            self._pending.append(_Pending("LIST", number, internal=True))
-            self._upstream_out.append(b"LIST " + number + b"\r\n")
+        lookup = self.messages.lookups(msg)
+        if lookup.stat:
+            self._ask(_Pending("STAT", internal=True), b"STAT\r\n")
+        if lookup.listing_uidl:
+            self._ask(_Pending("UIDL", multiline=True, internal=True), b"UIDL\r\n")
+        if lookup.listing_size:
+            self._ask(_Pending("LIST", multiline=True, internal=True), b"LIST\r\n")
+        if lookup.uidl or lookup.size:
+            number = str(msg).encode("ascii")
+            if lookup.uidl:
+                self._ask(_Pending("UIDL", number, internal=True), b"UIDL " + number + CRLF)
+            if lookup.size:
+                self._ask(_Pending("LIST", number, internal=True), b"LIST " + number + CRLF)
+
+    def _ask(self, entry: _Pending, line: bytes) -> None:
+        """Send popguard's own command; its reply is read, never relayed."""
+        self._pending.append(entry)
+        self._upstream_out.append(line)
 
     def _internal_reply(self, entry: _Pending, status: Status, line: bytes) -> None:
         """Keep what an identity lookup answered; the client never sees it."""
@@ -1187,6 +1197,11 @@ class ProxySession:
         elif msg is not None:
             ok = status is Status.OK
             self.messages.internal_reply(entry.verb, msg, ok, line, self.marked_for_deletion)
+        elif entry.verb == "STAT":
+            if status is Status.OK:
+                self.messages.learn_stat(line)
+        elif entry.multiline:  # a bare listing's -ERR
+            self.messages.listing_answered(entry.verb, False, line)
         self._flush_local()
         self._finish_if_idle_after_eof()
 
@@ -1297,13 +1312,19 @@ class ProxySession:
         if entry.internal:
             if status is Status.CONTINUE:
                 self._protocol_error("SASL continuation outside an AUTH exchange")
-            elif status is Status.OK and entry.multiline:
+            elif status is Status.OK and entry.multiline and entry.verb == "RETR":
                 # popguard's own RETR (retention): read, never relayed.
                 self._reply_bytes = len(line)
                 self._reader = _Reader.BODY
                 self._tail = b"\r\n"
                 self._body_internal = True
                 self._follow_content(entry)
+            elif status is Status.OK and entry.multiline:
+                # popguard's own bare UIDL or LIST: learnt from, never relayed.
+                self._reader = _Reader.INDEX
+                self._tail = b"\r\n"
+                self._body_internal = True
+                self.messages.begin_listing(entry.verb == "UIDL")
             else:
                 self._internal_reply(entry, status, line)
             return
@@ -1491,14 +1512,24 @@ class ProxySession:
             found = _find_terminator(data, pos)
             end = found + len(MULTILINE_TERMINATOR) if found != -1 else len(data)
         chunk = data[pos:end] if pos or end != len(data) else data
-        self._client_out.append(chunk)
-        self._reply_bytes += len(chunk)
+        internal = self._body_internal
+        if not internal:
+            self._client_out.append(chunk)
+            self._reply_bytes += len(chunk)
         self.messages.learn_chunk(chunk)
         if found == -1:
             self._tail = chunk[-4:] if len(chunk) >= 4 else (tail + chunk)[-4:]
             return end
         self._reader = _Reader.STATUS
-        self._complete(Status.OK, b"")
+        if internal:
+            # popguard's own listing: over, and nobody is owed a reply.
+            self._body_internal = False
+            entry = self._pending.pop(0)
+            self.messages.listing_answered(entry.verb, True, b"")
+            self._flush_local()
+            self._finish_if_idle_after_eof()
+        else:
+            self._complete(Status.OK, b"")
         return end
 
     def _relay_listing(self, data: bytes, pos: int) -> int:
@@ -1575,7 +1606,7 @@ class ProxySession:
         """A reply is complete: move the state as the command's handler says.
 
         Handlers are looked up by verb in ``_ON_REPLY``; a verb without one
-        (NOOP, STAT, CAPA, ...) changes nothing.  A handler returns True when
+        (NOOP, CAPA, ...) changes nothing.  A handler returns True when
         the session must not go on to the next command (it ended).
         """
         entry = self._pending.pop(0)
@@ -1653,6 +1684,12 @@ class ProxySession:
         """The client's own UIDL or LIST: learn from it (message identity)."""
         if self.message_identity and self.state is State.TRANSACTION:
             self.messages.client_reply(entry.verb, entry.multiline, entry.arg, ok, line)
+        return False
+
+    def _stat_reply(self, entry: _Pending, ok: bool, line: bytes) -> bool:
+        """The client's own STAT: how many messages (message identity)."""
+        if ok and self.message_identity and self.state is State.TRANSACTION:
+            self.messages.learn_stat(line)
         return False
 
     def _rset_reply(self, entry: _Pending, ok: bool, line: bytes) -> bool:
@@ -1839,6 +1876,7 @@ _ON_REPLY: Final[Mapping[str, _ReplyHandler]] = {
     "DELE": ProxySession._dele_reply,
     "UIDL": ProxySession._listing_reply,
     "LIST": ProxySession._listing_reply,
+    "STAT": ProxySession._stat_reply,
     "RSET": ProxySession._rset_reply,
     "QUIT": ProxySession._quit_reply,
 }

@@ -90,12 +90,15 @@ def test_server_without_uidl_is_not_asked_again() -> None:
         C(b"RETR 1\r\n"),
         S(b"-ERR unknown command\r\n+OK 1 12\r\n" + RETR_REPLY),
         C(b"RETR 2\r\n"),
-        S(b"+OK 2 12\r\n" + RETR_REPLY),
+        # The second message: popguard's own STAT comes along (see
+        # test_a_walked_maildrop_is_listed_once).
+        S(b"+OK 2 24\r\n+OK 2 12\r\n" + RETR_REPLY),
     ]
     out = run_all_modes(
         steps,
         Expect(
-            upstream=b"USER alice\r\nPASS pw\r\nUIDL 1\r\nLIST 1\r\nRETR 1\r\nLIST 2\r\nRETR 2\r\n",
+            upstream=b"USER alice\r\nPASS pw\r\nUIDL 1\r\nLIST 1\r\nRETR 1\r\n"
+            b"STAT\r\nLIST 2\r\nRETR 2\r\n",
             client=LOGIN_DOWN + RETR_REPLY * 2,
         ),
         modes=MODES,
@@ -130,13 +133,13 @@ def test_missing_message_does_not_turn_uidl_lookups_off() -> None:
         C(b"RETR 9\r\n"),
         S(b"-ERR no such message\r\n-ERR no such message\r\n-ERR no such message\r\n"),
         C(b"RETR 1\r\n"),
-        S(b"+OK 1 AAA\r\n+OK 1 12\r\n" + RETR_REPLY),
+        S(b"+OK 2 24\r\n+OK 1 AAA\r\n+OK 1 12\r\n" + RETR_REPLY),
     ]
     out = run_all_modes(
         steps,
         Expect(
             upstream=b"USER alice\r\nPASS pw\r\nUIDL 9\r\nLIST 9\r\nRETR 9\r\n"
-            b"UIDL 1\r\nLIST 1\r\nRETR 1\r\n",
+            b"STAT\r\nUIDL 1\r\nLIST 1\r\nRETR 1\r\n",
             client=LOGIN_DOWN + b"-ERR no such message\r\n" + RETR_REPLY,
         ),
         modes=MODES,
@@ -503,11 +506,14 @@ def test_temporary_uidl_lookup_error_does_not_turn_uidl_off() -> None:
         C(b"RETR 1\r\n"),
         S(b"-ERR [SYS/TEMP] busy\r\n+OK 1 12\r\n" + RETR_REPLY),
         C(b"RETR 2\r\n"),
-        S(b"+OK 2 BBB\r\n+OK 2 900\r\n" + RETR_REPLY),
+        S(b"+OK 2 912\r\n+OK 2 BBB\r\n+OK 2 900\r\n" + RETR_REPLY),
     ]
     out = run_all_modes(
         steps,
-        Expect(upstream=LOGIN_UP + b"UIDL 1\r\nLIST 1\r\nRETR 1\r\nUIDL 2\r\nLIST 2\r\nRETR 2\r\n"),
+        Expect(
+            upstream=LOGIN_UP
+            + b"UIDL 1\r\nLIST 1\r\nRETR 1\r\nSTAT\r\nUIDL 2\r\nLIST 2\r\nRETR 2\r\n"
+        ),
         modes=MODES,
         message_identity=True,
     )
@@ -649,3 +655,170 @@ def test_fetchmail_style_list_n_before_each_retr() -> None:
         message_identity=True,
     )
     assert retrieved(out) == [(1, None, 12), (2, None, 900)]
+
+
+# -- a maildrop walked with RETR alone is listed once --------------------------
+
+WALK_UIDLS = b"+OK\r\n1 AAA\r\n2 BBB\r\n3 CCC\r\n4 DDD\r\n.\r\n"
+WALK_SIZES = b"+OK 4 messages\r\n1 12\r\n2 12\r\n3 300\r\n4 400\r\n.\r\n"
+
+
+def test_a_walked_maildrop_is_listed_once() -> None:
+    # The first message is looked up alone; the second brings popguard's own
+    # STAT; from the third on, one bare UIDL and LIST name them all.
+    steps = [
+        *LOGIN,
+        C(b"RETR 1\r\n"),
+        S(b"+OK 1 AAA\r\n+OK 1 12\r\n" + RETR_REPLY),
+        C(b"RETR 2\r\n"),
+        S(b"+OK 4 724\r\n+OK 2 BBB\r\n+OK 2 12\r\n" + RETR_REPLY),
+        C(b"RETR 3\r\n"),
+        S(WALK_UIDLS + WALK_SIZES + RETR_REPLY),
+        C(b"RETR 4\r\n"),
+        S(RETR_REPLY),
+        C(b"DELE 4\r\n"),
+        S(b"+OK marked\r\n"),
+    ]
+    out = run_all_modes(
+        steps,
+        Expect(
+            upstream=LOGIN_UP
+            + b"UIDL 1\r\nLIST 1\r\nRETR 1\r\nSTAT\r\nUIDL 2\r\nLIST 2\r\nRETR 2\r\n"
+            b"UIDL\r\nLIST\r\nRETR 3\r\nRETR 4\r\nDELE 4\r\n",
+            # Nothing of popguard's own reaches the client.
+            client=LOGIN_DOWN + RETR_REPLY * 4 + b"+OK marked\r\n",
+        ),
+        modes=MODES,
+        message_identity=True,
+    )
+    assert retrieved(out) == [(1, "AAA", 12), (2, "BBB", 12), (3, "CCC", 300), (4, "DDD", 400)]
+    assert out.record("dele.marked")["uidl"] == "DDD"
+    # What was relayed to the client is exactly what the client asked for.
+    assert out.session.bytes_to_client == len(LOGIN_DOWN + RETR_REPLY * 4 + b"+OK marked\r\n")
+
+
+def test_a_client_stat_lets_the_second_message_list_the_maildrop() -> None:
+    steps = [
+        *LOGIN,
+        C(b"STAT\r\n"),
+        S(b"+OK 4 724\r\n"),
+        C(b"RETR 1\r\n"),
+        S(b"+OK 1 AAA\r\n+OK 1 12\r\n" + RETR_REPLY),
+        C(b"RETR 3\r\n"),
+        S(WALK_UIDLS + WALK_SIZES + RETR_REPLY),
+    ]
+    out = run_all_modes(
+        steps,
+        Expect(
+            upstream=LOGIN_UP + b"STAT\r\nUIDL 1\r\nLIST 1\r\nRETR 1\r\nUIDL\r\nLIST\r\nRETR 3\r\n",
+            client=LOGIN_DOWN + b"+OK 4 724\r\n" + RETR_REPLY * 2,
+        ),
+        modes=MODES,
+        message_identity=True,
+    )
+    assert retrieved(out) == [(1, "AAA", 12), (3, "CCC", 300)]
+
+
+def test_pipelined_commands_wait_for_the_listing_instead_of_asking() -> None:
+    # RETR 2..4 arrive at once: the listing the first of them brings names
+    # the others; nothing more is asked while it is unanswered.
+    steps = [
+        *LOGIN,
+        C(b"STAT\r\n"),
+        S(b"+OK 4 724\r\n"),
+        C(b"RETR 1\r\n"),
+        S(b"+OK 1 AAA\r\n+OK 1 12\r\n" + RETR_REPLY),
+        C(b"RETR 2\r\nRETR 3\r\nDELE 4\r\n"),
+        S(WALK_UIDLS + WALK_SIZES + RETR_REPLY * 2 + b"+OK marked\r\n"),
+    ]
+    out = run_all_modes(
+        steps,
+        Expect(
+            upstream=LOGIN_UP + b"STAT\r\nUIDL 1\r\nLIST 1\r\nRETR 1\r\n"
+            b"UIDL\r\nLIST\r\nRETR 2\r\nRETR 3\r\nDELE 4\r\n",
+            client=LOGIN_DOWN + b"+OK 4 724\r\n" + RETR_REPLY * 3 + b"+OK marked\r\n",
+        ),
+        modes=MODES,
+        message_identity=True,
+    )
+    assert retrieved(out) == [(1, "AAA", 12), (2, "BBB", 12), (3, "CCC", 300)]
+    assert (out.record("dele.marked")["uidl"], out.record("dele.marked")["size"]) == ("DDD", 400)
+
+
+def test_a_large_maildrop_is_looked_up_one_message_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(messages_module, "LISTING_MAX", 3)
+    steps = [
+        *LOGIN,
+        C(b"STAT\r\n"),
+        S(b"+OK 4 724\r\n"),
+        C(b"RETR 1\r\n"),
+        S(b"+OK 1 AAA\r\n+OK 1 12\r\n" + RETR_REPLY),
+        C(b"RETR 3\r\n"),
+        S(b"+OK 3 CCC\r\n+OK 3 300\r\n" + RETR_REPLY),
+    ]
+    out = run_all_modes(
+        steps,
+        Expect(
+            upstream=LOGIN_UP
+            + b"STAT\r\nUIDL 1\r\nLIST 1\r\nRETR 1\r\nUIDL 3\r\nLIST 3\r\nRETR 3\r\n"
+        ),
+        modes=MODES,
+        message_identity=True,
+    )
+    assert retrieved(out) == [(1, "AAA", 12), (3, "CCC", 300)]
+
+
+def test_a_message_the_listing_missed_is_looked_up_on_its_own() -> None:
+    # The listing names 1 to 3 only (a malformed line for 4 is not learnt):
+    # message 4 is asked about by number when it is used.
+    steps = [
+        *LOGIN,
+        C(b"STAT\r\n"),
+        S(b"+OK 4 724\r\n"),
+        C(b"RETR 1\r\n"),
+        S(b"+OK 1 AAA\r\n+OK 1 12\r\n" + RETR_REPLY),
+        C(b"RETR 2\r\n"),
+        S(
+            b"+OK\r\n1 AAA\r\n2 BBB\r\n3 CCC\r\n4  bad\r\n.\r\n"
+            b"+OK\r\n1 12\r\n2 12\r\n3 300\r\n4 x\r\n.\r\n" + RETR_REPLY
+        ),
+        C(b"RETR 4\r\n"),
+        S(b"+OK 4 DDD\r\n+OK 4 400\r\n" + RETR_REPLY),
+    ]
+    out = run_all_modes(
+        steps,
+        Expect(
+            upstream=LOGIN_UP + b"STAT\r\nUIDL 1\r\nLIST 1\r\nRETR 1\r\nUIDL\r\nLIST\r\nRETR 2\r\n"
+            b"UIDL 4\r\nLIST 4\r\nRETR 4\r\n"
+        ),
+        modes=MODES,
+        message_identity=True,
+    )
+    assert retrieved(out) == [(1, "AAA", 12), (2, "BBB", 12), (4, "DDD", 400)]
+
+
+def test_a_refused_bare_uidl_turns_uidl_lookups_off() -> None:
+    steps = [
+        *LOGIN,
+        C(b"STAT\r\n"),
+        S(b"+OK 4 724\r\n"),
+        C(b"RETR 1\r\n"),
+        S(b"+OK 1 AAA\r\n+OK 1 12\r\n" + RETR_REPLY),
+        C(b"RETR 2\r\n"),
+        S(b"-ERR no UIDL here\r\n" + b"+OK\r\n1 12\r\n2 12\r\n.\r\n" + RETR_REPLY),
+        C(b"RETR 4\r\n"),
+        S(b"+OK 4 400\r\n" + RETR_REPLY),
+    ]
+    out = run_all_modes(
+        steps,
+        Expect(
+            upstream=LOGIN_UP + b"STAT\r\nUIDL 1\r\nLIST 1\r\nRETR 1\r\nUIDL\r\nLIST\r\nRETR 2\r\n"
+            b"LIST 4\r\nRETR 4\r\n",
+            client=LOGIN_DOWN + b"+OK 4 724\r\n" + RETR_REPLY * 3,
+        ),
+        modes=MODES,
+        message_identity=True,
+    )
+    assert retrieved(out) == [(1, "AAA", 12), (2, None, 12), (4, None, 400)]

@@ -741,7 +741,8 @@ def test_dele_in_flight_before_quit_is_named_when_the_session_ends(
         wait_process_end(dovecot, box.user, pid)
     proc = popguard_process()
     run = Run(dovecot, proc, wire, box.user, box.password, box.maildir)
-    in_flight = b"UIDL 1\r\nLIST 1\r\nDELE 1\r\nQUIT\r\n"  # identity lookups, then the lines
+    # Identity lookups (the second message: popguard's own STAT too), then the lines.
+    in_flight = b"STAT\r\nUIDL 1\r\nLIST 1\r\nDELE 1\r\nQUIT\r\n"
 
     w = run.login()
     run.dele(w, 3)  # a mark popguard saw answered
