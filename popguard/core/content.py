@@ -38,12 +38,14 @@ without a Python loop per line.  :class:`MessageContent` follows one body:
   ".", which Python 3.11's ``bytes.find`` does at half that speed: mail has
   a CR on every line, and ``find`` then keeps stepping one byte at a time.
   A chunk without one is hashed in place, without a copy.  From the first
-  dot-line on, one ``split`` at CRLF "." does the rest: each piece after it
-  follows a dot-line, and the first piece that begins with CRLF follows the
-  terminator's.  So finding the end of the body and unstuffing it are one
-  scan, and :meth:`MessageContent.take` gives the relay that end: a body
-  followed for its digest is scanned once, not once for the relay's
-  terminator and again here.
+  dot-line on, the same pattern's ``finditer`` does the rest: each CRLF "."
+  is a stuffed line's (hash up to its CRLF, skip the dot) or, followed by
+  CRLF, the terminator's.  The message is hashed as views of the chunk
+  between the dots: no copy is made unless an archive keeps the bytes.  So
+  finding the end of the body and unstuffing it are one scan, and
+  :meth:`MessageContent.take` gives the relay that end: a body followed for
+  its digest is scanned once, not once for the relay's terminator and again
+  here.
 
 What real Dovecot (2.3.19, ``src/pop3/pop3-commands.c`` ``fetch_callback``)
 sends for a Maildir file, checked byte for byte by
@@ -72,7 +74,7 @@ import hashlib
 import re
 from typing import Final
 
-from popguard.core.grammar import CRLF, MULTILINE_TERMINATOR
+from popguard.core.grammar import CRLF
 
 __all__ = ["MessageContent"]
 
@@ -80,6 +82,7 @@ __all__ = ["MessageContent"]
 _DOT: Final = b"."
 
 _DOT_ORD: Final = _DOT[0]
+_CR_ORD: Final = CRLF[0]
 
 #: A line that starts with the termination octet: stuffed, or the terminator.
 _DOT_LINE_BYTES: Final = CRLF + _DOT
@@ -91,10 +94,10 @@ _DOT_LINE: Final = re.compile(re.escape(_DOT_LINE_BYTES))
 _OPEN_ENDS: Final = (CRLF + _DOT + b"\r", CRLF + _DOT, CRLF, b"\r")
 
 
-def _open_end(data: bytes) -> int:
-    """How many bytes at the end of ``data`` must wait for the next chunk."""
+def _open_end(data: bytes, start: int = 0) -> int:
+    """How many bytes at the end of ``data[start:]`` must wait for the next chunk."""
     for suffix in _OPEN_ENDS:
-        if data.endswith(suffix):
+        if data.endswith(suffix, start):
             return len(suffix)
     return 0
 
@@ -163,12 +166,13 @@ class MessageContent:
         end, message, pending, at_start = self._scan(data, pos)
         return end, self._commit(end, message, pending, at_start, keep)
 
-    def _scan(self, data: bytes, pos: int) -> tuple[int, bytes | memoryview, bytes, bool]:
+    def _scan(self, data: bytes, pos: int) -> tuple[int, list[bytes | memoryview], bytes, bool]:
         """Read ``data[pos:]`` without changing anything.
 
         Returns (where the body ends in ``data`` or -1, the message bytes
-        completed, the bytes held for the next call, whether those still
-        begin with the body's virtual CRLF).
+        completed as pieces (views into the data: no copy is made), the
+        bytes held for the next call, whether those still begin with the
+        body's virtual CRLF).
         """
         pending = self._pending
         at_start = self._at_start
@@ -184,51 +188,59 @@ class MessageContent:
         # memchr finds the first "." at once; no dot-line starts before it.
         dot = buf.find(_DOT, start)
         first = _DOT_LINE.search(buf, max(dot - len(CRLF), start)) if dot != -1 else None
+        view = memoryview(buf)
         if first is None:
             cut = len(buf) - _open_end(buf)
-            view = memoryview(buf)
-            message = buf if start + skip == 0 and cut == len(buf) else view[start + skip : cut]
-            return -1, message, buf[cut:], at_start and cut == 0
-        # One split from the first dot-line on: every piece after the first
-        # follows a CRLF "." (a stuffed line, or the terminator's).
-        dot_line = first.start()
-        pieces = _DOT_LINE.split(buf[dot_line:])
-        parts = [buf[start:dot_line]]
-        offset = dot_line  # where the current dot-line starts in buf
-        last = len(pieces) - 1
-        for index in range(1, last + 1):
-            piece = pieces[index]
-            if piece[:2] == CRLF:  # CRLF "." CRLF: the end of the body
-                parts.append(b"")  # its CRLF ends the message's last line
-                message = CRLF.join(parts)[skip:]
-                return offset + len(MULTILINE_TERMINATOR) + base, message, b"", False
-            if index == last and (piece == b"" or piece == b"\r"):
+            piece = buf if start + skip == 0 and cut == len(buf) else view[start + skip : cut]
+            return -1, [piece], buf[cut:], at_start and cut == 0
+        # From the first dot-line on: each CRLF "." is a stuffed line (its
+        # CRLF ends the line before, its dot is dropped) or the terminator's
+        # (CRLF "." CRLF).  The message is the pieces between the dots.
+        pieces: list[bytes | memoryview] = []
+        begin = start + skip  # where the current piece of message starts
+        size = len(buf)
+        for match in _DOT_LINE.finditer(buf, first.start()):
+            at = match.start()
+            after = at + len(_DOT_LINE_BYTES)
+            if buf.startswith(CRLF, after):  # CRLF "." CRLF: the end of the body
+                pieces.append(view[begin : at + len(CRLF)])  # its CRLF ends the last line
+                return after + len(CRLF) + base, pieces, b"", False
+            if after == size or (after + 1 == size and buf[after] == _CR_ORD):
                 # CRLF "." (CR) at the very end: the next data decides.
-                message = CRLF.join(parts)[skip:]
-                return -1, message, buf[offset:], at_start and offset == 0
-            parts.append(piece)  # a stuffed line: its dot is dropped
-            offset += len(_DOT_LINE_BYTES) + len(piece)
-        held = _open_end(parts[-1])
-        if held:
-            parts[-1] = parts[-1][:-held]
-        message = CRLF.join(parts)[skip:]
-        return -1, message, buf[len(buf) - held :], False
+                pieces.append(view[begin:at])
+                return -1, pieces, buf[at:], at_start and at == 0
+            pieces.append(view[begin : at + len(CRLF)])  # a stuffed line: its dot is dropped
+            begin = after
+        held = _open_end(buf, begin)
+        pieces.append(view[begin : size - held])
+        return -1, pieces, buf[size - held :], False
 
     def _commit(
-        self, end: int, message: bytes | memoryview, pending: bytes, at_start: bool, keep: bool
+        self,
+        end: int,
+        pieces: list[bytes | memoryview],
+        pending: bytes,
+        at_start: bool,
+        keep: bool,
     ) -> bytes:
-        """Keep what :meth:`_scan` read: hash ``message``, hold ``pending``."""
+        """Keep what :meth:`_scan` read: hash the ``pieces``, hold ``pending``."""
         self._pending = pending
         self._at_start = at_start
         if end != -1:
             self._done = True
-        if not len(message):
+        update = self._hash.update
+        size = 0
+        for piece in pieces:
+            if len(piece):
+                update(piece)
+                size += len(piece)
+        self._size += size
+        if not keep or not size:
             return b""
-        self._hash.update(message)
-        self._size += len(message)
-        if not keep:
-            return b""
-        return message if isinstance(message, bytes) else message.tobytes()
+        if len(pieces) == 1:
+            piece = pieces[0]
+            return piece if isinstance(piece, bytes) else piece.tobytes()
+        return b"".join(pieces)
 
     def finish(self) -> str:
         """The message's SHA-256, in hex; only once the terminator was fed."""
