@@ -661,6 +661,15 @@ def test_fetchmail_style_list_n_before_each_retr() -> None:
 
 WALK_UIDLS = b"+OK\r\n1 AAA\r\n2 BBB\r\n3 CCC\r\n4 DDD\r\n.\r\n"
 WALK_SIZES = b"+OK 4 messages\r\n1 12\r\n2 12\r\n3 300\r\n4 400\r\n.\r\n"
+#: A client that sent STAT (4 messages), then RETR 1, looked up on its own.
+STAT_FIRST = [
+    *LOGIN,
+    C(b"STAT\r\n"),
+    S(b"+OK 4 724\r\n"),
+    C(b"RETR 1\r\n"),
+    S(b"+OK 1 AAA\r\n+OK 1 12\r\n" + RETR_REPLY),
+]
+STAT_FIRST_UP = LOGIN_UP + b"STAT\r\nUIDL 1\r\nLIST 1\r\nRETR 1\r\n"
 
 
 def test_a_walked_maildrop_is_listed_once() -> None:
@@ -699,18 +708,14 @@ def test_a_walked_maildrop_is_listed_once() -> None:
 
 def test_a_client_stat_lets_the_second_message_list_the_maildrop() -> None:
     steps = [
-        *LOGIN,
-        C(b"STAT\r\n"),
-        S(b"+OK 4 724\r\n"),
-        C(b"RETR 1\r\n"),
-        S(b"+OK 1 AAA\r\n+OK 1 12\r\n" + RETR_REPLY),
+        *STAT_FIRST,
         C(b"RETR 3\r\n"),
         S(WALK_UIDLS + WALK_SIZES + RETR_REPLY),
     ]
     out = run_all_modes(
         steps,
         Expect(
-            upstream=LOGIN_UP + b"STAT\r\nUIDL 1\r\nLIST 1\r\nRETR 1\r\nUIDL\r\nLIST\r\nRETR 3\r\n",
+            upstream=STAT_FIRST_UP + b"UIDL\r\nLIST\r\nRETR 3\r\n",
             client=LOGIN_DOWN + b"+OK 4 724\r\n" + RETR_REPLY * 2,
         ),
         modes=MODES,
@@ -723,19 +728,14 @@ def test_pipelined_commands_wait_for_the_listing_instead_of_asking() -> None:
     # RETR 2..4 arrive at once: the listing the first of them brings names
     # the others; nothing more is asked while it is unanswered.
     steps = [
-        *LOGIN,
-        C(b"STAT\r\n"),
-        S(b"+OK 4 724\r\n"),
-        C(b"RETR 1\r\n"),
-        S(b"+OK 1 AAA\r\n+OK 1 12\r\n" + RETR_REPLY),
+        *STAT_FIRST,
         C(b"RETR 2\r\nRETR 3\r\nDELE 4\r\n"),
         S(WALK_UIDLS + WALK_SIZES + RETR_REPLY * 2 + b"+OK marked\r\n"),
     ]
     out = run_all_modes(
         steps,
         Expect(
-            upstream=LOGIN_UP + b"STAT\r\nUIDL 1\r\nLIST 1\r\nRETR 1\r\n"
-            b"UIDL\r\nLIST\r\nRETR 2\r\nRETR 3\r\nDELE 4\r\n",
+            upstream=STAT_FIRST_UP + b"UIDL\r\nLIST\r\nRETR 2\r\nRETR 3\r\nDELE 4\r\n",
             client=LOGIN_DOWN + b"+OK 4 724\r\n" + RETR_REPLY * 3 + b"+OK marked\r\n",
         ),
         modes=MODES,
@@ -750,20 +750,13 @@ def test_a_large_maildrop_is_looked_up_one_message_at_a_time(
 ) -> None:
     monkeypatch.setattr(messages_module, "LISTING_MAX", 3)
     steps = [
-        *LOGIN,
-        C(b"STAT\r\n"),
-        S(b"+OK 4 724\r\n"),
-        C(b"RETR 1\r\n"),
-        S(b"+OK 1 AAA\r\n+OK 1 12\r\n" + RETR_REPLY),
+        *STAT_FIRST,
         C(b"RETR 3\r\n"),
         S(b"+OK 3 CCC\r\n+OK 3 300\r\n" + RETR_REPLY),
     ]
     out = run_all_modes(
         steps,
-        Expect(
-            upstream=LOGIN_UP
-            + b"STAT\r\nUIDL 1\r\nLIST 1\r\nRETR 1\r\nUIDL 3\r\nLIST 3\r\nRETR 3\r\n"
-        ),
+        Expect(upstream=STAT_FIRST_UP + b"UIDL 3\r\nLIST 3\r\nRETR 3\r\n"),
         modes=MODES,
         message_identity=True,
     )
@@ -774,11 +767,7 @@ def test_a_message_the_listing_missed_is_looked_up_on_its_own() -> None:
     # The listing names 1 to 3 only (a malformed line for 4 is not learnt):
     # message 4 is asked about by number when it is used.
     steps = [
-        *LOGIN,
-        C(b"STAT\r\n"),
-        S(b"+OK 4 724\r\n"),
-        C(b"RETR 1\r\n"),
-        S(b"+OK 1 AAA\r\n+OK 1 12\r\n" + RETR_REPLY),
+        *STAT_FIRST,
         C(b"RETR 2\r\n"),
         S(
             b"+OK\r\n1 AAA\r\n2 BBB\r\n3 CCC\r\n4  bad\r\n.\r\n"
@@ -790,8 +779,7 @@ def test_a_message_the_listing_missed_is_looked_up_on_its_own() -> None:
     out = run_all_modes(
         steps,
         Expect(
-            upstream=LOGIN_UP + b"STAT\r\nUIDL 1\r\nLIST 1\r\nRETR 1\r\nUIDL\r\nLIST\r\nRETR 2\r\n"
-            b"UIDL 4\r\nLIST 4\r\nRETR 4\r\n"
+            upstream=STAT_FIRST_UP + b"UIDL\r\nLIST\r\nRETR 2\r\nUIDL 4\r\nLIST 4\r\nRETR 4\r\n"
         ),
         modes=MODES,
         message_identity=True,
@@ -801,11 +789,7 @@ def test_a_message_the_listing_missed_is_looked_up_on_its_own() -> None:
 
 def test_a_refused_bare_uidl_turns_uidl_lookups_off() -> None:
     steps = [
-        *LOGIN,
-        C(b"STAT\r\n"),
-        S(b"+OK 4 724\r\n"),
-        C(b"RETR 1\r\n"),
-        S(b"+OK 1 AAA\r\n+OK 1 12\r\n" + RETR_REPLY),
+        *STAT_FIRST,
         C(b"RETR 2\r\n"),
         S(b"-ERR no UIDL here\r\n" + b"+OK\r\n1 12\r\n2 12\r\n.\r\n" + RETR_REPLY),
         C(b"RETR 4\r\n"),
@@ -814,8 +798,7 @@ def test_a_refused_bare_uidl_turns_uidl_lookups_off() -> None:
     out = run_all_modes(
         steps,
         Expect(
-            upstream=LOGIN_UP + b"STAT\r\nUIDL 1\r\nLIST 1\r\nRETR 1\r\nUIDL\r\nLIST\r\nRETR 2\r\n"
-            b"LIST 4\r\nRETR 4\r\n",
+            upstream=STAT_FIRST_UP + b"UIDL\r\nLIST\r\nRETR 2\r\nLIST 4\r\nRETR 4\r\n",
             client=LOGIN_DOWN + b"+OK 4 724\r\n" + RETR_REPLY * 3,
         ),
         modes=MODES,
