@@ -1,32 +1,48 @@
-"""TLS on a TCP connection, with OpenSSL's record layer in C.
+"""TLS on a TCP connection: OpenSSL over memory buffers, one system call per
+network read and one per send.
 
-``trio.SSLStream`` drives an ``ssl.SSLObject`` over memory BIOs: every TLS
-record crosses Python twice (kernel to BIO, BIO to plaintext), and each
-receive yields one record.  Relaying a 50 kB RETR through TLS on both sides
-cost about five times the CPU of plain TCP that way.
+``trio.SSLStream`` drives an ``ssl.SSLObject`` over memory BIOs too, but
+through trio's stream machinery: a checkpoint per operation, one record per
+receive.  An ``ssl.SSLSocket`` on the non-blocking socket keeps Python out
+of the record layer, but OpenSSL without read-ahead (which Python does not
+expose) reads each record with two ``read()`` calls, header then body, and
+writes each 16 KiB record with a ``write()`` of its own.
 
-:class:`TLSSocketStream` instead wraps the connection's own non-blocking
-socket in an ``ssl.SSLSocket``: OpenSSL reads and writes the kernel socket
-itself, and Python sees only plaintext.  trio is entered only to wait, with
-its public low-level waits (``wait_readable``/``wait_writable``), when
-OpenSSL says ``SSLWantReadError``/``SSLWantWriteError``.  It behaves like
-:class:`~popguard.shell.tcp.TCPStream` on the hot path:
+:class:`TLSSocketStream` drives an ``ssl.SSLObject`` over two
+``ssl.MemoryBIO`` synchronously, on the connection's own non-blocking
+socket:
 
-* ``receive_some`` returns everything OpenSSL can decrypt from what the
-  kernel already holds, up to the size asked for, as one chunk (a server
-  writing 4 KiB records costs one pass through the relay per network read,
-  not one per record); when data was there at once it still yields once;
-* :meth:`~TLSSocketStream.receive_nowait` is the same read without trio,
-  and :meth:`~TLSSocketStream.wait_receivable` the wait: the relay's pumps
-  read TLS as they read plain TCP, entering trio only to wait, and skip the
-  read that would fail right after one that drained the kernel;
-* ``send_all`` does not yield when the kernel took every record at once.
+* receiving, one ``recv`` of up to :data:`NETWORK_READ` bytes fills the
+  incoming BIO, then ``SSLObject.read`` decrypts record after record with no
+  system call until OpenSSL wants more; everything decrypted, up to the size
+  asked for, is returned as one chunk (a server writing 4 KiB records costs
+  one pass through the relay per network read, not one per record);
+* sending, ``SSLObject.write`` encrypts up to :data:`SEND_CHUNK` bytes into
+  the outgoing BIO, and one ``send`` hands every record to the kernel; what
+  the kernel does not take is kept (:attr:`_out`) and trio is entered only
+  then, to wait until the socket is writable.
 
-OpenSSL can need the other direction of the socket (a write that must
-first read, as in a renegotiation; a read that must write, as in a TLS 1.3
-key update).  Each direction has at most one task (the relay's pumps), and
-the two never wait on the same direction of the socket at once: one parks in
-trio, the other waits for it to wake (:meth:`_wait`).
+Like :class:`~popguard.shell.tcp.TCPStream` on the hot path, trio is entered
+only to wait, with its public low-level waits (``wait_readable`` /
+``wait_writable``): :meth:`~TLSSocketStream.receive_nowait` reads without
+trio and :meth:`~TLSSocketStream.wait_receivable` waits, so the relay's
+pumps read TLS as they read plain TCP; a read that found the kernel drained
+skips the ``recv`` that would fail right after it; ``send_all`` does not
+yield when the kernel took every record at once.
+
+Memory stays bounded: the socket is read only when OpenSSL wants more bytes
+(the incoming BIO then holds less than one record), so the BIO never holds
+more than one network read and a partial record; plaintext is decrypted
+only up to the size asked for, and the rest stays encrypted in the BIO; a
+send encrypts :data:`SEND_CHUNK` bytes at a time, each sent before the next.
+
+OpenSSL can write while reading (a TLS 1.3 key update, a session ticket; a
+TLS 1.2 renegotiation) and read while writing (a renegotiation): every
+operation ends by sending what OpenSSL put in the outgoing BIO, in order,
+whichever task made it; a receive that leaves bytes unsent waits until the
+socket is writable.  Each direction has at most one task (the relay's pumps),
+and the two never wait on the same direction of the socket at once: one
+parks in trio, the other waits for it to wake (:meth:`_wait`).
 
 Closing: :meth:`send_eof` sends close_notify (RFC 8446 §6.1) and leaves
 the receiving side open; :meth:`aclose` sends close_notify, then closes;
@@ -53,10 +69,18 @@ from popguard.shell.tcp import DEFAULT_RECEIVE_SIZE, TCPStream
 #: ``SSL_read`` returns at most.
 MAX_RECORD: Final = 16384
 
-#: The most plaintext :meth:`TLSSocketStream.send_eof` keeps for later receives.
-HOLD_LIMIT: Final = 256 * 1024
+#: The most ciphertext one ``recv`` moves from the kernel into OpenSSL: a
+#: 50 kB reply and its records in one system call.
+NETWORK_READ: Final = 256 * 1024
 
-_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+#: The most plaintext encrypted at once by a send: what is encrypted and not
+#: yet taken by the kernel stays below this and a few record headers.
+SEND_CHUNK: Final = 256 * 1024
+
+#: One buffer for every ``recv``: its bytes are copied into a BIO before
+#: anything else runs (everything here is synchronous between awaits).
+_NETWORK_BUFFER = bytearray(NETWORK_READ)
+_NETWORK_VIEW = memoryview(_NETWORK_BUFFER)
 
 #: The server name (SNI) each server-side connection asked for, recorded by
 #: the listener's SNI callback (:func:`popguard.shell.tls.server_context`).
@@ -74,27 +98,39 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
     Build it with :meth:`wrap`, then :meth:`do_handshake`.
     """
 
-    def __init__(self, sock: ssl.SSLSocket) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        tls: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+    ) -> None:
+        #: The TCP socket (non-blocking): only ciphertext crosses it.
         self.socket = sock
+        self._tls = tls
+        self._incoming = incoming
+        self._outgoing = outgoing
+        #: Ciphertext OpenSSL produced that the kernel has not taken yet.
+        self._out: bytes | memoryview = b""
         self._closed = False
         self._receiving = False
         self._sending = False
         self._handshook = False
-        #: TCP (not a socketpair of the tests): TCP_CORK applies.
-        self._corkable = sock.family in (socket.AF_INET, socket.AF_INET6)
         #: close_notify sent (send_eof): no more sends.
         self._eof_sent = False
-        #: The peer's close_notify has arrived (after unwrap() completed, the
-        #: socket is plaintext: it must not be read again).
+        #: The peer's close_notify has arrived: every receive returns b"".
         self._eof_received = False
         #: An error found while gathering, reported by the next receive.
         self._deferred: BaseException | None = None
         #: Plaintext decrypted before close_notify was sent (see send_eof),
         #: returned by the next receives.
         self._held = b""
-        #: What the last read found: None, nothing (ask OpenSSL); True, the
-        #: kernel drained (wait until readable); False, OpenSSL must write
-        #: first (wait until writable).
+        #: The last ``recv`` took less than it asked for: the kernel was
+        #: drained, so the next want-read waits instead of reading again.
+        self._drained = False
+        #: Why the last receive found nothing: None, nothing (ask OpenSSL);
+        #: True, the kernel drained (wait until readable); False, bytes
+        #: OpenSSL wrote are still to be sent (wait until writable).
         self._blocked: bool | None = None
         #: Which task waits for the socket in trio, per direction; the other
         #: task, if it needs the same direction, waits for this event.
@@ -112,83 +148,87 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
     ) -> TLSSocketStream:
         """Take over ``tcp``'s socket (``tcp`` is closed, its socket not).
 
-        Raises ``BrokenResourceError`` if the socket cannot be wrapped (the
+        Raises ``BrokenResourceError`` if TLS cannot be set up (the
         connection is then closed).  Bytes given to ``tcp.unread`` are not
         fed to TLS: a caller with such bytes needs ``trio.SSLStream``.
         """
         sock = tcp.detach()
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         try:
-            wrapped = context.wrap_socket(
-                sock,
-                server_side=server_side,
-                server_hostname=server_hostname,
-                do_handshake_on_connect=False,
-                suppress_ragged_eofs=False,
+            tls = context.wrap_bio(
+                incoming, outgoing, server_side=server_side, server_hostname=server_hostname
             )
         except (OSError, ValueError) as exc:
-            sock.close()  # a no-op if the failure came after it was taken over
+            sock.close()
             raise trio.BrokenResourceError(f"TLS setup failed: {exc}") from exc
-        return cls(wrapped)
+        return cls(sock, tls, incoming, outgoing)
 
     # -- what describe() and the audit records read ------------------------
     @property
     def server_side(self) -> bool:
-        return self.socket.server_side
+        return self._tls.server_side
 
     @property
     def server_hostname(self) -> str | None:
-        return self.socket.server_hostname
+        return self._tls.server_hostname
 
     @property
     def sni(self) -> str | None:
         """The server name the client asked for (server side), or the one sent."""
-        if self.socket.server_side:
-            return _SNI.get(self.socket)
-        return self.socket.server_hostname
+        if self._tls.server_side:
+            return _SNI.get(self._tls)
+        return self._tls.server_hostname
 
     @property
     def context(self) -> ssl.SSLContext:
-        return self.socket.context
+        return self._tls.context
 
     def version(self) -> str | None:
-        return self.socket.version()
+        return self._tls.version()
 
     def cipher(self) -> tuple[str, str, int] | None:
-        return self.socket.cipher()
+        return self._tls.cipher()
 
     def selected_alpn_protocol(self) -> str | None:
-        return self.socket.selected_alpn_protocol()
+        return self._tls.selected_alpn_protocol()
 
     def getpeercert(self, binary_form: bool = False) -> object:
-        return self.socket.getpeercert(binary_form)
+        return self._tls.getpeercert(binary_form)
 
     def detach_tcp(self) -> TCPStream:
         """The bare TCP connection, for a lingering close (FIN, then read and
         discard what the peer still sends, undecrypted): after a failed
         handshake, or after close_notify.  This stream is closed, the
-        connection is not."""
+        connection is not; ciphertext already read into OpenSSL is dropped."""
         self._check_open()
         self._closed = True
-        return TCPStream(socket.socket(fileno=self.socket.detach()))
+        return TCPStream(self.socket)
 
     # -- the handshake -------------------------------------------------------
     async def do_handshake(self) -> None:
-        """Run the TLS handshake; ``BrokenResourceError`` if it fails."""
+        """Run the TLS handshake; ``BrokenResourceError`` if it fails.
+
+        Bytes the peer sent after its last handshake message stay in the
+        incoming BIO, for the first receive.
+        """
         self._check_open()
-        sock = self.socket
-        while True:
-            try:
-                sock.do_handshake()
-            except ssl.SSLWantReadError:
-                await self._wait(readable=True)
-            except ssl.SSLWantWriteError:
-                await self._wait(readable=False)
-            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                raise self._translate(exc) from exc
-            else:
-                self._handshook = True
-                await trio.lowlevel.checkpoint()
-                return
+        tls = self._tls
+        try:
+            while True:
+                try:
+                    tls.do_handshake()
+                except ssl.SSLWantReadError:
+                    await self._send_out()  # our flight, before waiting for the peer's
+                    if self._fill() is None:
+                        await self._wait(readable=True)
+                else:
+                    break
+            await self._send_out()  # our last flight (and TLS 1.3 tickets)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            self._send_alert()
+            raise self._translate(exc) from exc
+        self._handshook = True
+        await trio.lowlevel.checkpoint()
 
     # -- receiving -----------------------------------------------------------
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -211,11 +251,11 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
         again).  It never yields, so a caller that finds data again and again
         must let other tasks run now and then (a checkpoint of its own).
 
-        When the last read found the kernel drained (OpenSSL wanted more
-        bytes), this returns None at once: a relay pump that just relayed a
-        chunk then waits without one more failing ``SSL_read``.  Waiting is
-        then at worst one wasted pass, never a hang: the wait ends at once if
-        the socket became readable meanwhile.
+        When the last read found the kernel drained, this returns None at
+        once: a relay pump that just relayed a chunk then waits without one
+        more failing ``recv``.  Waiting is then at worst one wasted pass,
+        never a hang: the wait ends at once if the socket became readable
+        meanwhile.
         """
         self._check_open()
         if self._receiving:
@@ -229,28 +269,82 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
             return b""
         if self._blocked is not None:
             return None
-        sock = self.socket
         try:
-            data = sock.recv(max_bytes if max_bytes < MAX_RECORD else MAX_RECORD)
-        except ssl.SSLWantReadError:
-            self._blocked = True
-            return None
-        except ssl.SSLWantWriteError:
-            self._blocked = False
-            return None
-        except ssl.SSLZeroReturnError:
-            data = b""  # close_notify
+            data = self._decrypt(max_bytes)
+            if self._out or self._outgoing.pending:
+                self._flush()  # what reading made OpenSSL write (a key update)
         except (OSError, ValueError) as exc:
+            self._send_alert()
             raise self._translate(exc) from exc
-        if not data:
-            self._eof_received = True
-        elif len(data) < max_bytes:
-            data = self._gather(data, max_bytes)
+        if data is None and self._out and not self._sending:
+            self._blocked = False  # the bytes must go before anything else
         return data
+
+    def _decrypt(self, max_bytes: int) -> bytes | None:
+        """Up to ``max_bytes`` of plaintext from the incoming BIO, reading the
+        socket whenever OpenSSL wants more; None if there is none yet.  An
+        error after some plaintext is kept for the next receive."""
+        tls = self._tls
+        incoming = self._incoming
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            while total < max_bytes:
+                # With nothing buffered, SSL_read could only fail (raising an
+                # exception costs more than these checks): read the network.
+                if (
+                    not incoming.pending
+                    and not incoming.eof
+                    and not tls.pending()
+                    and (self._drained or self._fill() is None)
+                ):
+                    self._drained = False
+                    self._blocked = True
+                    break
+                want = max_bytes - total
+                try:
+                    data = tls.read(want if want < MAX_RECORD else MAX_RECORD)
+                except ssl.SSLWantReadError:  # a partial record
+                    if self._drained or self._fill() is None:
+                        self._drained = False
+                        self._blocked = True
+                        break
+                    continue
+                if not data:  # close_notify (when none was sent)
+                    self._eof_received = True
+                    break
+                chunks.append(data)
+                total += len(data)
+        except ssl.SSLZeroReturnError:
+            self._eof_received = True  # close_notify, after ours
+        except (OSError, ValueError) as exc:
+            if not chunks:
+                raise
+            error = self._translate(exc)
+            error.__cause__ = exc
+            self._deferred = error  # the next receive reports it
+        if not chunks:
+            return b"" if self._eof_received else None
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _fill(self) -> int | None:
+        """One ``recv`` into the incoming BIO: the bytes read (0 at EOF, which
+        OpenSSL is told of), or None if the kernel has nothing."""
+        try:
+            count = self.socket.recv_into(_NETWORK_BUFFER, NETWORK_READ)
+        except BlockingIOError:
+            return None
+        if count:
+            self._incoming.write(_NETWORK_VIEW[:count])
+            self._drained = count < NETWORK_READ
+        else:
+            self._incoming.write_eof()  # OpenSSL tells a truncation from a close
+        return count
 
     async def wait_receivable(self) -> None:
         """Wait until :meth:`receive_nowait` may have something: for the
-        socket to be readable, or writable if OpenSSL must write first."""
+        socket to be readable, or writable if bytes OpenSSL wrote must go
+        first."""
         self._check_open()
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving")
@@ -261,35 +355,6 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
             self._blocked = None
             self._receiving = False
 
-    def _gather(self, data: bytes, size: int) -> bytes:
-        """``data`` and whatever else OpenSSL decrypts without waiting, up to
-        ``size``: the rest of the record, then further records the kernel
-        already holds, until OpenSSL would have to wait (``pending()`` alone
-        would see only the rest of the current record)."""
-        sock = self.socket
-        chunks = [data]
-        total = len(data)
-        try:
-            while total < size:
-                want = size - total
-                more = sock.recv(want if want < MAX_RECORD else MAX_RECORD)
-                if not more:
-                    self._eof_received = True
-                    break
-                chunks.append(more)
-                total += len(more)
-        except ssl.SSLWantReadError:
-            self._blocked = True
-        except ssl.SSLWantWriteError:
-            self._blocked = False
-        except ssl.SSLZeroReturnError:
-            self._eof_received = True  # the next receive reports it
-        except (OSError, ValueError) as exc:
-            error = self._translate(exc)
-            error.__cause__ = exc
-            self._deferred = error  # the next receive reports it
-        return data if len(chunks) == 1 else b"".join(chunks)
-
     # -- sending -------------------------------------------------------------
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self._check_open()
@@ -298,39 +363,66 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
         if self._eof_sent:
             raise trio.ClosedResourceError("close_notify was sent")
         self._sending = True
-        sock = self.socket
-        # OpenSSL sends each record (16 KiB at most) with a write of its own:
-        # corked, the records of one send leave together, as one plain send
-        # would (a 50 kB reply otherwise wakes the peer four times).
-        cork = self._corkable and len(data) > MAX_RECORD
+        tls = self._tls
         try:
-            if cork:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
             with memoryview(data) as view:
                 total = len(view)
-                sent = 0
-                while sent < total:
-                    # OpenSSL writes all or nothing (no partial-write mode);
-                    # after a want-write it must be called again with the
-                    # same bytes, which it finishes writing.
+                done = 0
+                while done < total:
+                    end = done + SEND_CHUNK if total - done > SEND_CHUNK else total
                     try:
-                        sent += sock.send(view[sent:])
-                    except ssl.SSLWantWriteError:
-                        await self._wait(readable=False)
+                        tls.write(view[done:end])
                     except ssl.SSLWantReadError:
-                        await self._wait(readable=True)
+                        # A TLS 1.2 renegotiation: OpenSSL must read first.
+                        await self._send_out()
+                        await self._feed()
+                        continue
+                    done = end
+                    await self._send_out()
         except (OSError, ValueError) as exc:
             raise self._translate(exc) from exc
         finally:
             self._sending = False
-            if cork:
-                self._uncork()
 
-    def _uncork(self) -> None:
-        """Let corked records go (also after an error or a cancelled send,
-        so that nothing sent later waits behind them)."""
-        with contextlib.suppress(OSError):  # closed or broken: nothing to send
-            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+    async def _feed(self) -> None:
+        """Read the socket into the incoming BIO for a send (see send_all);
+        the receiving side then asks OpenSSL again before waiting."""
+        while self._fill() is None:
+            await self._wait(readable=True)
+        self._blocked = None
+
+    def _flush(self) -> bool:
+        """Send what OpenSSL wrote and the kernel has not taken yet, as far as
+        the kernel takes it now; True when nothing is left."""
+        out = self._outgoing
+        if out.pending:
+            data: bytes | memoryview = out.read()
+            if self._out:
+                data = b"".join((self._out, data))
+        else:
+            data = self._out
+            if not data:
+                return True
+        try:
+            sent = self.socket.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            self._out = b""
+            return True
+        self._out = memoryview(data)[sent:]
+        return False
+
+    def _send_alert(self) -> None:
+        """After a TLS error: send the alert OpenSSL wrote, if the kernel
+        takes it now (the peer then knows why; nothing waits for it)."""
+        with contextlib.suppress(OSError):
+            self._flush()
+
+    async def _send_out(self) -> None:
+        """Send everything OpenSSL wrote, waiting while the kernel is full."""
+        while not self._flush():
+            await self._wait(readable=False)
 
     async def wait_send_all_might_not_block(self) -> None:
         self._check_open()
@@ -339,13 +431,12 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
     async def send_eof(self) -> None:
         """Send close_notify; receiving goes on until the peer's close_notify.
 
-        ``unwrap()`` runs ``SSL_shutdown`` twice: the first sends
+        ``unwrap()`` runs ``SSL_shutdown`` twice: the first writes
         close_notify, the second reads, looking for the peer's, and OpenSSL
-        fails it if application data comes first (the data is lost).  So
-        what the peer already sent is decrypted first and kept for the next
-        receives (unless a receive is in progress; up to :data:`HOLD_LIMIT`).
-        Data arriving in between is lost: the next receive then raises
-        ``BrokenResourceError``.
+        fails it if application data comes first (the data is lost).  So the
+        complete records already read from the socket are decrypted first and
+        kept for the next receives; the socket itself is not read meanwhile,
+        so nothing the peer sends later is lost.
         """
         self._check_open()
         if self._sending:
@@ -355,29 +446,23 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
             return
         self._sending = True
         try:
-            if not self._receiving:
-                self._hold_received()
             await self._send_close_notify()
         finally:
             self._sending = False
         await trio.lowlevel.checkpoint()
 
     def _hold_received(self) -> None:
-        """Decrypt what the kernel holds into :attr:`_held` (see send_eof)."""
+        """Decrypt the complete records in the incoming BIO into
+        :attr:`_held` (see send_eof): at most one network read's worth."""
         if self._deferred is not None or self._eof_received:
             return
-        sock = self.socket
+        tls = self._tls
         chunks = [self._held]
-        total = len(self._held)
         try:
-            while total < HOLD_LIMIT:
-                more = sock.recv(MAX_RECORD)
-                if not more:
-                    self._eof_received = True
-                    break
-                chunks.append(more)
-                total += len(more)
-        except _WANT:
+            while data := tls.read(MAX_RECORD):
+                chunks.append(data)
+            self._eof_received = True  # close_notify
+        except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:
             self._eof_received = True
@@ -388,32 +473,20 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
         self._held = b"".join(chunks)
 
     async def _send_close_notify(self) -> None:
-        sock = self.socket
-        while True:
-            try:
-                sock.unwrap()
-            except ssl.SSLWantReadError:
-                self._eof_sent = True  # sent; the peer's has not come yet
-                return
-            except ssl.SSLWantWriteError:
-                await self._wait(readable=False)
-            except ssl.SSLError as exc:
-                if exc.reason != "APPLICATION_DATA_AFTER_CLOSE_NOTIFY":
-                    raise self._translate(exc) from exc
-                # close_notify was sent (and no alert after it); what the peer
-                # sent meanwhile was discarded by OpenSSL.
-                self._eof_sent = True
-                if self._deferred is None and not self._eof_received:
-                    error = trio.BrokenResourceError("data received after close_notify was lost")
-                    error.__cause__ = exc
-                    self._deferred = error
-                return
-            except (OSError, ValueError) as exc:
-                raise self._translate(exc) from exc
-            else:
-                # Both close_notify are done and the socket is plaintext now.
-                self._eof_sent = self._eof_received = True
-                return
+        self._hold_received()
+        try:
+            self._tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass  # sent; the peer's has not come yet
+        except (OSError, ValueError) as exc:
+            raise self._translate(exc) from exc
+        else:
+            self._eof_received = True  # both close_notify are done
+        self._eof_sent = True
+        try:
+            await self._send_out()
+        except OSError as exc:
+            raise self._translate(exc) from exc
 
     # -- closing -------------------------------------------------------------
     def close_now(self) -> None:
@@ -453,7 +526,7 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
 
         If the other task already waits for that in trio, wait for it to
         wake instead (trio allows one waiter per direction of a socket);
-        then OpenSSL is simply asked again.
+        then the caller simply tries again.
         """
         if self._parked[readable]:
             event = self._woken[readable]

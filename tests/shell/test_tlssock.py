@@ -197,10 +197,12 @@ async def test_failed_handshake_leaves_a_plain_tcp_connection_to_linger_on(pki: 
     await tcp.send_eof()
     drained = b""
     with trio.fail_after(LIMIT):
+        await client_tcp.send_all(b"PASS secret\r\n")  # sent after the failure
         await client_tcp.send_eof()
         while chunk := await tcp.receive_some():
             drained += chunk
-    assert drained  # the rest of the plaintext, readable (no RST on close)
+    # What came after the failure is read as plaintext (no RST on close).
+    assert drained.endswith(b"PASS secret\r\n")
     tcp.close_now()
     client_tcp.close_now()
 
@@ -361,11 +363,25 @@ async def test_send_eof_keeps_what_the_peer_had_already_sent(pki: PKI) -> None:
 async def test_eof_without_close_notify_is_broken(pki: PKI) -> None:
     async with tls_pair(pki) as (client, server):
         await client.send_all(b"last words")
-        client.close_now()  # a truncation, not a TLS close
+        client.socket.shutdown(socket.SHUT_WR)  # a truncation (TCP FIN), not a TLS close
         assert await server.receive_some() == b"last words"
         with pytest.raises(trio.BrokenResourceError) as caught:
             await server.receive_some()
         assert isinstance(caught.value.__cause__, ssl.SSLEOFError)
+        with pytest.raises(trio.BrokenResourceError):
+            await server.receive_some()  # and it stays broken
+
+
+async def test_reset_after_data_is_broken(pki: PKI) -> None:
+    """The client closes with the server's TLS 1.3 session tickets unread,
+    so the kernel sends RST: the data before it is delivered, then Broken."""
+    async with tls_pair(pki) as (client, server):
+        await client.send_all(b"last words")
+        client.close_now()
+        assert await server.receive_some() == b"last words"
+        with pytest.raises(trio.BrokenResourceError) as caught:
+            await server.receive_some()
+        assert isinstance(caught.value.__cause__, OSError)
 
 
 async def test_aclose_sends_close_notify(pki: PKI) -> None:
