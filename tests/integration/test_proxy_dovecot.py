@@ -704,6 +704,31 @@ async def test_records_name_messages_by_dovecots_uidl_and_size(
     assert remaining == [stored_form(m) for i, m in enumerate(messages, 1) if i != 3]
 
 
+async def test_a_retr_walk_is_named_from_one_listing_of_dovecots(
+    dovecot, mailbox, make_messages, popguard, wire
+):
+    """A client that walks the maildrop with RETR alone (a poplib loop):
+    popguard asks Dovecot STAT and one bare UIDL and LIST, never relayed,
+    and names every message as Dovecot's own listings do."""
+    messages = make_messages(6, seed=63)
+    user, password, _ = mailbox(messages)
+    proxy = await popguard()
+    walk = [(f"RETR {n}", True) for n in range(1, 7)]
+    script = [(f"USER {user}", False), (f"PASS {password}", False), *walk, ("QUIT", False)]
+    ids, replies = await identity_session(dovecot, proxy, wire, user, password, script)
+    assert [unstuffed_body(reply) for reply in replies[2:8]] == messages
+    retrieved = proxy.sink.named("message.retrieved")
+    assert [{k: e.get(k) for k in ("msg", "uidl", "size")} for e in retrieved] == [
+        ids[n] for n in range(1, 7)
+    ]
+    # Exactly the client's lines, plus: UIDL 1 + LIST 1 (the first message),
+    # STAT + UIDL 2 + LIST 2 (the second), then one bare UIDL and LIST.
+    sent = b"".join(line.encode() + b"\r\n" for line, _ in script)
+    own = b"UIDL 1\r\nLIST 1\r\nSTAT\r\nUIDL 2\r\nLIST 2\r\nUIDL\r\nLIST\r\n"
+    (closed,) = proxy.sink.named("session.closed")
+    assert closed["bytes_to_upstream"] == len(sent) + len(own)
+
+
 async def test_uidl_survives_a_request_for_a_missing_message(
     dovecot, mailbox, make_messages, popguard, wire
 ):
