@@ -731,8 +731,8 @@ def test_dele_in_flight_before_quit_is_named_when_the_session_ends(
 ):
     """popguard (a real process) is stopped while DELE 1 and QUIT wait in Dovecot's socket.
 
-    A sync test on purpose: pytest-trio would wrap the failure in an
-    ExceptionGroup, and the strict xfail must match this failure only.
+    A sync test on purpose: pytest-trio would wrap a failure in an
+    ExceptionGroup, and a gap in the trail must fail as itself (TrailGap).
     """
     messages = make_messages(COUNT, seed=398)
     box = mailbox(messages)
