@@ -57,8 +57,10 @@ MAX_IDENTITY_CACHE: Final = 100_000
 
 #: A maildrop of at most this many messages is listed whole (popguard's own
 #: bare UIDL and LIST) once a session touches its second message: some
-#: 40 kB on the wire and at most ~150 kB learnt, against two commands per
-#: message otherwise.  A larger one is looked up one message at a time.
+#: 40 kB on the wire and at most ~250 kB learnt (about what a client that
+#: walks the whole maildrop makes popguard learn anyway), against two
+#: commands per message otherwise.  A larger one is looked up one message
+#: at a time.
 LISTING_MAX: Final = 1000
 
 #: Digits in a message number or size that are learnt (int() stays cheap).
