@@ -209,6 +209,17 @@ def test_bytes_after_the_terminator_are_refused() -> None:
     assert content.finish() == hashlib.sha256(b"a\r\n").hexdigest()
 
 
+def test_the_terminator_is_found_when_a_dot_line_follows_it() -> None:
+    # CRLF "." CRLF "." : the terminator's CRLF is also the start of the
+    # next CRLF ".", so the two overlap; the body still ends at the first.
+    content = MessageContent()
+    data = b"a\r\n.b\r\n.\r\n.junk"
+    end, message = content.take(data, keep=True)
+    assert end == len(b"a\r\n.b\r\n.\r\n")
+    assert message == b"a\r\nb\r\n"  # the stuffed ".b" unstuffed
+    assert content.done
+
+
 def test_a_plain_chunk_is_passed_on_without_a_copy() -> None:
     content = MessageContent()
     content.feed(b"x")  # past the body's start
