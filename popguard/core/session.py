@@ -1445,8 +1445,7 @@ class ProxySession:
             return
         self._request_identity(msg)  # its UIDL names the copy
         number = str(msg).encode("ascii")
-        self._pending.append(_Pending("RETR", number, multiline=True, internal=True))
-        self._upstream_out.append(b"RETR " + number + CRLF)
+        self._ask(_Pending("RETR", number, multiline=True, internal=True), b"RETR " + number + CRLF)
 
     def _open_gate(self, msg: int, digest: str, size: int) -> None:
         account = self.account
