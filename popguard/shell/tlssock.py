@@ -320,9 +320,7 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
         except (OSError, ValueError) as exc:
             if not chunks:
                 raise
-            error = self._translate(exc)
-            error.__cause__ = exc
-            self._deferred = error  # the next receive reports it
+            self._defer(exc)
         if not chunks:
             return b"" if self._eof_received else None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -467,9 +465,7 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
         except ssl.SSLZeroReturnError:
             self._eof_received = True
         except (OSError, ValueError) as exc:
-            error = self._translate(exc)
-            error.__cause__ = exc
-            self._deferred = error
+            self._defer(exc)
         self._held = b"".join(chunks)
 
     async def _send_close_notify(self) -> None:
@@ -548,6 +544,12 @@ class TLSSocketStream(trio.abc.HalfCloseableStream):
             if event is not None:
                 self._woken[readable] = None
                 event.set()
+
+    def _defer(self, exc: BaseException) -> None:
+        """Keep an error found after some plaintext: the next receive reports it."""
+        error = self._translate(exc)
+        error.__cause__ = exc
+        self._deferred = error
 
     def _translate(self, exc: BaseException) -> Exception:
         if self._closed:
