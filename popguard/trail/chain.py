@@ -45,6 +45,8 @@ import secrets
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
+import orjson
+
 # The key file is read by the config too (popguard.schema.keyfile); re-exported here.
 from popguard.schema.keyfile import MIN_KEY_BYTES as MIN_KEY_BYTES
 from popguard.schema.keyfile import ChainError as ChainError
@@ -116,8 +118,48 @@ def _make_encoder(*, ascii_only: bool) -> Callable[[Mapping[str, Any]], str]:
     return encode
 
 
-_encode_canonical = _make_encoder(ascii_only=False)
+_encode_json = _make_encoder(ascii_only=False)
 _encode_ascii = _make_encoder(ascii_only=True)
+
+#: The exact scalar types orjson writes as ``json.dumps`` does.  A float is
+#: not one (orjson spells ``1e+16`` as ``1e16``), nor anything orjson
+#: encodes that ``json`` refuses (datetime, UUID, dataclasses, subclasses).
+_ORJSON_SCALARS: Final = frozenset({str, int, bool, type(None)})
+
+
+def _orjson_safe(value: Any) -> bool:
+    """Whether orjson writes ``value`` (a dict, list or tuple) exactly as the
+    canonical ``json.dumps`` does: a tree of the types above only."""
+    items = value.values() if type(value) is dict else value
+    for item in items:
+        kind = type(item)
+        if kind in _ORJSON_SCALARS:
+            continue
+        if kind is not dict and kind is not list and kind is not tuple:
+            return False
+        if not _orjson_safe(item):
+            return False
+    return True
+
+
+def _encode_canonical(record: Mapping[str, Any]) -> str:
+    """The canonical JSON text of ``record`` (see :func:`canonical`).
+
+    orjson writes the same text about five times faster than CPython's C
+    encoder (an audit record: ~1 µs against ~5 µs, and the writer thread
+    spent half its time here).  It is used only where it is known to agree
+    byte for byte: a tree of dicts, lists and exact str/int/bool/None; not
+    floats, nor any type ``json`` would refuse.  What it cannot write (an
+    integer beyond 64 bits, a key that is not a string, a lone surrogate) is
+    left to ``json`` too, which writes it or raises as it always did.  A
+    test holds both to ``json.dumps`` (tests/trail/test_trail_chain.py).
+    """
+    if type(record) is dict and _orjson_safe(record):
+        try:
+            return orjson.dumps(record, option=orjson.OPT_SORT_KEYS).decode("utf-8")
+        except TypeError:
+            pass
+    return _encode_json(record)
 
 
 def _without_hash(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import enum
 import hashlib
 import hmac
 import json
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from trail_helpers import KEY, key_file, seal_lines, session_records, write_lines
 
+from popguard.trail import chain as chain_module
 from popguard.trail.chain import (
     ALG_HMAC,
     ALG_SHA256,
@@ -71,9 +76,76 @@ def test_canonical_is_exactly_the_specified_json(record: dict[str, object], hash
     assert canonical({**record, "hash": hash_}) == _spec(record)
 
 
-def test_canonical_refuses_what_json_cannot_say() -> None:
+# What audit records hold: no floats, integers within 64 bits.  These take
+# orjson's path (see chain._encode_canonical), which must agree byte for byte.
+orjson_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@given(st.dictionaries(st.text(), orjson_values, max_size=8).filter(_encodable))
+def test_canonical_of_plain_records_takes_orjson_and_agrees(record: dict[str, object]) -> None:
+    assert chain_module._orjson_safe(record)
+    assert canonical(record) == _spec(record)
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (1e16, b"1e+16"),
+        (1e-05, b"1e-05"),
+        (0.1, b"0.1"),
+        (2**64, b"18446744073709551616"),
+        (-(2**63) - 1, b"-9223372036854775809"),
+    ],
+)
+def test_canonical_spells_numbers_as_json_does(value: object, text: bytes) -> None:
+    # orjson would write 1e16 and refuse integers beyond 64 bits: json's path.
+    assert canonical({"n": value}) == b'{"n":' + text + b"}"
+    assert canonical({"n": [value]}) == b'{"n":[' + text + b"]}"
+
+
+def test_canonical_writes_subclasses_and_odd_keys_as_json_does() -> None:
+    class Kind(enum.IntEnum):
+        ONE = 1
+
+    class Name(enum.StrEnum):
+        X = "x"
+
+    for record in ({"k": Kind.ONE}, {"k": Name.X}, {"k": {"1": [Kind.ONE]}}):
+        assert not chain_module._orjson_safe(record)
+        assert canonical(record) == _spec(record)
+    assert canonical({"k": {1: True}}) == b'{"k":{"1":true}}'  # json's own spelling
+
+
+@dataclasses.dataclass
+class _Thing:
+    name: str
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        object(),
+        datetime.datetime(2026, 12, 7, tzinfo=datetime.UTC),
+        datetime.date(2026, 12, 7),
+        uuid.UUID(int=7),
+        _Thing("x"),
+        [object()],
+        {"inner": {"when": datetime.datetime(2026, 12, 7)}},
+    ],
+    ids=["object", "datetime", "date", "uuid", "dataclass", "in-list", "nested"],
+)
+def test_canonical_refuses_what_json_cannot_say(value: object) -> None:
+    # orjson would write every one of these: canonical must not.
     with pytest.raises(TypeError):
-        canonical({"when": object()})
+        canonical({"when": value})
 
 
 def test_seal_adds_the_chain_fields() -> None:
