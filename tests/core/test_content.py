@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import re
 from collections.abc import Iterable, Iterator
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from popguard.core import content as content_module
 from popguard.core.content import MessageContent
 
 CRLF = b"\r\n"
@@ -268,3 +270,170 @@ def test_any_body_unstuffs_as_the_rfc_reads_it(raw: bytes, data: st.DataObject |
     out, content = feed_all(split_at(body, points))
     assert out == unstuff_reference(body)
     assert content.finish() == hashlib.sha256(out).hexdigest()
+
+
+# -- the dot-line search: a memchr walk where dots are sparse, the regex where dense
+
+#: Prose lines: a "." ends every one, none starts one.
+_DENSE_LINE = b"The report is attached. Please review it by Friday.\r\n"
+#: A line without a ".".
+_PLAIN_LINE = b"lorem ipsum dolor sit amet consectetur adipiscing elit sed do\r\n"
+
+
+def replace_reference(body: bytes) -> bytes:
+    """The message in ``body``, by C-speed substitution rather than line by line:
+    up to the first CRLF "." CRLF (reading the body as if a CRLF came before
+    it), every CRLF "." becomes CRLF."""
+    stream = CRLF + body
+    end = stream.find(b"\r\n.\r\n")
+    assert end != -1, "no terminator"
+    return stream[: end + len(CRLF)].replace(b"\r\n.", CRLF)[len(CRLF) :]
+
+
+class _RegexSpy:
+    """The module's dot-line pattern, recording each window the regex searched."""
+
+    def __init__(self, pattern: re.Pattern[bytes]) -> None:
+        self.pattern = pattern
+        self.windows: list[tuple[int, int]] = []
+
+    def finditer(self, buf: bytes, pos: int, endpos: int) -> Iterator[re.Match[bytes]]:
+        self.windows.append((pos, endpos))
+        return self.pattern.finditer(buf, pos, endpos)
+
+
+@pytest.fixture
+def regex_windows(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Where the regex searched during the test (``(pos, endpos)`` per window)."""
+    spy = _RegexSpy(content_module._DOT_LINE)
+    monkeypatch.setattr(content_module, "_DOT_LINE", spy)
+    return spy.windows
+
+
+def assert_chunked(
+    body: bytes, sizes: Iterable[int] = (1000, 4096, 8191), splits: Iterable[int] = ()
+) -> None:
+    """``body`` whole, in chunks of each size, and in two at each split point:
+    the same message, digest and size as the substitution reference."""
+    message = replace_reference(body)
+    digest = hashlib.sha256(message).hexdigest()
+    chunkings = [[body]]
+    chunkings += [[body[i : i + size] for i in range(0, len(body), size)] for size in sizes]
+    chunkings += [[body[:point], body[point:]] for point in splits]
+    for chunks in chunkings:
+        out, content = feed_all(chunks)
+        assert out == message, [len(chunk) for chunk in chunks]
+        assert content.finish() == digest
+        hashed = MessageContent()
+        for chunk in chunks:
+            hashed.feed(chunk, keep=False)
+        assert (hashed.finish(), hashed.size) == (digest, len(message))
+
+
+def test_sparse_dots_are_walked_without_the_regex(regex_windows: list[tuple[int, int]]) -> None:
+    lines = [b"." + _PLAIN_LINE if i % 40 == 0 else _PLAIN_LINE for i in range(1000)]
+    lines[500] = b".\r\n"  # a lone dot line, stuffed to ".."
+    body = stuff(b"".join(lines))
+    assert (CRLF + body).count(b"\r\n..") == 26  # stuffed lines
+    assert_chunked(body)
+    assert regex_windows == []
+
+
+def test_dense_dots_are_left_to_the_regex(regex_windows: list[tuple[int, int]]) -> None:
+    lines = [b"." + _DENSE_LINE if i % 7 == 0 else _DENSE_LINE for i in range(1000)]
+    body = stuff(b"".join(lines))
+    content = MessageContent()
+    assert content.feed(body) == replace_reference(body)
+    # The walk gave up at once and the regex took the body in few windows,
+    # each larger than the one before.
+    assert regex_windows[0][0] < len(_DENSE_LINE)
+    sizes = [endpos - pos for pos, endpos in regex_windows]
+    assert len(sizes) > 1
+    assert sizes == sorted(set(sizes))
+    assert_chunked(body)
+
+
+def test_the_walk_resumes_after_a_dense_stretch(regex_windows: list[tuple[int, int]]) -> None:
+    sparse = [b"." + _PLAIN_LINE if i % 30 == 0 else _PLAIN_LINE for i in range(300)]
+    dense = [b"." + _DENSE_LINE if i % 5 == 0 else _DENSE_LINE for i in range(40)]
+    message = b"".join(sparse + dense + sparse * 2)
+    body = stuff(message)
+    dense_at = len(stuff(b"".join(sparse))) - len(TERMINATOR_LINE)
+    content = MessageContent()
+    assert content.feed(body) == message
+    assert content.finish() == hashlib.sha256(message).hexdigest()
+    # One window, opened in the dense stretch; the sparse tail is walked again
+    # (and its stuffed lines unstuffed: the message came back exactly).
+    ((pos, endpos),) = regex_windows
+    assert dense_at < pos < dense_at + len(_DENSE_LINE) * 40 < endpos < len(body)
+    assert body.count(b"\r\n..", endpos) >= 10
+
+
+@pytest.mark.parametrize("offset", range(-4, 5))
+def test_a_dot_line_at_the_edge_of_a_regex_window(
+    regex_windows: list[tuple[int, int]], offset: int
+) -> None:
+    """The regex and the walk split the dot-lines by where their dot is: a
+    dot-line whose CR, LF or dot is the window's last or first byte is found
+    once, by one of them."""
+    dense = _DENSE_LINE * 3
+    MessageContent().feed(stuff(dense + _PLAIN_LINE * 400))  # learn where the window ends
+    ((_, window_end),) = regex_windows
+    # Plain text up to a dot-line whose dot lands at window_end + offset.
+    filler = window_end + offset - len(CRLF) - len(dense)
+    message = dense + b"x" * filler + CRLF + b".y" + CRLF + _PLAIN_LINE * 400 + b".z" + CRLF
+    body = stuff(message)
+    assert body[window_end + offset - 2 : window_end + offset + 1] == b"\r\n."
+    assert_chunked(body, splits=range(window_end + offset - 6, window_end + offset + 6))
+    assert regex_windows[1][1] == window_end  # the same window on the whole body
+    found = list(content_module._dot_lines(body, 0, body.find(b".", len(CRLF))))
+    assert found == [i for i in range(len(body)) if body.startswith(b"\r\n.", i)]
+
+
+def test_a_dot_line_split_where_the_walk_gives_up() -> None:
+    """Dense dots from the start of a chunk, whose first line is a dot-line
+    completed by the bytes held from the chunk before: every split point."""
+    head = _PLAIN_LINE * 3 + b".first" + CRLF
+    message = head + b"." + _DENSE_LINE + _DENSE_LINE * 20 + b".last" + CRLF
+    body = stuff(message)
+    middle = len(stuff(head)) - len(TERMINATOR_LINE)
+    assert_chunked(body, sizes=(), splits=range(middle - 12, middle + 80))
+
+
+def test_take_holds_back_no_bytes_from_before_pos() -> None:
+    # The CR before pos belongs to what came before the body: the body's
+    # "\n" and the next ".\r\n" are no terminator.
+    content = MessageContent()
+    assert content.take(b"x\r\n", 2, keep=True) == (-1, b"\n")
+    assert content.take(b".\r\n", keep=True) == (-1, b".")
+    assert content.take(b"\r\n.\r\n", keep=True) == (5, b"\r\n\r\n")
+    assert content.finish() == hashlib.sha256(b"\n.\r\n\r\n").hexdigest()
+
+
+#: Blocks of the size the dot-line search cares about (dot spacing, windows).
+_BLOCKS = st.sampled_from(
+    [b"x" * 511, b"x" * 513, b"x" * 4000, b"a." * 300, b"." * 40, b"y" * 9000]
+)
+
+
+@given(
+    parts=st.lists(st.one_of(_BLOCKS, st.sampled_from(_FRAGMENTS)), max_size=30).map(b"".join),
+    data=st.data(),
+)
+def test_any_mix_of_sparse_and_dense_dots(parts: bytes, data: st.DataObject) -> None:
+    body = stuff(parts)
+    points = data.draw(st.lists(st.integers(0, len(body)), max_size=6))
+    expected = as_pop3_message(parts)
+    out, content = feed_all(split_at(body, points))
+    assert out == expected == replace_reference(body)
+    assert content.finish() == hashlib.sha256(expected).hexdigest()
+
+
+@given(
+    buf=st.lists(st.one_of(_BLOCKS, st.sampled_from(_FRAGMENTS)), max_size=30).map(b"".join),
+    start=st.integers(0, 8),
+)
+def test_dot_lines_are_every_crlf_dot(buf: bytes, start: int) -> None:
+    first = buf.find(b".", start + len(CRLF))
+    found = list(content_module._dot_lines(buf, start, first)) if first != -1 else []
+    assert found == [i for i in range(start, len(buf) - 2) if buf.startswith(b"\r\n.", i)]
