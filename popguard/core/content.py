@@ -81,7 +81,7 @@ from typing import Final
 
 from popguard.core.grammar import CRLF
 
-__all__ = ["MessageContent"]
+__all__ = ["MessageContent", "find_terminator"]
 
 #: The termination octet (RFC 1939 §3).
 _DOT: Final = b"."
@@ -154,6 +154,23 @@ def _dot_lines(buf: bytes, start: int, dot: int) -> Iterator[int]:
         window *= 2
         seen = 0
         dot = find(_DOT, origin)
+
+
+def find_terminator(data: bytes, pos: int = 0) -> int:
+    """Where the first CRLF "." CRLF in ``data[pos:]`` starts, or -1.
+
+    The relay's search for the end of a body it does not follow for its
+    content (listings, TOP, a RETR with no digest): the same dot-line
+    search as :class:`MessageContent`, so a body without a "." costs one
+    memchr instead of a scan for the whole terminator.
+    """
+    dot = data.find(_DOT, pos + len(CRLF))
+    if dot == -1:
+        return -1
+    for at in _dot_lines(data, pos, dot):
+        if data.startswith(CRLF, at + len(_DOT_LINE_BYTES)):
+            return at
+    return -1
 
 
 class MessageContent:

@@ -18,7 +18,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from popguard.core import content as content_module
-from popguard.core.content import MessageContent
+from popguard.core.content import MessageContent, find_terminator
 
 CRLF = b"\r\n"
 TERMINATOR_LINE = b".\r\n"
@@ -437,3 +437,34 @@ def test_dot_lines_are_every_crlf_dot(buf: bytes, start: int) -> None:
     first = buf.find(b".", start + len(CRLF))
     found = list(content_module._dot_lines(buf, start, first)) if first != -1 else []
     assert found == [i for i in range(start, len(buf) - 2) if buf.startswith(b"\r\n.", i)]
+
+
+@given(
+    parts=st.lists(
+        st.one_of(_BLOCKS, st.sampled_from([*_FRAGMENTS, b"\r\n.\r\n", b"\r\n..\r\n"])),
+        max_size=30,
+    ).map(b"".join),
+    pos=st.integers(0, 12),
+)
+def test_find_terminator_is_the_first_crlf_dot_crlf(parts: bytes, pos: int) -> None:
+    # The relay's search for the end of a body it does not follow (no digest).
+    assert find_terminator(parts, pos) == parts.find(b"\r\n.\r\n", pos)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"\r\n.\r\n",
+        b"x\r\n.\r\n",
+        b"\r\n..\r\n.\r\n",
+        b"\r\n.\r",
+        b"." * 5000 + b"\r\n.\r\n",  # dense dots: the regex windows
+        b"a.\r\n" * 3000 + b".\r\n" + b"\r\n.\r\n",
+        b"z" * 100_000 + b"\r\n.\r\n",  # no dot before the end: one memchr
+    ],
+    ids=["empty", "bare", "after-text", "after-stuffed", "cut", "dots", "prose", "sparse"],
+)
+def test_find_terminator_cases(body: bytes) -> None:
+    for pos in range(4):
+        assert find_terminator(body, pos) == body.find(b"\r\n.\r\n", pos)
