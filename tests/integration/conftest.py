@@ -562,6 +562,27 @@ class DovecotLog:
             + self.dovecot.log_text()[-3000:]
         )
 
+    def wait_mail_processes_gone(self, user: str, timeout: float = 10.0) -> None:
+        """Block until every mail process Dovecot started for ``user`` has exited.
+
+        A wait for the end of sessions that needs no log line.  When many
+        sessions end at once, Dovecot 2.3.19 has been seen to log one
+        ``pop3: Info: Disconnected: ...`` line without its
+        ``pop3(user)<pid><session>`` prefix (CI, 2026-12-07), so that end
+        cannot be told from the log.  Each session has a mail process of its
+        own (``service pop3`` keeps ``service_count = 1``), named by
+        ``mpid=`` in the login line; once it has exited, Dovecot is done
+        with the mailbox.
+        """
+        pattern = rf"pop3-login: Info: Login: user=<{re.escape(user)}>, .*?mpid=(\d+)"
+        mpids = re.findall(pattern, self.dovecot.log_text())
+        assert mpids, f"no login of {user} in Dovecot's log"
+        deadline = time.monotonic() + timeout
+        while any(os.path.exists(f"/proc/{pid}") for pid in mpids):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{user}'s mail processes {mpids} did not exit")
+            time.sleep(0.05)
+
 
 @pytest.fixture
 def dovecot_log(dovecot) -> DovecotLog:

@@ -258,7 +258,7 @@ def test_a_killed_workers_sessions_and_marks_are_reconciled_once(
     # Dovecot deleted nothing: no QUIT reached it for the dead worker's sessions.
     for session in doomed:
         session.client.sock.close()
-        dovecot_log.wait_session_ends(session.user)
+        dovecot_log.wait_mail_processes_gone(session.user)
         box = next(b for b in boxes if b.user == session.user)
         assert dovecot.maildir_messages(box.user) == [
             stored_form(m) for m in small_messages(f"k{boxes.index(box)}", 3)
