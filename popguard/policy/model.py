@@ -251,13 +251,23 @@ class Context:
         """This context once the client named ``user``.
 
         (``dataclasses.replace`` would do, at several times the cost, on a
-        path every session takes.)
+        path every session takes.  Both methods copy every other field by
+        name: a field added to the class must be added to them too, which
+        tests/policy/test_model.py checks.)
         """
-        return Context(self.client, self.listener, self.tls, user, self.user)
+        return Context(
+            client=self.client,
+            listener=self.listener,
+            tls=self.tls,
+            claimed_user=user,
+            user=self.user,
+        )
 
     def logged_in(self, user: str) -> Context:
         """This context once the server accepted ``user``'s login."""
-        return Context(self.client, self.listener, self.tls, user, user)
+        return Context(
+            client=self.client, listener=self.listener, tls=self.tls, claimed_user=user, user=user
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import textwrap
 from pathlib import Path
@@ -101,6 +102,27 @@ def test_claimed_user_matches_the_claim_and_then_the_user() -> None:
     # After login the authenticated user is what counts (a SASL authzid may differ).
     assert match.matches(Context(client=None, claimed_user="bob", user="alice"))
     assert not match.matches(Context(client=None, claimed_user="alice", user="bob"))
+
+
+def test_claiming_and_logging_in_change_only_the_user_fields() -> None:
+    # Context.claimed and logged_in copy the other fields by name (cheaper
+    # than dataclasses.replace): a field added to Context must be copied too.
+    assert [f.name for f in dataclasses.fields(Context)] == [
+        "client",
+        "listener",
+        "tls",
+        "claimed_user",
+        "user",
+    ], "a new Context field: copy it in Context.claimed and Context.logged_in"
+    context = Context(
+        client=ipaddress.ip_address("192.0.2.7"),
+        listener="pop3s",
+        tls=True,
+        claimed_user="first",
+        user="first",
+    )
+    assert context.claimed("alice") == dataclasses.replace(context, claimed_user="alice")
+    assert context.logged_in("bob") == dataclasses.replace(context, claimed_user="bob", user="bob")
 
 
 # --------------------------------------------------------------------------
